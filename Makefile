@@ -1,0 +1,39 @@
+# HAT: the two commands of the quick start are `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+PLUGINS := plugins/hat-coco plugins/hat-fcos plugins/hat-bpu
+STAMP   := $(VENV)/.hat-installed
+
+.PHONY: setup demo test lint wheels clean
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml plugins/*/pyproject.toml tests/plugin_toy/pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,plots]" $(addprefix -e ,$(PLUGINS)) \
+		scikit-image pytest-xdist
+	$(BIN)/pip install -q --disable-pip-version-check -e tests/plugin_toy
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hat run recipes/demo.toml
+
+test: $(STAMP)
+	$(BIN)/ruff check hatcore plugins tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(BIN)/ruff check hatcore plugins tests
+	$(BIN)/mypy hatcore
+
+wheels: $(STAMP)
+	rm -rf dist && mkdir -p dist
+	$(BIN)/python -m build --wheel --no-isolation --outdir dist .
+	for p in $(PLUGINS); do $(BIN)/python -m build --wheel --no-isolation --outdir dist $$p; done
+
+clean:
+	rm -rf $(VENV) dist build runs *.egg-info

@@ -1,0 +1,3 @@
+"""hat-bpu: a HAT plugin."""
+
+__version__ = "0.1.0"

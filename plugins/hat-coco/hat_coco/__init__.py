@@ -1,0 +1,3 @@
+"""hat-coco: a HAT plugin."""
+
+__version__ = "0.1.0"

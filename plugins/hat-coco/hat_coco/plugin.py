@@ -1,0 +1,11 @@
+"""hat-coco's hook implementations (skeleton: filled by its issue)."""
+
+from __future__ import annotations
+
+from hatcore import hookimpl
+from hatcore.registry import Register
+
+
+@hookimpl
+def hat_components(register: Register) -> None:
+    """Nothing registered yet."""

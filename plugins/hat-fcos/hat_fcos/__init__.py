@@ -1,0 +1,3 @@
+"""hat-fcos: a HAT plugin."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""hat-toy: a test-only plugin (toy detector, toy dataset, toy metric)."""
