@@ -211,6 +211,26 @@ def describe_file(path: Path) -> str | None:
     """
 
 
+@hookspec(firstresult=True)
+def draw_detections(
+    batch: Batch, detections: list[Detections], class_names: list[str], paths: list[Path],
+    score_thr: float,
+) -> bool | None:
+    """Draw each image of ``batch`` with its detections (boxes, class names, scores) as a PNG.
+
+    Called by ``hat run`` after prediction (``work_dir/vis/``). The plugin that owns the data
+    (it knows where the original image is: ``batch["meta"][i]``) draws on the original image.
+    Stops at the first non-None result.
+
+    :param batch: a collated validation batch.
+    :param detections: the model's ``postprocess`` output for it (original-image coordinates).
+    :param class_names: the dataset's class names, indexed by label.
+    :param paths: one output PNG path per image.
+    :param score_thr: detections below this score are not drawn.
+    :returns: True when drawn, None when this plugin cannot draw this batch.
+    """
+
+
 @hookspec
 def register_commands(cli: click.Group) -> None:
     """Add commands to the ``hat`` command line (``hat pack``, ``hat check`` ...).
