@@ -39,6 +39,18 @@ if TYPE_CHECKING:
 hookspec = pluggy.HookspecMarker("hat")
 
 
+@hookspec(historic=True)
+def hat_addhooks(pluginmanager: pluggy.PluginManager) -> None:
+    """Add a plugin's own hook specs (``pluginmanager.add_hookspecs(module)``).
+
+    Called once per plugin right after loading, before any other hook (as pytest's
+    ``pytest_addhooks``). hat-fcos uses it for ``build_backbone``/``build_neck``/``build_head``,
+    so a third-party plugin can add a backbone without touching hat-fcos.
+
+    :param pluginmanager: the pluggy plugin manager.
+    """
+
+
 @hookspec
 def hat_components(register: Register) -> None:
     """Declare the recipe ``type`` names this plugin provides.

@@ -94,6 +94,7 @@ def make_plugin_manager(
         pm.register(plugin, name=name)
         info[name] = PluginInfo(name, getattr(plugin, "__module__", name) or name, "-")
 
+    pm.hook.hat_addhooks.call_historic(kwargs={"pluginmanager": pm})
     pm.check_pending()
     for name, pi in info.items():
         plugin = pm.get_plugin(name)

@@ -1,4 +1,4 @@
-"""hat-bpu's hook implementations (skeleton: filled by its issue)."""
+"""hat-bpu deploy hooks: export, compile, check, runtime (skeleton)."""
 
 from __future__ import annotations
 
