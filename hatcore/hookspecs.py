@@ -13,8 +13,9 @@ Shared vocabulary (defined in the core so plugins never import each other):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 

@@ -56,12 +56,14 @@ def _allowed() -> set[str] | None:
 
 
 def make_plugin_manager(
-    *, entrypoints: bool = True, extra: list[tuple[str, object]] | None = None
+    *, entrypoints: bool = True, extra: list[tuple[str, object]] | None = None,
+    only: set[str] | None = None,
 ) -> Plugins:
     """Build a fresh plugin manager: built-ins, then the ``hat`` entry points, then ``extra``.
 
     :param entrypoints: load installed plugins (tests turn it off to start from a clean slate).
     :param extra: ``(name, plugin object)`` pairs to register too (tests, embedding).
+    :param only: load only these entry points / distributions (default: ``HAT_LOAD_PLUGINS``).
     """
     pm = pluggy.PluginManager("hat")
     pm.add_hookspecs(hookspecs)
@@ -73,7 +75,7 @@ def make_plugin_manager(
         info[modname] = PluginInfo(modname, "hatcore", __version__)
 
     if entrypoints:
-        allowed = _allowed()
+        allowed = only if only is not None else _allowed()
         for ep in entry_points(group="hat"):
             dist = ep.dist.name if ep.dist else "?"
             if allowed is not None and ep.name not in allowed and dist not in allowed:

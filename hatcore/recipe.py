@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import tomllib
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
+import tomllib
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
@@ -131,8 +132,10 @@ class CompileSpec(Spec):
 
 @spec
 class Task:
+    """``[task]``: what the run is called, where it writes, how it is seeded."""
+
     name: str = option(doc="the run's name")
-    work_dir: str = option(doc="where every artifact is written (relative to the recipe file)")
+    work_dir: str = option(doc="where every artifact is written (relative to the current directory)")
     seed: int = option(0, doc="seed for every random generator")
     device: str = option("auto", doc="auto (CUDA when available), cpu, cuda, cuda:N")
     deterministic: bool = option(True, doc="deterministic kernels and seeded workers")
@@ -140,6 +143,8 @@ class Task:
 
 @spec
 class Optimizer:
+    """``optimizer``: SGD or AdamW and the weight-decay rules per parameter group."""
+
     type: Literal["sgd", "adamw"] = option("sgd", doc="sgd or adamw")
     lr: float = option(0.01, doc="base learning rate (for the whole batch, all processes)")
     momentum: float = option(0.9, doc="SGD momentum")
@@ -152,6 +157,8 @@ class Optimizer:
 
 @spec
 class Schedule:
+    """``schedule``: learning rate over the stage, with linear warmup."""
+
     type: Literal["cosine", "step", "constant"] = option("cosine", doc="cosine, step or constant")
     warmup_epochs: float = option(0.0, doc="linear warmup length in epochs (may be fractional)")
     warmup_iters: int = option(0, doc="linear warmup length in iterations (wins when > 0)")
@@ -164,6 +171,8 @@ class Schedule:
 
 @spec
 class TrainStage:
+    """``[stages.float]`` / ``[stages.qat]``: one training stage."""
+
     enabled: bool = option(True, doc="run this stage")
     epochs: int = option(1, doc="epochs to train")
     optimizer: Optimizer = option(factory=Optimizer, doc="optimizer and parameter-group rules")
@@ -182,12 +191,16 @@ class TrainStage:
 
 @spec
 class CalibrationStage:
+    """``[stages.calibration]``: post-training calibration."""
+
     enabled: bool = option(True, doc="run this stage")
     batches: int = option(32, doc="training batches observed (no gradients)")
 
 
 @spec
 class Stages:
+    """``[stages]``: the training stages, in order."""
+
     float: TrainStage = option(factory=TrainStage, doc="floating-point training")
     calibration: CalibrationStage = option(factory=CalibrationStage, doc="post-training calibration")
     qat: TrainStage = option(
@@ -197,6 +210,8 @@ class Stages:
 
 @spec
 class Data:
+    """``[data]``: the datasets."""
+
     train: DatasetSpec | None = option(None, doc="training set")
     val: DatasetSpec = option(doc="validation set (every predict and validation)")
 
@@ -206,6 +221,8 @@ PREDICT_STAGES = ("float", "calibration", "qat", "int_infer", "align_bpu")
 
 @spec
 class Predict:
+    """``[predict]``: what ``hat run`` scores and draws at the end."""
+
     stages: list[Literal["float", "calibration", "qat", "int_infer", "align_bpu"]] = option(
         factory=lambda: list(PREDICT_STAGES), doc="stages whose mAP `hat run` reports"
     )
@@ -215,6 +232,8 @@ class Predict:
 
 @spec
 class Recipe:
+    """The whole recipe file."""
+
     task: Task = option(doc="name, work dir, seed, device")
     model: ModelSpec = option(doc="the network")
     data: Data = option(doc="datasets")

@@ -146,8 +146,9 @@ class ToyMetric:
         self.hits, self.total = 0, 0
 
     def update(self, detections: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
-        for det, gt, lab in zip(detections, batch["gt_boxes"], batch["gt_labels"]):
-            ok = bool(det["labels"][0] == lab[0]) and float(box_iou(det["boxes"][:1].float(), gt[:1].to(det["boxes"].device))[0]) >= self.iou
+        for det, gt, lab in zip(detections, batch["gt_boxes"], batch["gt_labels"], strict=True):
+            iou = box_iou(det["boxes"][:1].float(), gt[:1].to(det["boxes"].device))
+            ok = bool(det["labels"][0] == lab[0]) and float(iou[0]) >= self.iou
             self.hits += int(ok)
             self.total += 1
 
