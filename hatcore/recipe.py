@@ -337,9 +337,9 @@ def _describe(exc: BaseException, path: str, typ: Any) -> list[str]:
         return [f"{path}: {exc}"]
     if typing.get_origin(typ) is Literal:
         choices = [str(c) for c in typing.get_args(typ)]
-        bad = getattr(exc, "args", [None])
-        msg = f"{path}: must be one of {', '.join(repr(c) for c in choices)}"
-        close = difflib.get_close_matches(str(bad[-1] if bad else ""), choices, n=1)
+        bad = str(exc).split(" not in literal ")[0]  # cattrs: "{val} not in literal {type}"
+        msg = f"{path}: must be one of {', '.join(repr(c) for c in choices)}, got {bad!r}"
+        close = difflib.get_close_matches(bad, choices, n=1)
         return [msg + (f"; did you mean {close[0]!r}?" if close else "")]
     if isinstance(exc, AttributeError) and "items" in str(exc):
         return [f"{path}: expected a table"]
