@@ -64,7 +64,7 @@ def _default(f: attrs.Attribute) -> str:  # type: ignore[type-arg]
         return "*required*"
     if isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
         try:
-            value = f.default.factory()
+            value = f.default.factory()  # type: ignore[union-attr]
         except TypeError:
             return "-"
         return "`" + (repr(value) if not attrs.has(type(value)) else type(value).__name__) + "`"

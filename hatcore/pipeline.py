@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import torch
@@ -122,7 +122,7 @@ class Pipeline:
         spec = self._data_spec(split)
         ds = self.build_dataset(split)
         shuffle = spec.shuffle if spec.shuffle is not None else split == "train"
-        sampler = None
+        sampler: torch.utils.data.Sampler[Any] | None = None
         if distributed:
             sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle,
                                                           seed=self.recipe.task.seed)
@@ -208,7 +208,7 @@ class Pipeline:
         for batch in tqdm(loader, desc=desc, leave=False, disable=not dist.is_main(),
                           dynamic_ncols=True):
             batch = to_device(batch, device)
-            dets = model.postprocess(run(batch), batch)
+            dets = cast(Any, model).postprocess(run(batch), batch)
             metric.update(dets, batch)
         model.train(was_training)
         return metric.compute(out_dir)

@@ -34,6 +34,7 @@ T = TypeVar("T")
 _NOTHING: Any = attrs.NOTHING
 
 
+@typing.dataclass_transform(kw_only_default=True, field_specifiers=(attrs.field,))
 def spec(cls: type[T]) -> type[T]:
     """Make ``cls`` a recipe table: an attrs class with keyword-only fields."""
     return attrs.define(kw_only=True)(cls)

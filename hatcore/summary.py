@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -134,7 +134,7 @@ def draw_examples(pipe: Pipeline, stage: str) -> list[Path]:
     paths: list[Path] = []
     for batch in pipe.loader("val"):
         batch = to_device(batch, device)
-        dets = model.postprocess(runner(batch), batch)
+        dets = cast(Any, model).postprocess(runner(batch), batch)
         k = min(len(dets), n - len(paths))
         out = [pipe.work_dir / "vis" / f"{stage}_{len(paths) + i}.png" for i in range(k)]
         out[0].parent.mkdir(parents=True, exist_ok=True)

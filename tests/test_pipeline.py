@@ -1,0 +1,253 @@
+"""The stage graph end to end on the toy plugin, with a stand-in backend plugin in the test.
+
+The stand-in quantizer/exporter/compiler/runtime is deliberately trivial (it records how the core
+calls it); the real ones are tested in plugins/hat-bpu. What is tested here is the core's side:
+every stage runs in order with the right arguments, artifacts land where DESIGN.md says, a rerun
+skips everything, and a changed setting reruns exactly that stage and the ones after it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from hatcore import hookimpl
+from hatcore.plugins import make_plugin_manager, set_plugins
+from hatcore.recipe import CompileSpec, ExportSpec, QuantizeSpec, option, spec
+
+RECIPE = """
+[task]
+name = "toy"
+work_dir = "{work}"
+device = "cpu"
+
+[model]
+type = "toy_detector"
+
+[data.train]
+type = "toy_squares"
+length = 16
+batch_size = 4
+
+[data.val]
+type = "toy_squares"
+length = 8
+batch_size = 4
+
+[metric]
+type = "toy_hits"
+
+[stages.float]
+epochs = 2
+optimizer = {{ lr = 0.05 }}
+
+[stages.calibration]
+batches = 2
+
+[stages.qat]
+epochs = 1
+optimizer = {{ lr = 0.01 }}
+
+[quantize]
+type = "stand_in"
+
+[export]
+type = "stand_in"
+input_shape = [1, 3, 32, 32]
+
+[compile]
+type = "stand_in"
+march = "bayes-e"
+
+[predict]
+vis_images = 0
+"""
+
+
+@spec
+class StandInQuantize(QuantizeSpec):
+    bits: int = option(8, doc="bits")
+
+
+@spec
+class StandInExport(ExportSpec):
+    pass
+
+
+@spec
+class StandInCompile(CompileSpec):
+    pass
+
+
+class ModeProbe(nn.Module):
+    """Remembers the quant mode it was switched to (and counts observed batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "none"
+        self.register_buffer("observed", torch.zeros((), dtype=torch.long))
+
+    def hat_set_mode(self, mode: str) -> None:
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observed += 1
+        return x
+
+
+class StandIn:
+    """A backend that records every call the core makes to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def hat_components(self, register):  # type: ignore[no-untyped-def]
+        register("quantizer", "stand_in", StandInQuantize)
+        register("exporter", "stand_in", StandInExport)
+        register("compiler", "stand_in", StandInCompile)
+
+    @hookimpl
+    def quantize(self, model, spec, stage):  # type: ignore[no-untyped-def]
+        self.calls.append(("quantize", stage))
+        model.probe = ModeProbe()
+        model.quant = nn.Sequential(model.probe, model.quant)
+        return model
+
+    @hookimpl
+    def check_model(self, model, spec, example_input):  # type: ignore[no-untyped-def]
+        self.calls.append(("check_model", tuple(example_input.shape)))
+        return {"ok": True, "text": "all ops on BPU"}
+
+    @hookimpl
+    def export(self, model, spec, path, example_input):  # type: ignore[no-untyped-def]
+        self.calls.append(("export", model.probe.mode))
+        torch.save(model.state_dict(), path)
+        return {"ops": 7}
+
+    @hookimpl
+    def compile(self, artifact, spec, out_dir):  # type: ignore[no-untyped-def]
+        self.calls.append(("compile", artifact.name))
+        (out_dir / "model.hbm").write_bytes(artifact.read_bytes())
+        perf = {"march": spec.march, "input_shape": [1, 3, 32, 32], "latency_ms": 2.0, "fps": 500.0}
+        (out_dir / "perf.json").write_text(json.dumps(perf))
+        return perf
+
+    @hookimpl
+    def load_deployed(self, path, stage):  # type: ignore[no-untyped-def]
+        self.calls.append(("load_deployed", stage))
+        from hat_toy.plugin import ToyDetector
+
+        model = ToyDetector()
+        model.load_state_dict({k.replace("quant.1.", "quant."): v for k, v in
+                               torch.load(path, weights_only=True).items()
+                               if not k.startswith(("probe", "quant.0"))})
+        return lambda batch: model.eval()(batch["img"])
+
+
+@pytest.fixture
+def stand_in(tmp_path):  # type: ignore[no-untyped-def]
+    backend = StandIn()
+    plugins = make_plugin_manager(only={"toy"}, extra=[("stand_in", backend)])
+    set_plugins(plugins)
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(RECIPE.format(work=tmp_path / "work"))
+    yield backend, recipe, tmp_path / "work"
+    set_plugins(None)
+
+
+def hat(*args: str) -> Any:
+    from hatcore import commands  # noqa: F401
+    from hatcore.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result
+
+
+def test_hook_quantize_export_compile_check_model_load_deployed_through_hat_run(stand_in) -> None:
+    backend, recipe, work = stand_in
+    result = hat("run", str(recipe))
+    assert result.exit_code == 0, result.output
+    names = [c[0] for c in backend.calls]
+    assert names[0] == "check_model" and backend.calls[0][1] == (1, 3, 32, 32)
+    assert ("quantize", "calibration") in backend.calls and ("quantize", "qat") in backend.calls
+    assert ("export", "fake_quant") in backend.calls  # exported in fake-quant mode
+    assert ("load_deployed", "int_infer") in backend.calls
+    assert ("load_deployed", "align_bpu") in backend.calls
+    for path in ["recipe.toml", "recipe.resolved.json", "float/checkpoint-best.pt",
+                 "float/checkpoint-last.pt", "float/log.jsonl", "calibration/checkpoint-best.pt",
+                 "qat/checkpoint-best.pt", "export/model.hbir", "compile/model.hbm",
+                 "compile/perf.json", "summary.json", "summary.md"]:
+        assert (work / path).exists(), path
+    summary = json.loads((work / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == [
+        "float", "calibration", "qat", "int_infer", "align_bpu"]
+    assert summary["device"]["latency_ms"] == 2.0
+    # the deployed runner is the qat model's float weights: same score as qat
+    rows = {r["stage"]: r for r in summary["stages"]}
+    assert rows["int_infer"]["AP"] == rows["align_bpu"]["AP"]
+    assert "estimated on bayes-e (modelled device): 2.00 ms/frame" in result.output
+
+
+def test_calibration_observes_the_configured_batches(stand_in) -> None:
+    from hatcore.checkpoint import load_checkpoint
+
+    _, recipe, work = stand_in
+    assert hat("run", str(recipe), "--stage", "float", "--stage", "calibration").exit_code == 0
+    state = load_checkpoint(work / "calibration" / "checkpoint-best.pt")["model"]
+    assert int(state["probe.observed"]) == 2
+
+
+def test_rerun_skips_and_a_changed_stage_reruns_with_what_follows(stand_in) -> None:
+    backend, recipe, work = stand_in
+    assert hat("run", str(recipe)).exit_code == 0
+    float_ckpt = (work / "float" / "checkpoint-best.pt").stat().st_mtime_ns
+    backend.calls.clear()
+    again = hat("run", str(recipe))
+    assert again.exit_code == 0
+    assert "float: done, inputs unchanged, skipped" in again.output
+    assert [c for c in backend.calls if c[0] != "check_model"] == []
+    backend.calls.clear()
+    changed = hat("run", str(recipe), "--set", "stages.qat.epochs=2")
+    assert changed.exit_code == 0, changed.output
+    assert "float: done, inputs unchanged, skipped" in changed.output
+    assert "calibration: done, inputs unchanged, skipped" in changed.output
+    assert ("quantize", "qat") in backend.calls and ("quantize", "calibration") not in backend.calls
+    assert "export" in [c[0] for c in backend.calls] and "compile" in [c[0] for c in backend.calls]
+    assert (work / "float" / "checkpoint-best.pt").stat().st_mtime_ns == float_ckpt
+    meta = json.loads((work / "qat" / "metrics.json").read_text())
+    assert meta  # the trainer wrote its metrics for the new run
+
+
+def test_predict_command_and_missing_artifacts(stand_in) -> None:
+    _, recipe, work = stand_in
+    missing = hat("predict", str(recipe), "--stage", "int_infer")
+    assert missing.exit_code == 2
+    assert "export/model.hbir does not exist: run `hat run" in missing.output
+    assert hat("run", str(recipe), "--stage", "float").exit_code == 0
+    result = hat("predict", str(recipe), "--stage", "float")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["AP"] >= 0.0
+    assert (work / "predict" / "float" / "metrics.json").is_file()
+
+
+def test_a_failed_check_stops_before_training(stand_in) -> None:
+    _, recipe, work = stand_in
+    plugins = make_plugin_manager(only={"toy"}, extra=[("stand_in", _Failing())])
+    set_plugins(plugins)
+    result = hat("run", str(recipe))
+    assert result.exit_code == 2
+    assert "conv7: kernel 9x9 not supported" in result.output
+    assert not (work / "float" / "checkpoint-last.pt").exists()
+
+
+class _Failing(StandIn):
+    @hookimpl
+    def check_model(self, model, spec, example_input):  # type: ignore[no-untyped-def]
+        return {"ok": False, "text": "conv7: kernel 9x9 not supported"}
