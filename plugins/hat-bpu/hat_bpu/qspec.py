@@ -1,0 +1,174 @@
+"""THE fixed-point rules of hat-bpu: one module shared by the quantizer, simulator and compiler.
+
+Every quantized tensor is symmetric (zero point 0): ``real = q * scale``.
+
+* Activations: per tensor, ``int8`` (``q`` in [-128, 127]) or ``int16`` ([-32768, 32767]);
+  ``scale = amax / qmax`` (``qmax`` = 127 or 32767), or on a power-of-two march the next power
+  of two at or above it (``2 ** ceil(log2(amax / qmax))``), so the range never shrinks.
+* Weights: ``int8`` per output channel, ``scale_w[o] = amax_w[o] / 127`` (power of two likewise).
+* Biases: ``int32`` at the accumulator's scale ``s_in * s_w[o]``: ``round(b / (s_in * s_w[o]))``.
+* Accumulators: integers (int32 on the device; int64 in the reference code here).
+* Quantize (float → int): ``q = clamp(round(x / scale), qmin, qmax)``.
+* Requantize (accumulator → output): ``y = sat(round_shift(acc * m, s))`` with an integer
+  multiplier ``m`` (< 2**31) and shift ``s`` (>= 0) chosen so that ``m / 2**s ≈ s_in * s_w / s_out``
+  (:func:`requant_params`; relative error < 2**-30).
+
+**The rounding rule, everywhere: round half to even** ("banker's rounding"). It is what
+``torch.round``, ``torch.fake_quantize_per_*_affine`` and ``numpy.rint`` do, so the fake-quant
+model (float), the integer simulator and the compiled program all round the same way;
+:func:`round_shift` is its integer form: ``round_shift(v, s) = round_half_even(v / 2**s)``.
+
+Where the fake-quant float model and the integer model can differ (by at most 1 LSB): float32
+summation order inside a convolution and the ``m / 2**s`` approximation of the scale ratio, both
+only when the exact value lies within ~1e-5 LSB of a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+DTYPES = ("int8", "int16", "int32")
+QRANGE: dict[str, tuple[int, int]] = {
+    "int8": (-128, 127),
+    "int16": (-32768, 32767),
+    "int32": (-(2**31), 2**31 - 1),
+}
+MULT_BITS = 31  # requant multipliers are < 2**MULT_BITS; normalised ones are >= 2**(MULT_BITS-1)
+MAX_SHIFT = 62
+MIN_SCALE = 1e-12  # scales of all-zero tensors
+
+
+def qrange(dtype: str) -> tuple[int, int]:
+    """``(qmin, qmax)`` of an integer dtype name (``int8``, ``int16``, ``int32``)."""
+    try:
+        return QRANGE[dtype]
+    except KeyError:
+        raise ValueError(f"unknown quantized dtype {dtype!r}; expected one of {DTYPES}") from None
+
+
+def scale_from_amax(amax: torch.Tensor, dtype: str, pow2: bool) -> torch.Tensor:
+    """The symmetric scale for absolute maximum ``amax`` (any shape, per tensor or per channel).
+
+    ``amax / qmax``; with ``pow2`` the next power of two at or above it. Never below MIN_SCALE.
+    """
+    qmax = qrange(dtype)[1]
+    scale = (amax.detach().float() / qmax).clamp(min=MIN_SCALE)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale
+
+
+def quantize_np(x: np.ndarray, scale: float | np.ndarray, dtype: str) -> np.ndarray:
+    """Float → integer: ``clamp(rint(x / scale), qmin, qmax)`` as int64 (round half to even)."""
+    qmin, qmax = qrange(dtype)
+    return np.clip(np.rint(np.asarray(x, np.float64) / scale), qmin, qmax).astype(np.int64)
+
+
+def quantize_bias(bias: np.ndarray, acc_scale: np.ndarray) -> np.ndarray:
+    """int32 bias at the accumulator scale ``s_in * s_w[o]`` (Tensor[O] → int64 array[O])."""
+    return quantize_np(np.asarray(bias, np.float64), np.asarray(acc_scale, np.float64), "int32")
+
+
+def requant_params(ratio: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer ``(m, s)`` with ``m / 2**s ≈ ratio`` (per element of ``ratio``), both int64.
+
+    ``m`` is normalised into [2**30, 2**31) and then stripped of trailing zero bits while
+    ``s > 0`` (a power-of-two ratio gives ``m = 1``: a pure shift, as bernoulli2 needs).
+    Ratios above 2**30 are refused; tiny ratios end at ``s = 62``.
+    """
+    r = np.atleast_1d(np.asarray(ratio, np.float64))
+    if np.any(r <= 0) or np.any(~np.isfinite(r)):
+        raise ValueError(f"requant ratios must be positive and finite, got {r}")
+    if np.any(r >= 2.0**30):
+        raise ValueError(f"requant ratio too large: {r.max()}")
+    e = np.floor(np.log2(r)).astype(np.int64)
+    s = (MULT_BITS - 1) - e
+    m = np.rint(r * np.exp2(s.astype(np.float64))).astype(np.int64)
+    over = m >= 2**MULT_BITS
+    m[over] //= 2
+    s[over] -= 1
+    if np.any(s > MAX_SHIFT):
+        small = s > MAX_SHIFT
+        m[small] = np.rint(r[small] * 2.0**MAX_SHIFT).astype(np.int64)
+        s[small] = MAX_SHIFT
+    for _ in range(MULT_BITS):  # strip trailing zeros (vectorised, a few iterations)
+        even = (m % 2 == 0) & (s > 0) & (m > 0)
+        if not even.any():
+            break
+        m[even] //= 2
+        s[even] -= 1
+    return m, s
+
+
+def shared_requant_params(ratios: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Multipliers for several terms summed before one shift (add, conv + residual).
+
+    ``sat(round_shift(sum_i x_i * m_i, s))`` with ``m_i / 2**s ≈ ratios[i]``; the shift follows
+    the largest ratio (elementwise over broadcast shapes). Returns ``([m_i], s)`` as int64.
+    """
+    rs = np.broadcast_arrays(*[np.atleast_1d(np.asarray(r, np.float64)) for r in ratios])
+    big = np.max(np.stack(rs), axis=0)
+    if np.any(big >= 2.0**30) or np.any(np.stack(rs) <= 0):
+        raise ValueError(f"requant ratios must be in (0, 2**30), got {[r.tolist() for r in rs]}")
+    s = np.minimum((MULT_BITS - 1) - np.floor(np.log2(big)).astype(np.int64), MAX_SHIFT)
+    ms = [np.rint(r * np.exp2(s.astype(np.float64))).astype(np.int64) for r in rs]
+    return ms, s
+
+
+def round_shift(v: np.ndarray, s: np.ndarray | int) -> np.ndarray:
+    """``round_half_even(v / 2**s)`` in integers (int64 ``v``, ``s >= 0`` broadcastable).
+
+    Exact: ``q = v >> s`` (floor), remainder ``r = v - (q << s)`` in [0, 2**s);
+    ``q + 1`` when ``r > 2**(s-1)``, or when ``r == 2**(s-1)`` and ``q`` is odd.
+    """
+    v = np.asarray(v, np.int64)
+    s = np.asarray(s, np.int64)
+    q = v >> s
+    r = v - (q << s)
+    half = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 1)  # 1: never a tie
+    up = (r > half) | ((r == half) & (s > 0) & (q & 1 == 1))
+    return q + up.astype(np.int64)
+
+
+def saturate(v: np.ndarray, dtype: str) -> np.ndarray:
+    """Clamp integers to the range of ``dtype`` (int64 result)."""
+    qmin, qmax = qrange(dtype)
+    return np.clip(v, qmin, qmax)
+
+
+def requantize(
+    acc: np.ndarray, m: np.ndarray | int, s: np.ndarray | int, dtype: str,
+    clip: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The reference requantization: ``sat(clip(round_shift(acc * m, s)))``.
+
+    :param acc: int64 accumulator (any shape); per-channel ``m``/``s`` must broadcast against
+        it (e.g. shape ``[C, 1, 1]`` for NCHW).
+    :param clip: optional integer activation bounds (relu: ``(0, qmax)``, relu6:
+        ``(0, round(6 / s_out))``) applied before saturation.
+    :returns: int64 array in the range of ``dtype``.
+    """
+    y = round_shift(np.asarray(acc, np.int64) * np.asarray(m, np.int64), s)
+    if clip is not None:
+        y = np.clip(y, clip[0], clip[1])
+    return saturate(y, dtype)
+
+
+def act_clip(act: str, out_scale: float, dtype: str) -> tuple[int, int] | None:
+    """Integer bounds of a fused activation at the output scale (None for ``"none"``)."""
+    qmin, qmax = qrange(dtype)
+    if act == "none":
+        return None
+    if act == "relu":
+        return (0, qmax)
+    if act == "relu6":
+        return (0, min(qmax, int(np.rint(6.0 / out_scale))))
+    raise ValueError(f"unknown activation {act!r}; expected none, relu or relu6")
+
+
+def is_pow2(x: float) -> bool:
+    """True when ``x`` is an exact power of two."""
+    return x > 0 and math.frexp(x)[0] == 0.5
