@@ -1,0 +1,231 @@
+"""Integer conversion: a prepared (calibrated / QAT) model → :class:`hat_bpu.ir.Graph`.
+
+BN is folded, weights become int8 per output channel, biases int32 at ``s_in * s_w``, and every
+requantization an integer multiplier and shift (:mod:`hat_bpu.qspec`). The values are computed
+with the same float32 torch expressions the fake-quant forward uses, so both sides hold the
+same integers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+from torch.utils import _pytree as pytree
+
+from hat_bpu import ir, qspec
+from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, fake_quant_weight
+from hat_bpu.prepare import RELU_FUNCS, QuantModel
+from hatcore import quant
+from hatcore.errors import UserError
+from hatcore.quant import DeQuantStub
+
+IR_VERSION = 1
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, (int, float)) else [int(x) for x in v]
+
+
+def conv_params(mod: QConv2d, s_in: float, s_out: float, s_res: float | None,
+                out_dtype: str) -> dict[str, np.ndarray]:
+    """int8 weight, int32 bias, multipliers and shifts of a fused conv (see ``ir`` conv2d)."""
+    with torch.no_grad():
+        w, b = mod.folded()
+        w, b = w.float().cpu(), b.float().cpu()
+        wfq, w_scale = fake_quant_weight(w, "int8", mod.pow2)
+        wq = torch.round(wfq / w_scale.reshape(-1, 1, 1, 1)).to(torch.int8)
+        acc_scale = torch.tensor(s_in, dtype=torch.float32) * w_scale
+        bq = torch.clamp(torch.round(b / acc_scale), -(2**31), 2**31 - 1).to(torch.int64)
+    ratio = acc_scale.double().numpy() / s_out
+    params = {"weight": wq.numpy(), "bias": bq.numpy().astype(np.int32),
+              "w_scale": w_scale.double().numpy()}
+    if s_res is None:
+        m, s = qspec.requant_params(ratio)
+        params.update(m=m, shift=s)
+    else:
+        (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
+        params.update(m=m, shift=s, m_res=m_res)
+    return params
+
+
+class _Converter:
+    def __init__(self, gm: fx.GraphModule, meta: dict[str, Any]) -> None:
+        self.gm = gm
+        self.tensors: dict[str, ir.Tensor] = {}
+        self.nodes: list[ir.Node] = []
+        self.names: dict[fx.Node, str] = {}
+        self.meta = meta
+
+    def tensor(self, node: fx.Node, dtype: str, scale: float | None) -> str:
+        shape = list(node.meta["tensor_meta"].shape)
+        self.tensors[node.name] = ir.Tensor(node.name, shape, dtype, scale)
+        self.names[node] = node.name
+        return node.name
+
+    def src(self, node: fx.Node, arg: Any) -> ir.Tensor:
+        if not isinstance(arg, fx.Node) or arg not in self.names:
+            raise UserError(f"cannot convert {node.name!r}: its input {arg} is not a quantized tensor")
+        t = self.tensors[self.names[arg]]
+        if t.dtype == "float32" and node.op != "output":
+            raise UserError(f"cannot convert {node.name!r} ({node.format_node()}): its input "
+                            f"{t.name!r} is float (a layer kept in float cannot be deployed)")
+        return t
+
+    def add(self, op: str, node: fx.Node, inputs: list[ir.Tensor], dtype: str, scale: float | None,
+            name: str | None = None, attrs: dict[str, Any] | None = None,
+            params: dict[str, np.ndarray] | None = None) -> None:
+        out = self.tensor(node, dtype, scale)
+        self.nodes.append(ir.Node(op, name or node.name, [t.name for t in inputs], [out],
+                                  attrs or {}, params or {}))
+
+    def alias(self, node: fx.Node, arg: fx.Node) -> None:
+        self.names[node] = self.names[arg]
+
+    def run(self) -> ir.Graph:
+        inputs: list[str] = []
+        outputs: list[str] = []
+        for node in self.gm.graph.nodes:
+            mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if node.op == "placeholder":
+                inputs.append(self.tensor(node, "float32", None))
+            elif node.op == "output":
+                leaves, tree = pytree.tree_flatten(node.args[0])
+                for leaf in leaves:
+                    t = self.src(node, leaf)
+                    if t.dtype != "float32":
+                        raise UserError(f"model output {t.name!r} is not dequantized: end the "
+                                        "quantized part with hatcore.quant.DeQuantStub")
+                    outputs.append(t.name)
+                self.meta["output_tree"] = pytree.treespec_dumps(tree)
+            elif isinstance(mod, ActFQ):
+                x = node.args[0]
+                if not (isinstance(x, fx.Node) and x.op == "placeholder"):
+                    raise UserError(f"cannot convert {node.name!r}: it quantizes a float tensor "
+                                    "computed inside the model (a layer kept in float?)")
+                self.add("quantize", node, [self.tensors[self.names[x]]], mod.dtype,
+                         float(mod.scale), name=str(node.target))
+            elif isinstance(mod, DeQuantStub):
+                x = self.src(node, node.args[0])
+                self.add("dequantize", node, [x], "float32", None)
+            elif isinstance(mod, QConv2d):
+                self.conv(node, mod)
+            elif isinstance(mod, (QAdd, QCat, QAct)):
+                self.requant_op(node, mod)
+            elif self.passthrough(node, mod):
+                pass
+            else:
+                raise UserError(f"cannot convert {node.name!r} ({node.format_node()}): a layer "
+                                "kept in float (override / hint) or not a supported integer op "
+                                "(conv2d+bn+relu/relu6, add, cat, max-pool, nearest upsample, relu)")
+        return ir.Graph(self.tensors, self.nodes, inputs, outputs, self.meta)
+
+    def conv(self, node: fx.Node, mod: QConv2d) -> None:
+        if mod.out_fq is None:
+            raise UserError(f"cannot convert {node.target!r}: it is kept in float (override or "
+                            "hint); remove that for export")
+        x = self.src(node, node.args[0])
+        res = self.src(node, node.args[1]) if len(node.args) > 1 else None
+        s_out, dtype = float(mod.out_fq.scale), mod.out_fq.dtype
+        c = mod.conv
+        params = conv_params(mod, float(x.scale), s_out, None if res is None else float(res.scale),
+                             dtype)
+        attrs = {"stride": _pair(c.stride), "padding": _pair(c.padding),
+                 "dilation": _pair(c.dilation), "groups": int(c.groups), "act": mod.act,
+                 "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None}
+        inputs = [x] if res is None else [x, res]
+        self.add("conv2d", node, inputs, dtype, s_out, name=str(node.target), attrs=attrs,
+                 params=params)
+
+    def requant_op(self, node: fx.Node, mod: QAdd | QCat | QAct) -> None:
+        xs = [self.src(node, a) for a in node.args]
+        s_out, dtype = float(mod.out_fq.scale), mod.out_fq.dtype
+        ratios = [np.array([float(x.scale) / s_out]) for x in xs]
+        if isinstance(mod, QAdd):
+            ms, s = qspec.shared_requant_params(ratios)
+            self.add("add", node, xs, dtype, s_out, attrs={
+                "act": mod.act, "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None},
+                params={"m": np.concatenate(ms), "shift": s})
+        elif isinstance(mod, QCat):
+            pairs = [qspec.requant_params(r) for r in ratios]
+            axis = mod.dim if mod.dim >= 0 else mod.dim + len(xs[0].shape)
+            self.add("concat", node, xs, dtype, s_out, attrs={"axis": axis}, params={
+                "m": np.concatenate([p[0] for p in pairs]),
+                "shift": np.concatenate([p[1] for p in pairs])})
+        else:
+            m, s = qspec.requant_params(ratios[0])
+            self.add("requantize", node, xs, dtype, s_out, params={"m": m, "shift": s}, attrs={
+                "act": mod.act, "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None})
+
+    def passthrough(self, node: fx.Node, mod: nn.Module | None) -> bool:
+        """Scale-preserving ops; True when handled."""
+        if isinstance(mod, (nn.Identity, nn.Dropout)) or (
+                node.op == "call_method" and node.target == "contiguous") or (
+                node.op == "call_function" and node.target is F.dropout):
+            self.alias(node, node.args[0])
+            return True
+        x = self.src(node, node.args[0]) if node.args else None
+        if x is None:
+            return False
+        if isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in RELU_FUNCS) \
+                or (node.op == "call_method" and node.target == "relu"):
+            self.add("relu", node, [x], x.dtype, x.scale)
+            return True
+        if isinstance(mod, nn.MaxPool2d) or (node.op == "call_function"
+                                             and node.target is F.max_pool2d):
+            if mod is not None:
+                k, s, p, d, ceil = (mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                    mod.ceil_mode)
+            else:
+                kw = dict(zip(["kernel_size", "stride", "padding", "dilation", "ceil_mode"],
+                              node.args[1:], strict=False)) | dict(node.kwargs)
+                k = kw["kernel_size"]
+                s = kw.get("stride") or k
+                p, d, ceil = kw.get("padding", 0), kw.get("dilation", 1), kw.get("ceil_mode", False)
+            if _pair(d) != [1, 1]:
+                return False
+            self.add("maxpool", node, [x], x.dtype, x.scale, attrs={
+                "kernel": _pair(k), "stride": _pair(s), "padding": _pair(p),
+                "ceil_mode": bool(ceil)})
+            return True
+        if isinstance(mod, nn.Upsample) or (node.op == "call_function"
+                                            and node.target is F.interpolate):
+            shape_in = x.shape
+            shape_out = list(node.meta["tensor_meta"].shape)
+            fh, fw = shape_out[2] // shape_in[2], shape_out[3] // shape_in[3]
+            if [fh * shape_in[2], fw * shape_in[3]] != shape_out[2:]:
+                return False
+            self.add("upsample_nearest", node, [x], x.dtype, x.scale, attrs={"scale": [fh, fw]})
+            return True
+        return False
+
+
+def convert(model: nn.Module, example_input: torch.Tensor, march: str | None = None) -> ir.Graph:
+    """The integer graph of a prepared model (as returned by the ``quantize`` hook).
+
+    :param model: a :class:`hat_bpu.prepare.QuantModel`, calibrated or QAT-trained.
+    :param example_input: ``Tensor[1, 3, H, W]`` of the deployed shape (shapes are recorded).
+    :param march: recorded in ``graph.meta``.
+    :raises UserError: a layer kept in float, an unsupported op in the quantized part, an output
+        that is not dequantized.
+    """
+    if not isinstance(model, QuantModel):
+        raise UserError("convert needs a model prepared by the hat-bpu quantizer "
+                        f"(got {type(model).__name__})")
+    gm = model.qgraph
+    was_training = model.training
+    model.eval()
+    quant.set_mode(model, "fake_quant")
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input.to(next(model.parameters()).device))
+        pow2 = any(getattr(m, "pow2", False) for m in gm.modules())
+        graph = _Converter(gm, {"version": IR_VERSION, "march": march, "pow2_scales": pow2}).run()
+    finally:
+        model.train(was_training)
+    graph.validate()
+    return graph

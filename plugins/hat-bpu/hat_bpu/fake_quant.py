@@ -1,0 +1,233 @@
+"""Fake-quant modules: float tensors carrying exactly the values the integer model computes.
+
+Modes (``hatcore.quant.set_mode``): ``float`` (fresh, identity), ``observe`` (observers collect
+ranges, outputs stay float), ``fake_quant`` (scales fixed) and ``qat`` (fake quant; activation
+ranges follow a moving average of batch maxima until frozen, or are learned with LSQ).
+Gradients are straight-through inside the range and zero outside (torch's fake-quant kernels).
+All rounding is half to even, as in :mod:`hat_bpu.qspec`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hat_bpu.observers import Observer
+from hat_bpu.qspec import qrange, scale_from_amax
+
+ACTS = ("none", "relu", "relu6")
+
+
+def apply_act(x: torch.Tensor, act: str) -> torch.Tensor:
+    """``none``/``relu``/``relu6`` on a float tensor."""
+    if act == "relu":
+        return F.relu(x)
+    if act == "relu6":
+        return F.relu6(x)
+    return x
+
+
+def fake_quant_weight(w: torch.Tensor, dtype: str, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric fake quant of ``w`` (Tensor[O, ...]); returns (w_fq, scale[O])."""
+    amax = w.detach().abs().flatten(1).amax(1)
+    scale = scale_from_amax(amax, dtype, pow2)
+    qmin, qmax = qrange(dtype)
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax), scale
+
+
+class ActFQ(nn.Module):
+    """Per-tensor symmetric activation fake quantizer with its observer.
+
+    :param dtype: ``int8`` or ``int16``.
+    :param observer: observer method (``hat_bpu.observers.OBSERVERS``); ignored with ``fixed_scale``.
+    :param pow2: power-of-two scales.
+    :param fixed_scale: a scale that never changes (the model input: 1/128).
+    :param qat_averaging: QAT moving-average constant for the range (0: scales stay fixed).
+    :param lsq: learn the scale in QAT (LSQ), instead of the moving average.
+    """
+
+    def __init__(self, dtype: str = "int8", observer: str = "minmax", pow2: bool = False,
+                 fixed_scale: float | None = None, qat_averaging: float = 0.01, lsq: bool = False,
+                 percentile: float = 99.99, averaging_constant: float = 0.1) -> None:
+        super().__init__()
+        self.dtype, self.pow2, self.lsq = dtype, pow2, lsq
+        self.fixed = fixed_scale is not None
+        self.qat_averaging = qat_averaging
+        self.qmin, self.qmax = qrange(dtype)
+        self.observer = None if self.fixed else Observer(observer, dtype, averaging_constant,
+                                                         percentile)
+        init = torch.tensor(float(fixed_scale) if self.fixed else 1.0)
+        if lsq and not self.fixed:
+            self.scale = nn.Parameter(init)
+        else:
+            self.register_buffer("scale", init)
+        self.register_buffer("qat_amax", torch.tensor(-1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32), persistent=False)
+        self.mode = "float"
+        self.observer_frozen = False
+
+    def hat_set_mode(self, mode: str) -> None:
+        """Switch mode; leaving ``observe`` turns the observed range into the scale."""
+        if self.mode == "observe" and mode != "observe":
+            self.compute_scale()
+        self.mode = mode
+
+    @torch.no_grad()
+    def compute_scale(self) -> None:
+        """Set ``scale`` from the observer (fixed scales never change)."""
+        if self.fixed or self.observer is None or int(self.observer.count) == 0:
+            return
+        self.scale.copy_(scale_from_amax(self.observer.amax(), self.dtype, self.pow2))
+
+    @torch.no_grad()
+    def _qat_update(self, x: torch.Tensor) -> None:
+        if float(self.qat_amax) < 0:
+            self.qat_amax.fill_(float(self.scale) * self.qmax)
+        c = self.qat_averaging
+        self.qat_amax.mul_(1 - c).add_(c * x.detach().abs().max().float())
+        self.scale.copy_(scale_from_amax(self.qat_amax, self.dtype, self.pow2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return x
+        if self.mode == "observe":
+            if self.observer is not None:
+                self.observer(x)
+            return x
+        if self.lsq and not self.fixed:
+            grad_factor = 1.0 / (max(x[0].numel(), 1) * self.qmax) ** 0.5
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax,
+                grad_factor)
+        if (self.mode == "qat" and self.training and not self.fixed and not self.observer_frozen
+                and self.qat_averaging > 0):
+            self._qat_update(x)
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale.detach().float(), self.zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, scale={float(self.scale):.6g}, pow2={self.pow2}"
+
+
+class QConv2d(nn.Module):
+    """Conv2d (+ BatchNorm) (+ residual add) (+ relu/relu6), fused, then fake-quantized.
+
+    ``forward(x: Tensor[N, C, H, W], res: Tensor[N, O, H', W'] | None) -> Tensor[N, O, H', W']``.
+    Eval / frozen BN: BN folded into the weights (``w·γ/σ``, ``β + (b - μ)·γ/σ``), weights fake
+    quantized per output channel, the bias on the int32 grid ``s_in·s_w``. QAT with live BN:
+    torch.ao's recipe - conv with the folded fake-quant weight, divided back by ``γ/σ``, then BN
+    with batch statistics (running statistics keep updating until ``freeze_bn``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: str, residual: bool,
+                 out_fq: ActFQ | None, pow2: bool = False) -> None:
+        super().__init__()
+        if act not in ACTS:
+            raise ValueError(f"unknown activation {act!r}")
+        self.conv, self.bn, self.act, self.residual = conv, bn, act, residual
+        self.out_fq, self.pow2 = out_fq, pow2
+        self.mode = "float"
+        self.bn_frozen = False
+        self.in_fq: list[ActFQ] = []  # the input's quantizer (a plain list: not a submodule)
+
+    def hat_set_mode(self, mode: str) -> None:
+        self.mode = mode
+
+    def freeze_bn(self) -> None:
+        """Stop updating BN statistics; QAT then trains with BN folded (as deployed)."""
+        self.bn_frozen = True
+        if self.bn is not None:
+            self.bn.eval()
+
+    def train(self, mode: bool = True) -> QConv2d:
+        super().train(mode)
+        if self.bn_frozen and self.bn is not None:
+            self.bn.eval()
+        return self
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN folded into (weight Tensor[O, I/g, kh, kw], bias Tensor[O]) with running stats."""
+        w = self.conv.weight
+        b = self.conv.bias if self.conv.bias is not None else w.new_zeros(w.shape[0])
+        if self.bn is None:
+            return w, b
+        bn = self.bn
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+        return w * factor.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * factor
+
+    def input_scale(self) -> torch.Tensor | None:
+        """The scale of this conv's input (None when its quantizer is unknown)."""
+        return self.in_fq[0].scale.detach() if self.in_fq else None
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode in ("float", "observe") or self.out_fq is None:
+            y = self.conv(x)
+            if self.bn is not None:
+                y = self.bn(y)
+        elif self.bn is not None and self.bn.training:
+            bn = self.bn
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+            w, _ = fake_quant_weight(self.conv.weight * factor.reshape(-1, 1, 1, 1), "int8",
+                                     self.pow2)
+            y = self._conv(x, w, None) / factor.reshape(1, -1, 1, 1)
+            if self.conv.bias is not None:
+                y = y + self.conv.bias.reshape(1, -1, 1, 1)
+            y = bn(y)
+        else:
+            w, b = self.folded()
+            wq, w_scale = fake_quant_weight(w, "int8", self.pow2)
+            s_in = self.input_scale()
+            if s_in is not None:
+                acc_scale = (s_in * w_scale).to(b.dtype)
+                bq = torch.clamp(torch.round(b / acc_scale), -(2**31), 2**31 - 1) * acc_scale
+                b = b + (bq - b).detach()  # straight-through
+            y = self._conv(x, wq, b)
+        if res is not None:
+            y = y + res
+        y = apply_act(y, self.act)
+        return self.out_fq(y) if self.out_fq is not None else y
+
+
+class QAdd(nn.Module):
+    """Elementwise sum of quantized tensors (+ relu), fake-quantized at its own scale."""
+
+    def __init__(self, out_fq: ActFQ, act: str = "none") -> None:
+        super().__init__()
+        self.out_fq, self.act = out_fq, act
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        y = xs[0]
+        for x in xs[1:]:
+            y = y + x
+        return self.out_fq(apply_act(y, self.act))
+
+
+class QCat(nn.Module):
+    """Concatenation of quantized tensors along ``dim``, requantized to one scale."""
+
+    def __init__(self, out_fq: ActFQ, dim: int = 1) -> None:
+        super().__init__()
+        self.out_fq, self.dim = out_fq, dim
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.out_fq(torch.cat(xs, self.dim))
+
+
+class QAct(nn.Module):
+    """A standalone activation requantized to its own scale (IR ``requantize`` with a clip)."""
+
+    def __init__(self, out_fq: ActFQ, act: str) -> None:
+        super().__init__()
+        self.out_fq, self.act = out_fq, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_fq(apply_act(x, self.act))
