@@ -100,14 +100,15 @@ class Observer(nn.Module):
             return self.max_abs.clone()
         cands = self.candidates()
         if self.method == "auto":
+            hist = self.hist.detach().cpu()
             self.choice = max(cands, key=lambda k: sqnr_from_hist(
-                self.hist, float(self.hist_max), cands[k], qrange(self.dtype)[1]))
+                hist, float(self.hist_max), cands[k], qrange(self.dtype)[1]))
             return torch.tensor(cands[self.choice])
         return torch.tensor(cands[self.method])
 
     def candidates(self) -> dict[str, float]:
         """Every histogram method's clipping value (``minmax`` included)."""
-        hist, hmax, qmax = self.hist, float(self.hist_max), qrange(self.dtype)[1]
+        hist, hmax, qmax = self.hist.detach().cpu(), float(self.hist_max), qrange(self.dtype)[1]
         return {
             "minmax": float(self.max_abs),
             "percentile": percentile_from_hist(hist, hmax, self.percentile),

@@ -195,8 +195,8 @@ class QuantModel(nn.Module):
             return getattr(object.__getattribute__(self, "_hat_original"), name)
 
     def train(self, mode: bool = True) -> QuantModel:
+        self._hat_original.train(mode)  # first: it shares modules whose mode the graph decides
         super().train(mode)
-        self._hat_original.train(mode)
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantModel:  # .to(), .cuda(), .float()

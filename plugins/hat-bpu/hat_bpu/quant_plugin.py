@@ -1,11 +1,148 @@
-"""hat-bpu quantizer hooks (skeleton)."""
+"""hat-bpu quantizer hooks: the ``horizon`` quantizer type, QAT freezes, ``hat quant-debug``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from torch import nn
+
+from hat_bpu.fake_quant import ActFQ, QConv2d
+from hat_bpu.observers import OBSERVERS
+from hat_bpu.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
+from hatcore.errors import UserError
+from hatcore.recipe import QuantizeSpec, option, spec
 from hatcore.registry import Register
+
+DTYPE_CHOICES = ("int8", "int16", "float")
+POW2_MARCHES = ("bernoulli2",)  # fallback when the march table is not available
+
+
+@spec
+class HorizonQuantizeSpec(QuantizeSpec):
+    """``[quantize]`` with ``type = "horizon"`` (the default quantizer)."""
+
+    march: str = option("bayes-e", doc="BPU architecture whose scale policy applies "
+                        "(bernoulli2: power-of-two scales)")
+    observer: Literal["minmax", "ma_minmax", "percentile", "mse", "kl", "auto"] = option(
+        "auto", doc="activation range observer; auto keeps, per tensor, the candidate of "
+        "minmax/percentile/mse/kl with the best SQNR on the calibration histogram")
+    percentile: float = option(99.99, doc="percentile observer: the percentile of |x| kept")
+    averaging_constant: float = option(0.1, doc="ma_minmax observer: moving-average constant")
+    pow2_scales: bool | None = option(None, doc="power-of-two scales; default: the march's policy")
+    overrides: dict[str, Literal["int8", "int16", "float"]] = option(
+        factory=dict, doc='module-name glob → int8/int16/float, e.g. { "head.*" = "int16" }; '
+        "float keeps a layer unquantized (debugging; cannot be exported)")
+    type_overrides: dict[str, Literal["int8", "int16", "float"]] = option(
+        factory=dict, doc='module class name → int8/int16/float, e.g. { "Conv2d" = "int16" }')
+    qat_averaging: float = option(0.01, doc="QAT: moving-average constant of activation ranges "
+                                  "(0 keeps the calibrated scales)")
+    lsq: bool = option(False, doc="QAT: learn activation scales (LSQ) instead of averaging")
+    freeze_bn_epoch: int | None = option(None, doc="QAT: from this epoch on, BN statistics are "
+                                         "frozen and BN is folded as deployed (0: from the start)")
+    freeze_observer_epoch: int | None = option(None, doc="QAT: from this epoch on, activation "
+                                               "scales stop following the data")
+
+
+def march_pow2(march: str) -> bool:
+    """The march's scale policy: the march table when deploy provides one, else bernoulli2."""
+    try:
+        from hat_bpu import march as march_table  # the shared per-march table (deploy's)
+    except ImportError:
+        return march in POW2_MARCHES
+    get = getattr(march_table, "get_march", None)
+    if get is None:
+        return march in POW2_MARCHES
+    try:
+        return bool(getattr(get(march), "pow2_scales", march in POW2_MARCHES))
+    except Exception as exc:
+        raise UserError(f"[quantize] march = {march!r}: {exc}") from None
+
+
+def qconfig_from_spec(qspec: HorizonQuantizeSpec) -> QConfig:
+    """Turn the recipe table into the quantizer's typed settings."""
+    if qspec.observer not in OBSERVERS:
+        raise UserError(f"[quantize] observer = {qspec.observer!r}; expected one of {OBSERVERS}")
+    pow2 = march_pow2(qspec.march) if qspec.pow2_scales is None else qspec.pow2_scales
+    if pow2 and qspec.lsq:
+        raise UserError("[quantize] lsq = true cannot learn power-of-two scales "
+                        f"(march {qspec.march!r}); set lsq = false")
+    return QConfig(observer=qspec.observer, pow2=pow2, overrides=dict(qspec.overrides),
+                   type_overrides=dict(qspec.type_overrides), percentile=qspec.percentile,
+                   averaging_constant=qspec.averaging_constant, qat_averaging=qspec.qat_averaging,
+                   lsq=qspec.lsq)
+
+
+def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str) -> QuantModel:
+    """Prepare ``model`` for ``calibration`` or ``qat`` (see :func:`hat_bpu.prepare.prepare`)."""
+    if stage not in ("calibration", "qat"):
+        raise ValueError(f"quantize stage must be calibration or qat, got {stage!r}")
+    config = qconfig_from_spec(qspec)
+    try:
+        qm = prepare(model, config)
+    except ValueError as exc:
+        raise UserError(f"cannot quantize {type(model).__name__}: {exc}") from None
+    except Exception as exc:  # torch.fx tracing errors
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx for quantization: "
+                        f"{exc}") from None
+    qm.hat_freeze = {"bn": qspec.freeze_bn_epoch, "observer": qspec.freeze_observer_epoch}
+    if stage == "qat":
+        apply_freezes(qm, epoch=0)
+    return qm
+
+
+def apply_freezes(model: nn.Module, epoch: int) -> list[str]:
+    """Freeze BN statistics / observers of every QuantModel in ``model`` due at ``epoch``."""
+    done = []
+    for qm in [m for m in model.modules() if isinstance(m, QuantModel)]:
+        freeze = getattr(qm, "hat_freeze", {}) or {}
+        if freeze.get("bn") is not None and epoch >= freeze["bn"]:
+            for m in qm.modules():
+                if isinstance(m, QConv2d) and not m.bn_frozen:
+                    m.freeze_bn()
+            done.append("bn")
+        if freeze.get("observer") is not None and epoch >= freeze["observer"]:
+            for m in qm.modules():
+                if isinstance(m, ActFQ):
+                    m.observer_frozen = True
+            done.append("observer")
+    return done
 
 
 @hookimpl
 def hat_components(register: Register) -> None:
-    """Nothing registered yet."""
+    register("quantizer", "horizon", HorizonQuantizeSpec,
+             "Horizon-style symmetric int8/int16 quantizer: fusion, observers, calibration, QAT")
+
+
+@hookimpl
+def quantize(model: nn.Module, spec: QuantizeSpec, stage: str) -> nn.Module | None:
+    if not isinstance(spec, HorizonQuantizeSpec):
+        return None
+    return quantize_model(model, spec, stage)
+
+
+@hookimpl
+def on_epoch_end(trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+    if getattr(trainer, "stage", None) == "qat":
+        apply_freezes(trainer.model, epoch + 1)
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    @cli.command("quant-debug")
+    @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--stage", type=click.Choice(["calibration", "qat"]), default="calibration",
+                  show_default=True, help="whose checkpoint is compared with the float model")
+    @click.option("--batches", default=2, show_default=True, help="validation batches compared")
+    @click.option("--out", type=click.Path(path_type=Path), default=None,
+                  help="output folder (default: WORK_DIR/quant_debug/STAGE)")
+    @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
+    def quant_debug_cmd(recipe: Path, stage: str, batches: int, out: Path | None,
+                        overrides: tuple[str, ...]) -> None:
+        """Per-layer float vs fake-quant similarity (cosine, SQNR, max error in LSB)."""
+        from hat_bpu.debug import debug_recipe
+
+        click.echo(debug_recipe(recipe, stage, batches, out, overrides))

@@ -1,0 +1,89 @@
+"""Fake quant equals torch's reference ops, gradients are straight-through, fusion is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hat_bpu import qspec
+from hat_bpu.example_net import SmallNet
+from hat_bpu.fake_quant import ActFQ, QConv2d, fake_quant_weight
+from hat_bpu.prepare import prepare
+from torch import nn
+
+from hatcore import quant
+
+
+def test_activation_fake_quant_equals_torch() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5) * 3
+    fq = ActFQ("int8", "minmax")
+    fq.hat_set_mode("observe")
+    fq(x)
+    fq.hat_set_mode("fake_quant")
+    scale = float(fq.scale)
+    assert scale == float(x.abs().max() / 127)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
+    assert torch.equal(fq(x), ref)
+    fq16 = ActFQ("int16", fixed_scale=0.01)
+    fq16.hat_set_mode("fake_quant")
+    assert torch.equal(fq16(x), torch.fake_quantize_per_tensor_affine(x, 0.01, 0, -32768, 32767))
+
+
+def test_weight_fake_quant_equals_torch_per_channel() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(6, 3, 3, 3)
+    got, scale = fake_quant_weight(w, "int8", pow2=False)
+    assert torch.allclose(scale, w.abs().flatten(1).amax(1) / 127)
+    ref = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(6, dtype=torch.int32), 0,
+                                                 -128, 127)
+    assert torch.equal(got, ref)
+
+
+def test_straight_through_gradients() -> None:
+    fq = ActFQ("int8", fixed_scale=0.1)
+    fq.hat_set_mode("qat")
+    x = torch.tensor([-20.0, -1.23, 0.0, 5.55, 12.69, 12.8, 30.0], requires_grad=True)
+    fq(x).sum().backward()
+    inside = (x.detach() >= -12.8) & (x.detach() <= 12.7)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_pow2_scales_on_bernoulli2() -> None:
+    from hat_bpu.quant_plugin import HorizonQuantizeSpec, qconfig_from_spec
+
+    cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernoulli2"))
+    assert cfg.pow2
+    assert not qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bayes-e")).pow2
+    torch.manual_seed(0)
+    q = prepare(SmallNet().eval(), cfg)
+    quant.set_mode(q, "observe")
+    q(torch.rand(2, 3, 16, 16))
+    quant.set_mode(q, "fake_quant")
+    scales = [float(m.scale) for m in q.modules() if isinstance(m, ActFQ)]
+    assert len(scales) >= 7 and all(qspec.is_pow2(s) for s in scales)
+    conv = q.qgraph.get_submodule("stem.0")
+    _, w_scale = fake_quant_weight(conv.folded()[0], "int8", pow2=True)
+    assert all(qspec.is_pow2(float(s)) for s in w_scale)
+
+
+def test_fused_conv_bn_equals_conv_then_bn() -> None:
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, 2, 1, bias=True), nn.BatchNorm2d(6)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.2, 3)
+    bn.weight.data.uniform_(0.3, 2)
+    bn.bias.data.uniform_(-1, 1)
+    bn.eval()
+    x = torch.randn(2, 4, 9, 9)
+    w, b = QConv2d(conv, bn, "none", False, None).folded()
+    fused = torch.nn.functional.conv2d(x, w, b, 2, 1)
+    assert (fused - bn(conv(x))).abs().max() < 1e-5
+
+
+def test_round_shift_is_round_half_to_even() -> None:
+    v = np.arange(-4096, 4096)
+    for s in range(0, 8):
+        assert np.array_equal(qspec.round_shift(v, s), np.rint(v / 2.0**s).astype(np.int64))
+    m, s = qspec.requant_params(np.array([0.25, 3.0e-3, 0.7]))
+    assert m[0] == 1 and s[0] == 2  # a power-of-two ratio is a pure shift
+    assert np.all(np.abs(m / 2.0**s / np.array([0.25, 3.0e-3, 0.7]) - 1) < 2.0**-29)
