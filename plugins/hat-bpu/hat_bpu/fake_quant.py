@@ -9,6 +9,8 @@ All rounding is half to even, as in :mod:`hat_bpu.qspec`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,6 +28,37 @@ def apply_act(x: torch.Tensor, act: str) -> torch.Tensor:
     if act == "relu6":
         return F.relu6(x)
     return x
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """``clamp(round(x·(1/s)), qmin, qmax)·s`` with straight-through gradients (CPU path).
+
+    Same values as ``torch.fake_quantize_per_tensor_affine`` (``1/s`` in float32, round half to
+    even) and the same gradient mask (``round(x/s)`` inside [qmin, qmax]), ~1.5× faster on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
+        inv = float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
+        y = x * inv
+        ctx.save_for_backward(y)
+        ctx.qrange = (qmin, qmax)
+        return torch.round(y).clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (y,) = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        r = torch.round(y)
+        return grad * ((r >= qmin) & (r <= qmax)), None, None, None
+
+
+def fake_quant_tensor(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor symmetric fake quant with STE (torch's kernel on GPU, a faster one on CPU)."""
+    if x.is_cuda or not x.dtype == torch.float32:
+        zp = torch.zeros((), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_tensor_affine(x, scale.detach().float(), zp, qmin, qmax)
+    return _FakeQuantSTE.apply(x, float(scale), qmin, qmax)
 
 
 def fake_quant_weight(w: torch.Tensor, dtype: str, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,30 +115,36 @@ class ActFQ(nn.Module):
         self.scale.copy_(scale_from_amax(self.observer.amax(), self.dtype, self.pow2))
 
     @torch.no_grad()
-    def _qat_update(self, x: torch.Tensor) -> None:
+    def _qat_update(self, x: torch.Tensor, relu: bool) -> None:
         if float(self.qat_amax) < 0:
             self.qat_amax.fill_(float(self.scale) * self.qmax)
         c = self.qat_averaging
-        self.qat_amax.mul_(1 - c).add_(c * x.detach().abs().max().float())
+        if relu:
+            amax = x.detach().max().clamp(min=0)
+        else:
+            lo, hi = torch.aminmax(x.detach())
+            amax = torch.maximum(-lo, hi)
+        self.qat_amax.mul_(1 - c).add_(c * amax.float())
         self.scale.copy_(scale_from_amax(self.qat_amax, self.dtype, self.pow2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "float":
-            return x
-        if self.mode == "observe":
-            if self.observer is not None:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """Fake-quantize ``x`` (any shape); ``relu=True`` fuses a ReLU (``quant_min = 0``:
+        the same values as ``fq(relu(x))``, one pass instead of two)."""
+        if self.mode in ("float", "observe"):
+            x = F.relu(x) if relu else x
+            if self.mode == "observe" and self.observer is not None:
                 self.observer(x)
             return x
+        qmin = 0 if relu else self.qmin
         if self.lsq and not self.fixed:
             grad_factor = 1.0 / (max(x[0].numel(), 1) * self.qmax) ** 0.5
             return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax,
+                x, self.scale.reshape(1), self.zero_point.float().reshape(1), qmin, self.qmax,
                 grad_factor)
         if (self.mode == "qat" and self.training and not self.fixed and not self.observer_frozen
                 and self.qat_averaging > 0):
-            self._qat_update(x)
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.scale.detach().float(), self.zero_point, self.qmin, self.qmax)
+            self._qat_update(x, relu)
+        return fake_quant_tensor(x, self.scale, qmin, self.qmax)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, scale={float(self.scale):.6g}, pow2={self.pow2}"
@@ -117,7 +156,7 @@ class QConv2d(nn.Module):
     ``forward(x: Tensor[N, C, H, W], res: Tensor[N, O, H', W'] | None) -> Tensor[N, O, H', W']``.
     Eval / frozen BN: BN folded into the weights (``w·γ/σ``, ``β + (b - μ)·γ/σ``), weights fake
     quantized per output channel, the bias on the int32 grid ``s_in·s_w``. QAT with live BN:
-    torch.ao's recipe - conv with the folded fake-quant weight, divided back by ``γ/σ``, then BN
+    torch.ao's recipe - conv with the folded fake-quant weight divided back by ``γ/σ``, then BN
     with batch statistics (running statistics keep updating until ``freeze_bn``).
     """
 
@@ -176,11 +215,10 @@ class QConv2d(nn.Module):
             bn = self.bn
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
             factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-            w, _ = fake_quant_weight(self.conv.weight * factor.reshape(-1, 1, 1, 1), "int8",
-                                     self.pow2)
-            y = self._conv(x, w, None) / factor.reshape(1, -1, 1, 1)
-            if self.conv.bias is not None:
-                y = y + self.conv.bias.reshape(1, -1, 1, 1)
+            f = factor.reshape(-1, 1, 1, 1)
+            w, _ = fake_quant_weight(self.conv.weight * f, "int8", self.pow2)
+            # conv(x, fq(w·f)) / f == conv(x, fq(w·f) / f): divide the weight, not the output
+            y = self._conv(x, w / f, self.conv.bias)
             y = bn(y)
         else:
             w, b = self.folded()
@@ -193,8 +231,11 @@ class QConv2d(nn.Module):
             y = self._conv(x, wq, b)
         if res is not None:
             y = y + res
-        y = apply_act(y, self.act)
-        return self.out_fq(y) if self.out_fq is not None else y
+        if self.out_fq is None:
+            return apply_act(y, self.act)
+        if self.act == "relu":
+            return self.out_fq(y, relu=True)
+        return self.out_fq(apply_act(y, self.act))
 
 
 class QAdd(nn.Module):

@@ -1,0 +1,129 @@
+"""QAT step time / float step time: hat-bpu's quantizer vs torch.ao FX QAT, same model and batch.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bpu_quant.py --model convnet6 --size 128 --batch 8
+
+A step is forward + MSE loss + backward + SGD update. The median of ``--iters`` steps after
+``--warmup`` is reported. ``--model fcos`` builds the FCOS-EfficientNet-B0 through the
+installed plugins' ``build_model`` hook (when hat-fcos is installed) and times its backbone+neck+head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from hat_bpu.example_net import SmallNet
+from hat_bpu.quant_plugin import HorizonQuantizeSpec, quantize
+from hatcore import quant
+from hatcore.quant import DeQuantStub, QuantStub
+
+
+class ConvNet6(nn.Module):
+    """Six conv-BN-ReLU layers (strides 2,1,2,1,2,1), 32..128 channels, between quant stubs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        chans = [3, 32, 32, 64, 64, 128, 128]
+        layers: list[nn.Module] = []
+        for i in range(6):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, 2 - i % 2, 1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+        self.quant, self.body, self.dequant = QuantStub(1 / 128), nn.Sequential(*layers), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.body(self.quant(x)))
+
+
+def build(name: str) -> nn.Module:
+    if name == "convnet6":
+        return ConvNet6()
+    if name == "smallnet":
+        return SmallNet(width=32)
+    if name == "fcos":
+        from hatcore.plugins import get_plugins
+        from hatcore.recipe import make_converter  # type: ignore[attr-defined]
+        from hatcore.recipe import ModelSpec
+
+        plugins = get_plugins()
+        spec = make_converter(plugins.registry).structure({"type": "fcos", "num_classes": 80},
+                                                          ModelSpec)
+        return plugins.hook.build_model(spec=spec)
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def loss_of(out: Any) -> torch.Tensor:
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return sum(t.float().square().mean() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def time_steps(model: nn.Module, x: torch.Tensor, iters: int, warmup: int) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    model.train()
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        loss = loss_of(model(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrated_hat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    spec = HorizonQuantizeSpec(type="horizon", observer="minmax")
+    q = quantize(model=copy.deepcopy(model).eval(), spec=spec, stage="qat")
+    quant.set_mode(q, "observe")
+    with torch.no_grad():
+        q(x)
+    quant.set_mode(q, "qat")
+    return q
+
+
+def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    try:
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        return prepare_qat_fx(copy.deepcopy(model).train(),
+                              get_default_qat_qconfig_mapping("x86"), (x,))
+    except Exception as exc:  # not traceable by torch.ao
+        print(f"torch.ao FX QAT failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="convnet6", choices=["convnet6", "smallnet", "fcos"])
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build(args.model)
+    x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
+    result: dict[str, Any] = {"model": args.model, "input": list(x.shape),
+                              "threads": args.threads}
+    t_float = time_steps(model, x, args.iters, args.warmup)
+    t_hat = time_steps(calibrated_hat(model, x), x, args.iters, args.warmup)
+    result.update(float_ms=1e3 * t_float, hat_qat_ms=1e3 * t_hat, hat_ratio=t_hat / t_float)
+    ao = torch_ao_qat(model, x)
+    if ao is not None:
+        t_ao = time_steps(ao, x, args.iters, args.warmup)
+        result.update(torch_ao_qat_ms=1e3 * t_ao, torch_ao_ratio=t_ao / t_float)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
