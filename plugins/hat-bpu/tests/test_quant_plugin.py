@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from hat_bpu.debug import compare_layers, format_table, write_report
 from hat_bpu.example_net import SmallNet
@@ -149,3 +150,27 @@ def test_quant_debug_report(tmp_path: Path) -> None:
     assert isinstance(q.qgraph.get_submodule("stem.0"), QConv2d)
     assert isinstance(q.qgraph.get_submodule("quant"), ActFQ)
     assert F is not None
+
+
+def test_quantize_hook_through_the_plugin_manager_on_the_toy_detector() -> None:
+    pytest.importorskip("hat_toy")
+    from hat_toy.plugin import ToyDataset, ToyDetector
+
+    from hatcore.plugins import get_plugins
+    from hatcore.recipe import QuantizeSpec, make_converter
+
+    plugins = get_plugins()
+    qs = make_converter(plugins.registry).structure({"observer": "percentile"}, QuantizeSpec)
+    assert isinstance(qs, HorizonQuantizeSpec)  # horizon is the default quantizer type
+    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qs, stage="calibration")
+    ds = ToyDataset(32, 4, 2, 0, [])
+    batch = ds.collate_fn([ds[i] for i in range(4)])
+    calibrate(model, batch["img"])
+    raw = model(batch["img"])
+    dets = model.postprocess(raw, batch)
+    assert len(dets) == 4 and set(dets[0]) == {"boxes", "scores", "labels"}
+    assert float(sum(model.compute_loss(raw, batch).values()).detach()) > 0
+    trainer = type("T", (), {"stage": "qat", "model": model})()
+    model.hat_freeze = {"bn": 1, "observer": None}
+    plugins.hook.on_epoch_end(trainer=trainer, epoch=0, metrics={})
+    assert all(m.bn_frozen for m in model.modules() if isinstance(m, QConv2d))
