@@ -138,8 +138,9 @@ class _Converter:
                  "dilation": _pair(c.dilation), "groups": int(c.groups), "act": mod.act,
                  "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None}
         inputs = [x] if res is None else [x, res]
-        self.add("conv2d", node, inputs, dtype, s_out, name=str(node.target), attrs=attrs,
-                 params=params)
+        site = int(node.kwargs.get("site", 0))
+        name = str(node.target) + (f"@{site}" if site else "")  # a conv shared by several calls
+        self.add("conv2d", node, inputs, dtype, s_out, name=name, attrs=attrs, params=params)
 
     def requant_op(self, node: fx.Node, mod: QAdd | QCat | QAct) -> None:
         xs = [self.src(node, a) for a in node.args]

@@ -169,7 +169,7 @@ class QConv2d(nn.Module):
         self.out_fq, self.pow2 = out_fq, pow2
         self.mode = "float"
         self.bn_frozen = False
-        self.in_fq: list[ActFQ] = []  # the input's quantizer (a plain list: not a submodule)
+        self.in_fq: list[ActFQ | None] = []  # input quantizer per call site (not submodules)
 
     def hat_set_mode(self, mode: str) -> None:
         self.mode = mode
@@ -198,15 +198,17 @@ class QConv2d(nn.Module):
         factor = gamma / torch.sqrt(bn.running_var + bn.eps)
         return w * factor.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * factor
 
-    def input_scale(self) -> torch.Tensor | None:
-        """The scale of this conv's input (None when its quantizer is unknown)."""
-        return self.in_fq[0].scale.detach() if self.in_fq else None
+    def input_scale(self, site: int = 0) -> torch.Tensor | None:
+        """The scale of this conv's input at call ``site`` (None when unknown)."""
+        fq = self.in_fq[site] if site < len(self.in_fq) else None
+        return fq.scale.detach() if fq is not None else None
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
-    def forward(self, x: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, res: torch.Tensor | None = None,
+                site: int = 0) -> torch.Tensor:
         if self.mode in ("float", "observe") or self.out_fq is None:
             y = self.conv(x)
             if self.bn is not None:
@@ -223,7 +225,7 @@ class QConv2d(nn.Module):
         else:
             w, b = self.folded()
             wq, w_scale = fake_quant_weight(w, "int8", self.pow2)
-            s_in = self.input_scale()
+            s_in = self.input_scale(site)
             if s_in is not None:
                 acc_scale = (s_in * w_scale).to(b.dtype)
                 bq = torch.clamp(torch.round(b / acc_scale), -(2**31), 2**31 - 1) * acc_scale

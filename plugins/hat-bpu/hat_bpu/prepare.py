@@ -131,13 +131,23 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def fuse(gm: fx.GraphModule, float_names: set[str], config: QConfig, model: nn.Module) -> None:
-    """Replace conv → bn → (add) → (relu) chains by :class:`QConv2d` modules, in place."""
+    """Replace conv → bn → (add) → (relu) chains by :class:`QConv2d` modules, in place.
+
+    A conv called at several places (a head shared across pyramid levels) becomes one fused
+    module called at each place with ``site=k`` (its input scale differs per call); every call
+    must follow the same BN and activation.
+    """
     erased: set[fx.Node] = set()
+    signature: dict[str, tuple[str | None, str]] = {}
+    sites: dict[str, int] = {}
     for node in list(gm.graph.nodes):
         if node in erased or node.op != "call_module" or node.target in float_names:
             continue
-        conv = gm.get_submodule(str(node.target))
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        name = str(node.target)
+        conv = gm.get_submodule(name)
+        if isinstance(conv, QConv2d):
+            conv = conv.conv
+        elif type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
             continue
         chain, bn, res, act = [node], None, None, "none"
         nxt = _only_user(node)
@@ -153,14 +163,20 @@ def fuse(gm: fx.GraphModule, float_names: set[str], config: QConfig, model: nn.M
         if nxt is not None and _act_of(gm, nxt) is not None and str(nxt.target) not in float_names:
             act = str(_act_of(gm, nxt))
             chain.append(nxt)
-        name = str(node.target)
-        dtype = module_dtype(model, name, config)
-        out_fq = None if dtype == "float" else config.fq(dtype)
-        fused = QConv2d(conv, bn, act, res is not None, out_fq, config.pow2)
-        gm.add_submodule(name, fused)
+        sig = (str(chain[1].target) if bn is not None else None, act)
+        site = sites.get(name, 0)
+        sites[name] = site + 1
+        if site == 0:
+            dtype = module_dtype(model, name, config)
+            out_fq = None if dtype == "float" else config.fq(dtype)
+            gm.add_submodule(name, QConv2d(conv, bn, act, res is not None, out_fq, config.pow2))
+            signature[name] = sig
+        elif signature[name] != sig:
+            raise ValueError(f"conv {name!r} is called at several places followed by different "
+                             f"BN/activation ({signature[name]} vs {sig}); cannot fuse it")
         with gm.graph.inserting_before(chain[-1]):
             args = (node.args[0],) if res is None else (node.args[0], res)
-            new = gm.graph.call_module(name, args)
+            new = gm.graph.call_module(name, args, {"site": site} if site else {})
         chain[-1].replace_all_uses_with(new)
         for n in reversed(chain):
             gm.graph.erase_node(n)
@@ -257,8 +273,9 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             x = quantized_input(node, node.args[0])
             if len(node.args) > 1:
                 quantized_input(node, node.args[1])
-            src = qsrc.get(x)
-            mod.in_fq = [src] if src is not None else []
+            site = int(node.kwargs.get("site", 0))
+            mod.in_fq += [None] * (site + 1 - len(mod.in_fq))
+            mod.in_fq[site] = qsrc.get(x)
             qsrc[node] = mod.out_fq
         elif not any_q:
             qsrc[node] = None

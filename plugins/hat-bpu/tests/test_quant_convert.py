@@ -103,3 +103,45 @@ def test_float_kept_layer_refuses_export() -> None:
     quant.set_mode(q, "fake_quant")
     with pytest.raises(UserError, match="float"):
         convert(q, torch.rand(1, 3, 16, 16))
+
+
+class SharedHead(torch.nn.Module):
+    """Two pyramid levels through one head (conv-BN-ReLU then conv), as detection heads do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from hatcore.quant import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(1 / 128), DeQuantStub()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, 1, 1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, 2, 1)
+        self.tower = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.BatchNorm2d(8),
+                                         torch.nn.ReLU())
+        self.out = torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p3 = self.c1(self.quant(x))
+        p4 = self.c2(p3)
+        return [self.dequant(self.out(self.tower(p))) for p in (p3, p4)]
+
+
+def test_shared_head_is_fused_once_and_converted_per_call() -> None:
+    torch.manual_seed(0)
+    net = SharedHead().eval()
+    net.tower[1].running_var.uniform_(0.5, 2)
+    q = prepare(net, QConfig())
+    x = torch.randint(0, 256, (2, 3, 16, 16)).float().sub(128).div(128)
+    quant.set_mode(q, "observe")
+    q(x)
+    quant.set_mode(q, "fake_quant")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and n.startswith("tower.1")
+                   for n, m in q.qgraph.named_modules())
+    graph = convert(q, x[:1])
+    names = [n.name for n in graph.nodes if n.op == "conv2d"]
+    assert names.count("tower.0") == 1 and "tower.0@1" in names and "out@1" in names
+    with torch.no_grad():
+        ref = q(x)
+    got = graph.unflatten_outputs(run_ir(graph, x.numpy()))
+    assert isinstance(got, list) and len(got) == 2
+    for r, g in zip(ref, got, strict=True):
+        assert np.abs(g - r.numpy()).max() <= float(q.qgraph.get_submodule("out").out_fq.scale) * 1.001
