@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 from hat_bpu import ir, qspec
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, fake_quant_weight
+from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale, fake_quant_weight
 from hat_bpu.prepare import RELU_FUNCS, QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
@@ -62,7 +61,7 @@ class _Converter:
         self.meta = meta
 
     def tensor(self, node: fx.Node, dtype: str, scale: float | None) -> str:
-        shape = list(node.meta["tensor_meta"].shape)
+        shape = list(node.meta["hat_shape"])
         self.tensors[node.name] = ir.Tensor(node.name, shape, dtype, scale)
         self.names[node] = node.name
         return node.name
@@ -89,9 +88,13 @@ class _Converter:
     def run(self) -> ir.Graph:
         inputs: list[str] = []
         outputs: list[str] = []
+        const: set[fx.Node] = set()  # computed from parameters only: folded into multipliers
         for node in self.gm.graph.nodes:
             mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-            if node.op == "placeholder":
+            if node.op == "get_attr" or (node.op.startswith("call") and node.all_input_nodes
+                                         and all(a in const for a in node.all_input_nodes)):
+                const.add(node)
+            elif node.op == "placeholder":
                 inputs.append(self.tensor(node, "float32", None))
             elif node.op == "output":
                 leaves, tree = pytree.tree_flatten(node.args[0])
@@ -114,6 +117,8 @@ class _Converter:
                 self.add("dequantize", node, [x], "float32", None)
             elif isinstance(mod, QConv2d):
                 self.conv(node, mod)
+            elif isinstance(mod, QScale):
+                self.scale_op(node, mod)
             elif isinstance(mod, (QAdd, QCat, QAct)):
                 self.requant_op(node, mod)
             elif self.passthrough(node, mod):
@@ -141,6 +146,18 @@ class _Converter:
         site = int(node.kwargs.get("site", 0))
         name = str(node.target) + (f"@{site}" if site else "")  # a conv shared by several calls
         self.add("conv2d", node, inputs, dtype, s_out, name=name, attrs=attrs, params=params)
+
+    def scale_op(self, node: fx.Node, mod: QScale) -> None:
+        x = self.src(node, node.args[0])
+        c = float(node.args[1].meta["hat_value"]) if len(node.args) > 1 else float(mod.const or 0)
+        s_out, dtype = float(mod.out_fq.scale), mod.out_fq.dtype
+        ratio = float(x.scale) / (c * s_out) if mod.divide else c * float(x.scale) / s_out
+        if ratio == 0:
+            raise UserError(f"cannot convert {node.name!r}: multiplies by zero")
+        m, s = qspec.requant_params(abs(ratio))
+        m = m if ratio > 0 else -m  # a negative constant: a negative multiplier
+        self.add("requantize", node, [x], dtype, s_out, params={"m": m, "shift": s},
+                 attrs={"act": "none", "clip": None})
 
     def requant_op(self, node: fx.Node, mod: QAdd | QCat | QAct) -> None:
         xs = [self.src(node, a) for a in node.args]
@@ -196,13 +213,26 @@ class _Converter:
         if isinstance(mod, nn.Upsample) or (node.op == "call_function"
                                             and node.target is F.interpolate):
             shape_in = x.shape
-            shape_out = list(node.meta["tensor_meta"].shape)
+            shape_out = list(node.meta["hat_shape"])
             fh, fw = shape_out[2] // shape_in[2], shape_out[3] // shape_in[3]
             if [fh * shape_in[2], fw * shape_in[3]] != shape_out[2:]:
                 return False
             self.add("upsample_nearest", node, [x], x.dtype, x.scale, attrs={"scale": [fh, fw]})
             return True
         return False
+
+
+class _Record(fx.Interpreter):
+    """Runs the graph once, noting every value's shape (``hat_shape``) and small constants'
+    values (``hat_value``) in ``node.meta``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["hat_shape"] = list(result.shape)
+            if result.numel() == 1:
+                n.meta["hat_value"] = float(result)
+        return result
 
 
 def convert(model: nn.Module, example_input: torch.Tensor, march: str | None = None) -> ir.Graph:
@@ -223,7 +253,7 @@ def convert(model: nn.Module, example_input: torch.Tensor, march: str | None = N
     quant.set_mode(model, "fake_quant")
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input.to(next(model.parameters()).device))
+            _Record(gm).run(example_input.to(next(model.parameters()).device))
         pow2 = any(getattr(m, "pow2", False) for m in gm.modules())
         graph = _Converter(gm, {"version": IR_VERSION, "march": march, "pow2_scales": pow2}).run()
     finally:

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d
+from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
 from hat_bpu.prepare import QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
 
-QUANT_OPS = (QConv2d, QAdd, QCat, QAct, ActFQ)
+QUANT_OPS = (QConv2d, QAdd, QCat, QAct, QScale, ActFQ)
 
 
 def _quant_layers(model: QuantModel) -> dict[str, nn.Module]:

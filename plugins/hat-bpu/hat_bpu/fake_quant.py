@@ -274,3 +274,20 @@ class QAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_fq(apply_act(x, self.act))
+
+
+class QScale(nn.Module):
+    """A quantized tensor times a constant (a Python number, or a scalar computed from
+    parameters, e.g. BiFPN's normalised fusion weights), requantized to its own scale.
+
+    ``forward(x, c=None)``: ``fq(x · c)`` (``fq(x / c)`` when ``divide``); ``c`` defaults to
+    ``const``. Integer form: ``requantize`` with ``m / 2**s ≈ c · s_in / s_out``.
+    """
+
+    def __init__(self, out_fq: ActFQ, const: float | None = None, divide: bool = False) -> None:
+        super().__init__()
+        self.out_fq, self.const, self.divide = out_fq, const, divide
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | float | None = None) -> torch.Tensor:
+        c = self.const if c is None else c
+        return self.out_fq(x / c if self.divide else x * c)

@@ -24,7 +24,8 @@ How each op is executed (``x``, ``y``: integer inputs/outputs; params are numpy 
 ``concat``  inputs ``[x_0, ...]``, attrs ``axis``; params ``m``, ``shift`` int64 ``[n_inputs]``:
     ``y = cat_i(sat(round_shift(x_i * m[i], shift[i])))`` along ``axis``.
 ``requantize``  inputs ``[x]``; params ``m``, ``shift`` int64 ``[1]``; attrs ``act``, ``clip``:
-    ``y = sat(clip(round_shift(x * m, shift)))`` (a standalone activation or a dtype change).
+    ``y = sat(clip(round_shift(x * m, shift)))`` (a standalone activation, a dtype change, or a
+    multiplication by a constant folded into ``m``; ``m`` may then be negative).
 ``maxpool``  inputs ``[x]``; attrs ``kernel``, ``stride``, ``padding`` (pairs; padding counts
     as -infinity), ``ceil_mode``: window maximum; output scale == input scale.
 ``upsample_nearest``  inputs ``[x]``; attrs ``scale`` (integer pair ``(fh, fw)``): each pixel

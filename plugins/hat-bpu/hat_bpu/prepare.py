@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d
+from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
 from hatcore.quant import DeQuantStub, QuantStub, get_hints
 
 PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Upsample, nn.Identity, nn.Dropout, nn.ReLU)
@@ -32,6 +32,8 @@ PASSTHROUGH_FUNCS = (F.max_pool2d, F.interpolate, F.relu, torch.relu, F.dropout)
 RELU_FUNCS = (F.relu, torch.relu)
 ADD_FUNCS = (operator.add, torch.add)
 CAT_FUNCS = (torch.cat, torch.concat)
+MUL_FUNCS = (operator.mul, torch.mul)
+DIV_FUNCS = (operator.truediv, torch.div)
 Q = "_hat_q"  # container for fake-quant modules of functional ops
 
 
@@ -254,13 +256,19 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
         user.replace_input_with(arg, new)
         return new
 
+    const: set[fx.Node] = set()  # computed from parameters only (no input upstream)
     for node in list(gm.graph.nodes):
         if node.op in ("placeholder", "output", "get_attr"):
             qsrc[node] = None
+            if node.op == "get_attr":
+                const.add(node)
             continue
         mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         tensor_args = [a for a in node.all_input_nodes]
         any_q = any(qsrc.get(a) is not None for a in tensor_args)
+        if tensor_args and all(a in const for a in tensor_args):
+            const.add(node)
+        scaled = _scaled_by_const(node, qsrc, const)
         if isinstance(mod, QuantStub):
             fq = config.fq(mod.dtype, mod.scale)
             qsrc[_insert(gm, node, str(node.target), fq, node.args)] = fq
@@ -285,6 +293,12 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
                 and node.kwargs.get("mode", "nearest") == "nearest") or (
                 node.op == "call_method" and node.target in ("relu", "contiguous")):
             qsrc[node] = qsrc[node.args[0]] if isinstance(node.args[0], fx.Node) else None
+        elif scaled is not None:
+            x, c, divide = scaled
+            fq = config.fq()
+            args = (x,) if not isinstance(c, fx.Node) else (x, c)
+            module = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide)
+            qsrc[_insert(gm, node, f"{Q}.{node.name}", module, args)] = fq
         elif _is_add(node) or (node.op == "call_function" and node.target in CAT_FUNCS) or (
                 _act_of(gm, node) == "relu6"):
             dtype = "int8"
@@ -305,6 +319,30 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
     gm.graph.lint()
     gm.recompile()
     return {n.name: q for n, q in qsrc.items()}
+
+
+def _scaled_by_const(node: fx.Node, qsrc: dict[fx.Node, Any], const: set[fx.Node]
+                     ) -> tuple[fx.Node, Any, bool] | None:
+    """``(x, c, divide)`` when ``node`` is a quantized ``x * c`` / ``c * x`` / ``x / c``."""
+    is_mul = (node.op == "call_function" and node.target in MUL_FUNCS) or (
+        node.op == "call_method" and node.target == "mul")
+    is_div = (node.op == "call_function" and node.target in DIV_FUNCS) or (
+        node.op == "call_method" and node.target == "div")
+    if not (is_mul or is_div) or len(node.args) != 2 or node.kwargs:
+        return None
+
+    def q(a: Any) -> bool:
+        return isinstance(a, fx.Node) and qsrc.get(a) is not None
+
+    def c(a: Any) -> bool:
+        return isinstance(a, (int, float)) and a != 0 or isinstance(a, fx.Node) and a in const
+
+    a, b = node.args
+    if q(a) and c(b):
+        return a, b, is_div
+    if is_mul and q(b) and c(a):
+        return b, a, False
+    return None
 
 
 def _float(gm: fx.GraphModule, node: fx.Node, model: nn.Module, config: QConfig) -> bool:

@@ -145,3 +145,42 @@ def test_shared_head_is_fused_once_and_converted_per_call() -> None:
     assert isinstance(got, list) and len(got) == 2
     for r, g in zip(ref, got, strict=True):
         assert np.abs(g - r.numpy()).max() <= float(q.qgraph.get_submodule("out").out_fq.scale) * 1.001
+
+
+class WeightedFusion(torch.nn.Module):
+    """BiFPN-style fast normalised fusion and a learnable output scale (constants × tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from hatcore.quant import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(1 / 128), DeQuantStub()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, 1, 1), torch.nn.Conv2d(3, 4, 1)
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 0.4]))
+        self.head = torch.nn.Conv2d(4, 2, 1)
+        self.scale = torch.nn.Parameter(torch.tensor(-1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        w = F.relu(self.w)
+        w = w / (w.sum() + 1e-4)
+        y = w[0] * self.a(x) + w[1] * self.b(x)
+        return self.dequant(self.head(y) * self.scale / 2.0)
+
+
+def test_constant_multiplications_fold_into_multipliers() -> None:
+    torch.manual_seed(0)
+    q = prepare(WeightedFusion().eval(), QConfig())
+    x = torch.randint(0, 256, (2, 3, 8, 8)).float().sub(128).div(128)
+    quant.set_mode(q, "observe")
+    q(x)
+    quant.set_mode(q, "fake_quant")
+    graph = convert(q, x[:1])
+    assert [n.op for n in graph.nodes].count("requantize") == 4
+    assert any(int(n.params["m"][0]) < 0 for n in graph.nodes if n.op == "requantize")
+    with torch.no_grad():
+        ref = q(x)
+    got = run_ir(graph, x.numpy())[0]
+    scale = graph.tensors[graph.producer(graph.outputs[0]).inputs[0]].scale
+    lsb = np.abs(got - ref.numpy()) / scale
+    assert lsb.max() <= 1.001 and (lsb < 0.5).mean() >= 0.99
