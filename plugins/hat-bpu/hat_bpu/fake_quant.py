@@ -54,11 +54,17 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 def fake_quant_tensor(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Per-tensor symmetric fake quant with STE (torch's kernel on GPU, a faster one on CPU)."""
-    if x.is_cuda or not x.dtype == torch.float32:
+    """Per-tensor symmetric fake quant with STE (torch's kernel on GPU, a faster one on CPU).
+
+    Computed in float32 whatever ``x``'s dtype (AMP), and returned in ``x``'s dtype.
+    """
+    xf = x.float()
+    if x.is_cuda:
         zp = torch.zeros((), dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_tensor_affine(x, scale.detach().float(), zp, qmin, qmax)
-    return _FakeQuantSTE.apply(x, float(scale), qmin, qmax)
+        y = torch.fake_quantize_per_tensor_affine(xf, scale.detach().float(), zp, qmin, qmax)
+    else:
+        y = _FakeQuantSTE.apply(xf, float(scale), qmin, qmax)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def fake_quant_weight(w: torch.Tensor, dtype: str, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
