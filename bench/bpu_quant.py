@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
-
 from hat_bpu.example_net import SmallNet
 from hat_bpu.quant_plugin import HorizonQuantizeSpec, quantize
+from torch import nn
+
 from hatcore import quant
 from hatcore.quant import DeQuantStub, QuantStub
 
@@ -41,15 +41,60 @@ class ConvNet6(nn.Module):
         return self.dequant(self.body(self.quant(x)))
 
 
+class MBConv(nn.Module):
+    """EfficientNet-Lite inverted residual: 1×1 expand, k×k depthwise, 1×1 project (ReLU6, no SE)."""
+
+    def __init__(self, cin: int, cout: int, expand: int, stride: int, k: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6()]
+        layers += [nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False),
+                   nn.BatchNorm2d(mid), nn.ReLU6(),
+                   nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x if self.residual else self.body(x)
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 features (stem, 16 MBConv blocks, 1×1 head to 1280), random weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3),
+               (6, 112, 3, 1, 5), (6, 192, 4, 2, 5), (6, 320, 1, 1, 3)]
+        blocks: list[nn.Module] = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32),
+                                   nn.ReLU6()]
+        cin = 32
+        for t, c, n, s, k in cfg:
+            for i in range(n):
+                blocks.append(MBConv(cin, c, t, s if i == 0 else 1, k))
+                cin = c
+        blocks += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()]
+        self.quant, self.features, self.dequant = QuantStub(1 / 128), nn.Sequential(*blocks), \
+            DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.features(self.quant(x)))
+
+
 def build(name: str) -> nn.Module:
+    if name == "efficientnet_lite0":
+        return EfficientNetLite0()
     if name == "convnet6":
         return ConvNet6()
     if name == "smallnet":
         return SmallNet(width=32)
     if name == "fcos":
         from hatcore.plugins import get_plugins
-        from hatcore.recipe import make_converter  # type: ignore[attr-defined]
-        from hatcore.recipe import ModelSpec
+        from hatcore.recipe import (
+            ModelSpec,
+            make_converter,  # type: ignore[attr-defined]
+        )
 
         plugins = get_plugins()
         spec = make_converter(plugins.registry).structure({"type": "fcos", "num_classes": 80},
@@ -102,7 +147,8 @@ def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="convnet6", choices=["convnet6", "smallnet", "fcos"])
+    ap.add_argument("--model", default="convnet6",
+                    choices=["convnet6", "smallnet", "efficientnet_lite0", "fcos"])
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=10)

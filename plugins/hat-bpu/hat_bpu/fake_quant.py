@@ -40,17 +40,15 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
         inv = float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
-        y = x * inv
-        ctx.save_for_backward(y)
-        ctx.qrange = (qmin, qmax)
-        return torch.round(y).clamp_(qmin, qmax).mul_(scale)
+        r = torch.round(x * inv)
+        q = r.clamp(qmin, qmax)
+        ctx.save_for_backward(r.eq_(q))  # 1.0 where round(x/s) is inside [qmin, qmax]
+        return q.mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        (y,) = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
-        r = torch.round(y)
-        return grad * ((r >= qmin) & (r <= qmax)), None, None, None
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
 
 
 def fake_quant_tensor(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -121,36 +119,42 @@ class ActFQ(nn.Module):
         self.scale.copy_(scale_from_amax(self.observer.amax(), self.dtype, self.pow2))
 
     @torch.no_grad()
-    def _qat_update(self, x: torch.Tensor, relu: bool) -> None:
+    def _qat_update(self, x: torch.Tensor, act: str) -> None:
         if float(self.qat_amax) < 0:
             self.qat_amax.fill_(float(self.scale) * self.qmax)
         c = self.qat_averaging
-        if relu:
-            amax = x.detach().max().clamp(min=0)
+        if act != "none":
+            amax = x.detach().max().clamp(0, 6.0 if act == "relu6" else None)
         else:
             lo, hi = torch.aminmax(x.detach())
             amax = torch.maximum(-lo, hi)
         self.qat_amax.mul_(1 - c).add_(c * amax.float())
         self.scale.copy_(scale_from_amax(self.qat_amax, self.dtype, self.pow2))
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """Fake-quantize ``x`` (any shape); ``relu=True`` fuses a ReLU (``quant_min = 0``:
-        the same values as ``fq(relu(x))``, one pass instead of two)."""
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        """Fake-quantize ``x`` (any shape), fusing ``act`` (``relu``: ``quant_min = 0``;
+        ``relu6``: also ``quant_max = round(6 / scale)``): the same values and gradients as
+        ``fq(act(x))``, one pass instead of two."""
         if self.mode in ("float", "observe"):
-            x = F.relu(x) if relu else x
+            x = apply_act(x, act)
             if self.mode == "observe" and self.observer is not None:
                 self.observer(x)
             return x
+        relu = act != "none"
         qmin = 0 if relu else self.qmin
         if self.lsq and not self.fixed:
+            x = F.relu6(x) if act == "relu6" else x
             grad_factor = 1.0 / (max(x[0].numel(), 1) * self.qmax) ** 0.5
             return torch._fake_quantize_learnable_per_tensor_affine(
                 x, self.scale.reshape(1), self.zero_point.float().reshape(1), qmin, self.qmax,
                 grad_factor)
         if (self.mode == "qat" and self.training and not self.fixed and not self.observer_frozen
                 and self.qat_averaging > 0):
-            self._qat_update(x, relu)
-        return fake_quant_tensor(x, self.scale, qmin, self.qmax)
+            self._qat_update(x, act)
+        qmax = self.qmax
+        if act == "relu6":
+            qmax = min(qmax, int(round(6.0 / float(self.scale))))
+        return fake_quant_tensor(x, self.scale, qmin, qmax)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, scale={float(self.scale):.6g}, pow2={self.pow2}"
@@ -241,9 +245,7 @@ class QConv2d(nn.Module):
             y = y + res
         if self.out_fq is None:
             return apply_act(y, self.act)
-        if self.act == "relu":
-            return self.out_fq(y, relu=True)
-        return self.out_fq(apply_act(y, self.act))
+        return self.out_fq(y, self.act)
 
 
 class QAdd(nn.Module):
@@ -257,7 +259,7 @@ class QAdd(nn.Module):
         y = xs[0]
         for x in xs[1:]:
             y = y + x
-        return self.out_fq(apply_act(y, self.act))
+        return self.out_fq(y, self.act)
 
 
 class QCat(nn.Module):
@@ -279,7 +281,7 @@ class QAct(nn.Module):
         self.out_fq, self.act = out_fq, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_fq(apply_act(x, self.act))
+        return self.out_fq(x, self.act)
 
 
 class QScale(nn.Module):

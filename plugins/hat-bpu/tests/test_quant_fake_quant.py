@@ -87,3 +87,18 @@ def test_round_shift_is_round_half_to_even() -> None:
     m, s = qspec.requant_params(np.array([0.25, 3.0e-3, 0.7]))
     assert m[0] == 1 and s[0] == 2  # a power-of-two ratio is a pure shift
     assert np.all(np.abs(m / 2.0**s / np.array([0.25, 3.0e-3, 0.7]) - 1) < 2.0**-29)
+
+
+def test_fused_activation_fake_quant_equals_act_then_torch() -> None:
+    torch.manual_seed(2)
+    x = (torch.randn(2, 4, 6, 6) * 5).requires_grad_()
+    for act, fn in (("relu", torch.relu), ("relu6", torch.nn.functional.relu6)):
+        fq = ActFQ("int8", fixed_scale=0.06)
+        fq.hat_set_mode("qat")
+        got = fq(x, act)
+        ref = torch.fake_quantize_per_tensor_affine(fn(x), 0.06, 0, -128, 127)
+        assert torch.equal(got, ref)
+        (g_got,) = torch.autograd.grad(got.sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
+        differ = (g_got != g_ref).float().mean()  # only within half an LSB below 0
+        assert differ < 0.02
