@@ -184,3 +184,35 @@ def test_constant_multiplications_fold_into_multipliers() -> None:
     scale = graph.tensors[graph.producer(graph.outputs[0]).inputs[0]].scale
     lsb = np.abs(got - ref.numpy()) / scale
     assert lsb.max() <= 1.001 and (lsb < 0.5).mean() >= 0.99
+
+
+class Unsupported(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from hatcore.quant import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(1 / 128), DeQuantStub()
+        self.conv = torch.nn.Conv2d(3, 4, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(torch.sigmoid(self.conv(self.quant(x))))
+
+
+def test_unsupported_op_is_named() -> None:
+    q = prepare(Unsupported().eval(), QConfig())
+    quant.set_mode(q, "observe")
+    q(torch.rand(1, 3, 8, 8))
+    quant.set_mode(q, "fake_quant")
+    with pytest.raises(UserError, match="sigmoid"):
+        convert(q, torch.rand(1, 3, 8, 8))
+
+
+def test_quant_debug_command_is_registered() -> None:
+    import click
+    from hat_bpu.quant_plugin import register_commands
+
+    group = click.Group("hat")
+    register_commands(cli=group)
+    assert "quant-debug" in group.commands
+    params = {p.name for p in group.commands["quant-debug"].params}
+    assert {"recipe", "stage", "batches", "out"} <= params
