@@ -74,12 +74,20 @@ class HatTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def module_dtype(model: nn.Module, name: str, config: QConfig) -> str:
-    """``int8``/``int16``/``float`` for module ``name``: recipe overrides, then model hints."""
-    mod = model.get_submodule(name) if name else model
+def _glob_dtype(name: str, config: QConfig) -> str | None:
+    """The first ``overrides`` glob matching ``name`` (functional ops: ``_hat_q.add_1``)."""
     for pattern, value in config.overrides.items():
         if fnmatch.fnmatchcase(name, pattern):
             return value
+    return None
+
+
+def module_dtype(model: nn.Module, name: str, config: QConfig) -> str:
+    """``int8``/``int16``/``float`` for module ``name``: recipe overrides, then model hints."""
+    mod = model.get_submodule(name) if name else model
+    value = _glob_dtype(name, config)
+    if value is not None:
+        return value
     if type(mod).__name__ in config.type_overrides:
         return config.type_overrides[type(mod).__name__]
     parts = name.split(".") if name else []
@@ -293,16 +301,19 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
                 and node.kwargs.get("mode", "nearest") == "nearest") or (
                 node.op == "call_method" and node.target in ("relu", "contiguous")):
             qsrc[node] = qsrc[node.args[0]] if isinstance(node.args[0], fx.Node) else None
+        elif _glob_dtype(f"{Q}.{node.name}", config) == "float" and (
+                scaled is not None or _is_add(node) or _act_of(gm, node) == "relu6"
+                or node.op == "call_function" and node.target in CAT_FUNCS):
+            qsrc[node] = None  # a functional op kept in float by an override
         elif scaled is not None:
             x, c, divide = scaled
-            fq = config.fq()
+            fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or "int8")
             args = (x,) if not isinstance(c, fx.Node) else (x, c)
             module = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide)
             qsrc[_insert(gm, node, f"{Q}.{node.name}", module, args)] = fq
         elif _is_add(node) or (node.op == "call_function" and node.target in CAT_FUNCS) or (
                 _act_of(gm, node) == "relu6"):
-            dtype = "int8"
-            fq = config.fq(dtype)
+            fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or "int8")
             name = f"{Q}.{node.name}"
             if _is_add(node):
                 new = _insert(gm, node, name, QAdd(fq), tuple(node.args))

@@ -59,6 +59,9 @@ def test_overrides_by_name_type_and_hint() -> None:
     assert q.qgraph.get_submodule("cls").out_fq.dtype == "int16"
     assert q.qgraph.get_submodule("box").out_fq.dtype == "int16"  # the model's hint
     assert q.qgraph.get_submodule("stem.0").out_fq.dtype == "int8"
+    q = quantize(model=SmallNet().eval(), spec=spec(overrides={"_hat_q.cat*": "int16"}),
+                 stage="qat")
+    assert q.qgraph.get_submodule("_hat_q.cat").out_fq.dtype == "int16"  # functional ops too
     q = quantize(model=SmallNet().eval(), spec=spec(type_overrides={"Conv2d": "int16"}),
                  stage="qat")
     assert q.qgraph.get_submodule("stem.0").out_fq.dtype == "int16"
