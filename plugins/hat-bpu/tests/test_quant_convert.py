@@ -5,57 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hat_bpu import ir, qspec
+from hat_bpu import qspec
 from hat_bpu.convert import convert
 from hat_bpu.example_net import SmallNet
+from hat_bpu.ir_reference import run_ir
 from hat_bpu.prepare import QConfig, prepare
 from torch.nn import functional as F
 
 from hatcore import quant
 from hatcore.errors import UserError
-
-
-def run_ir(graph: ir.Graph, x: np.ndarray) -> list[np.ndarray]:
-    """A slow reference executor of the ir docstring (float64 convs are exact here)."""
-    env: dict[str, np.ndarray] = {graph.inputs[0]: x}
-    t = graph.tensors
-    for n in graph.nodes:
-        xs = [env[i] for i in n.inputs]
-        out = t[n.outputs[0]]
-        p, a = n.params, n.attrs
-        clip = tuple(a["clip"]) if a.get("clip") else None
-        if n.op == "quantize":
-            y = qspec.quantize_np(xs[0], out.scale, out.dtype)
-        elif n.op == "dequantize":
-            y = (xs[0] * t[n.inputs[0]].scale).astype(np.float32)
-        elif n.op == "conv2d":
-            acc = F.conv2d(torch.from_numpy(xs[0]).double(),
-                           torch.from_numpy(p["weight"].astype(np.float64)),
-                           torch.from_numpy(p["bias"].astype(np.float64)), a["stride"],
-                           a["padding"], a["dilation"], a["groups"]).numpy().astype(np.int64)
-            v = acc * p["m"].reshape(1, -1, 1, 1)
-            if len(xs) > 1:
-                v = v + xs[1] * p["m_res"].reshape(1, -1, 1, 1)
-            y = qspec.requantize(v, 1, p["shift"].reshape(1, -1, 1, 1), out.dtype, clip)
-        elif n.op == "add":
-            v = sum(xi * mi for xi, mi in zip(xs, p["m"], strict=True))
-            y = qspec.requantize(v, 1, p["shift"][0], out.dtype, clip)
-        elif n.op == "concat":
-            y = np.concatenate([qspec.requantize(xi, m, s, out.dtype)
-                                for xi, m, s in zip(xs, p["m"], p["shift"], strict=True)], a["axis"])
-        elif n.op == "requantize":
-            y = qspec.requantize(xs[0], p["m"][0], p["shift"][0], out.dtype, clip)
-        elif n.op == "maxpool":
-            y = F.max_pool2d(torch.from_numpy(xs[0]).double(), a["kernel"], a["stride"],
-                             a["padding"], ceil_mode=a["ceil_mode"]).numpy().astype(np.int64)
-        elif n.op == "upsample_nearest":
-            y = xs[0].repeat(a["scale"][0], 2).repeat(a["scale"][1], 3)
-        elif n.op == "relu":
-            y = np.maximum(xs[0], 0)
-        else:
-            raise AssertionError(n.op)
-        env[n.outputs[0]] = y
-    return [env[o] for o in graph.outputs]
 
 
 def calibrated(pow2: bool = False, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
