@@ -156,28 +156,29 @@ class _Converter:
             raise UserError(f"cannot convert {node.name!r}: multiplies by zero")
         m, s = qspec.requant_params(abs(ratio))
         m = m if ratio > 0 else -m  # a negative constant: a negative multiplier
-        self.add("requantize", node, [x], dtype, s_out, params={"m": m, "shift": s},
-                 attrs={"act": "none", "clip": None})
+        self.add("requantize", node, [x], dtype, s_out, name=str(node.target),
+                 params={"m": m, "shift": s}, attrs={"act": "none", "clip": None})
 
     def requant_op(self, node: fx.Node, mod: QAdd | QCat | QAct) -> None:
         xs = [self.src(node, a) for a in node.args]
         s_out, dtype = float(mod.out_fq.scale), mod.out_fq.dtype
         ratios = [np.array([float(x.scale) / s_out]) for x in xs]
-        if isinstance(mod, QAdd):
-            ms, s = qspec.shared_requant_params(ratios)
-            self.add("add", node, xs, dtype, s_out, attrs={
-                "act": mod.act, "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None},
-                params={"m": np.concatenate(ms), "shift": s})
-        elif isinstance(mod, QCat):
+        name = str(node.target)
+        if isinstance(mod, QCat):
             pairs = [qspec.requant_params(r) for r in ratios]
             axis = mod.dim if mod.dim >= 0 else mod.dim + len(xs[0].shape)
-            self.add("concat", node, xs, dtype, s_out, attrs={"axis": axis}, params={
-                "m": np.concatenate([p[0] for p in pairs]),
-                "shift": np.concatenate([p[1] for p in pairs])})
+            params = {"m": np.concatenate([p[0] for p in pairs]),
+                      "shift": np.concatenate([p[1] for p in pairs])}
+            self.add("concat", node, xs, dtype, s_out, name, {"axis": axis}, params)
+            return
+        attrs = {"act": mod.act, "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None}
+        if isinstance(mod, QAdd):
+            ms, s = qspec.shared_requant_params(ratios)
+            self.add("add", node, xs, dtype, s_out, name, attrs,
+                     {"m": np.concatenate(ms), "shift": s})
         else:
             m, s = qspec.requant_params(ratios[0])
-            self.add("requantize", node, xs, dtype, s_out, params={"m": m, "shift": s}, attrs={
-                "act": mod.act, "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None})
+            self.add("requantize", node, xs, dtype, s_out, name, attrs, {"m": m, "shift": s})
 
     def passthrough(self, node: fx.Node, mod: nn.Module | None) -> bool:
         """Scale-preserving ops; True when handled."""

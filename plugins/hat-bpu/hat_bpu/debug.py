@@ -68,11 +68,15 @@ def _capture(model: QuantModel, layers: dict[str, nn.Module], inputs: list[torch
     return out
 
 
-def compare_layers(model: QuantModel, inputs: list[torch.Tensor]) -> list[dict[str, Any]]:
+def compare_layers(model: QuantModel, inputs: list[torch.Tensor], integer: bool = False
+                   ) -> list[dict[str, Any]]:
     """Float vs fake-quant statistics of every quantized layer, worst (lowest SQNR) first.
 
     :param model: a calibrated / QAT model from the ``quantize`` hook (left in fake_quant mode).
     :param inputs: model inputs, e.g. ``Tensor[N, 3, H, W]`` batches.
+    :param integer: also convert the model and run its integer graph
+        (:mod:`hat_bpu.ir_reference`): ``int_max_err_lsb`` and ``int_identical`` compare each
+        layer's integer output with its fake-quant output.
     """
     was_training = model.training
     model.eval()
@@ -104,6 +108,8 @@ def compare_layers(model: QuantModel, inputs: list[torch.Tensor]) -> list[dict[s
             "used_lsb": float(torch.quantile(f.abs()[:1_000_000], 0.999) / scale),
             "clipped": float(((f > (qmax + 0.5) * scale) | (f < (qmin - 0.5) * scale)).double().mean()),
         })
+    if integer:
+        _integer_columns(model, inputs, got, rows)
     for r in rows:
         r["flags"] = ([f"range ({r['used_lsb']:.1f} LSB used; try int16)"]
                       if r["used_lsb"] < 8 and r["dtype"] == "int8" else []) + (
@@ -111,13 +117,39 @@ def compare_layers(model: QuantModel, inputs: list[torch.Tensor]) -> list[dict[s
     return sorted(rows, key=lambda r: r["sqnr_db"])
 
 
+def _integer_columns(model: QuantModel, inputs: list[torch.Tensor],
+                     got: dict[str, list[torch.Tensor]], rows: list[dict[str, Any]]) -> None:
+    from hat_bpu.convert import convert
+    from hat_bpu.ir_reference import run_ir
+
+    graph = convert(model, inputs[0][:1])
+    env: dict[str, Any] = {}
+    run_ir(graph, torch.cat(inputs).numpy(), env)
+    by_name = {n.name: n for n in graph.nodes}
+    for r in rows:
+        node = by_name.get(r["layer"])
+        fq = torch.cat([t.flatten() for t in got[r["layer"]]]).double()
+        if node is None or env[node.outputs[0]].size != fq.numel():
+            continue  # a shared conv (several calls) or no integer counterpart
+        t = graph.tensors[node.outputs[0]]
+        err = (torch.from_numpy(env[node.outputs[0]]).flatten().double() * t.scale - fq).abs()
+        r["int_max_err_lsb"] = float(err.max() / t.scale)
+        r["int_identical"] = float((err < 0.5 * t.scale).double().mean())
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`compare_layers` rows."""
-    head = f"{'layer':<40} {'type':<8} {'dtype':<6} {'cosine':>8} {'SQNR dB':>8} {'max LSB':>8}  flags"
+    integer = any("int_identical" in r for r in rows)
+    head = (f"{'layer':<40} {'type':<8} {'dtype':<6} {'cosine':>8} {'SQNR dB':>8} {'max LSB':>8}"
+            + (f" {'int=fq %':>8} {'int LSB':>7}" if integer else "") + "  flags")
     lines = [head, "-" * len(head)]
     for r in rows:
+        ints = ""
+        if integer:
+            ints = (f" {100 * r['int_identical']:>8.3f} {r['int_max_err_lsb']:>7.2f}"
+                    if "int_identical" in r else f" {'-':>8} {'-':>7}")
         lines.append(f"{r['layer'][:40]:<40} {r['type'][:8]:<8} {r['dtype']:<6} "
-                     f"{r['cosine']:>8.5f} {r['sqnr_db']:>8.2f} {r['max_err_lsb']:>8.2f}  "
+                     f"{r['cosine']:>8.5f} {r['sqnr_db']:>8.2f} {r['max_err_lsb']:>8.2f}{ints}  "
                      f"{'; '.join(r['flags'])}")
     return "\n".join(lines)
 
@@ -151,7 +183,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
 
 
 def debug_recipe(recipe: Path, stage: str, batches: int, out: Path | None,
-                 overrides: tuple[str, ...] = ()) -> str:
+                 overrides: tuple[str, ...] = (), integer: bool = False) -> str:
     """``hat quant-debug``: load the stage's checkpoint, compare on val batches, write reports."""
     from hatcore.pipeline import Pipeline
 
@@ -164,6 +196,6 @@ def debug_recipe(recipe: Path, stage: str, batches: int, out: Path | None,
         if i >= batches:
             break
         inputs.append(batch["img"])
-    rows = compare_layers(model, inputs)
+    rows = compare_layers(model, inputs, integer)
     paths = write_report(rows, out or pipe.work_dir / "quant_debug" / stage)
     return format_table(rows) + "\n\n" + "\n".join(f"wrote {p}" for p in paths.values())

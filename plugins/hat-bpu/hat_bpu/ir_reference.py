@@ -13,14 +13,16 @@ from torch.nn import functional as F
 from hat_bpu import ir, qspec
 
 
-def run_ir(graph: ir.Graph, x: np.ndarray) -> list[np.ndarray]:
+def run_ir(graph: ir.Graph, x: np.ndarray, env_out: dict[str, np.ndarray] | None = None
+           ) -> list[np.ndarray]:
     """Execute ``graph`` on the float input ``x`` (NCHW); returns the flat float32 outputs.
 
     Integer arithmetic throughout (int64 arrays); convolutions and max-pools run in float64,
     exact while every partial sum stays below 2**53 (int8 × int16 products over any realistic
-    reduction length).
+    reduction length). ``env_out``, when given, receives every tensor by name.
     """
-    env: dict[str, np.ndarray] = {graph.inputs[0]: x}
+    env: dict[str, np.ndarray] = {graph.inputs[0]: x} if env_out is None else env_out
+    env[graph.inputs[0]] = x
     t = graph.tensors
     for n in graph.nodes:
         xs = [env[i] for i in n.inputs]

@@ -139,10 +139,11 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--batches", default=2, show_default=True, help="validation batches compared")
     @click.option("--out", type=click.Path(path_type=Path), default=None,
                   help="output folder (default: WORK_DIR/quant_debug/STAGE)")
+    @click.option("--integer", is_flag=True, help="also compare the integer model per layer")
     @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
-    def quant_debug_cmd(recipe: Path, stage: str, batches: int, out: Path | None,
+    def quant_debug_cmd(recipe: Path, stage: str, batches: int, out: Path | None, integer: bool,
                         overrides: tuple[str, ...]) -> None:
         """Per-layer float vs fake-quant similarity (cosine, SQNR, max error in LSB)."""
         from hat_bpu.debug import debug_recipe
 
-        click.echo(debug_recipe(recipe, stage, batches, out, overrides))
+        click.echo(debug_recipe(recipe, stage, batches, out, overrides, integer))

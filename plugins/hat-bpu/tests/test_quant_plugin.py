@@ -141,12 +141,15 @@ def test_lsq_learns_scales() -> None:
 def test_quant_debug_report(tmp_path: Path) -> None:
     q = calibrate(quantize(model=SmallNet().eval(), spec=spec(), stage="calibration"), data(8, 0))
     q.qgraph.get_submodule("fuse.0").out_fq.scale.fill_(1.0)  # a range far too large for int8
-    rows = compare_layers(q, [data(2, 1)])
+    rows = compare_layers(q, [data(2, 1)], integer=True)
     assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
     worst = rows[0]
     assert worst["layer"] in ("fuse.0", "cls", "box") and rows[-1]["cosine"] > 0.99
     fuse = next(r for r in rows if r["layer"] == "fuse.0")
     assert any(f.startswith("range") for f in fuse["flags"])
+    assert all(r["int_max_err_lsb"] <= 1.001 and r["int_identical"] > 0.99
+               for r in rows if r["type"] != "ActFQ")
+    assert "int=fq" in format_table(rows)
     paths = write_report(rows, tmp_path)
     assert json.loads(paths["json"].read_text())["layers"][0]["layer"] == worst["layer"]
     assert paths["png"].stat().st_size > 1000 and "fuse.0" in format_table(rows)
