@@ -109,6 +109,9 @@ class ActFQ(nn.Module):
         """Switch mode; leaving ``observe`` turns the observed range into the scale."""
         if self.mode == "observe" and mode != "observe":
             self.compute_scale()
+        if mode == "fake_quant" and self.pow2 and not self.fixed:
+            with torch.no_grad():  # e.g. after an EMA averaged the scales: back onto 2**k
+                self.scale.copy_(scale_from_amax(self.scale * self.qmax, self.dtype, True))
         self.mode = mode
 
     @torch.no_grad()

@@ -102,3 +102,14 @@ def test_fused_activation_fake_quant_equals_act_then_torch() -> None:
         (g_ref,) = torch.autograd.grad(ref.sum(), x)
         differ = (g_got != g_ref).float().mean()  # only within half an LSB below 0
         assert differ < 0.02
+
+
+def test_pow2_scales_are_restored_when_fake_quant_starts() -> None:
+    fq = ActFQ("int8", "minmax", pow2=True)
+    fq.hat_set_mode("observe")
+    fq(torch.tensor([3.0]))
+    fq.hat_set_mode("qat")
+    assert float(fq.scale) == 2.0**-5
+    fq.scale.mul_(0.9)  # as an EMA of the weights and buffers might leave it
+    fq.hat_set_mode("fake_quant")
+    assert float(fq.scale) == 2.0**-5
