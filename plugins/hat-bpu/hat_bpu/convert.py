@@ -35,13 +35,12 @@ def conv_params(mod: QConv2d, s_in: float, s_out: float, s_res: float | None,
     """int8 weight, int32 bias, multipliers and shifts of a fused conv (see ``ir`` conv2d)."""
     with torch.no_grad():
         w, b = mod.folded()
-        w, b = w.float().cpu(), b.float().cpu()
+        w, b = w.detach().float().cpu(), b.detach().float().cpu()
         wfq, w_scale = fake_quant_weight(w, "int8", mod.pow2)
         wq = torch.round(wfq / w_scale.reshape(-1, 1, 1, 1)).to(torch.int8)
-        acc_scale = torch.tensor(s_in, dtype=torch.float32) * w_scale
-        bq = torch.clamp(torch.round(b / acc_scale), -(2**31), 2**31 - 1).to(torch.int64)
-    ratio = acc_scale.double().numpy() / s_out
-    params = {"weight": wq.numpy(), "bias": bq.numpy().astype(np.int32),
+    bq = qspec.quantize_bias(b.numpy(), s_in, w_scale.numpy())
+    ratio = (np.float32(s_in) * w_scale.numpy()).astype(np.float64) / s_out
+    params = {"weight": wq.numpy(), "bias": bq.astype(np.int32),
               "w_scale": w_scale.double().numpy()}
     if s_res is None:
         m, s = qspec.requant_params(ratio)

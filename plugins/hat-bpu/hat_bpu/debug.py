@@ -101,6 +101,8 @@ def compare_layers(model: QuantModel, inputs: list[torch.Tensor], integer: bool 
         rows.append({
             "layer": name, "order": order, "type": type(m).__name__,
             "dtype": fq.dtype if fq is not None else "float", "scale": scale,
+            "observer": fq.observer.choice if fq is not None and fq.observer is not None
+            else "fixed",
             "cosine": float(torch.nn.functional.cosine_similarity(f, q, dim=0)),
             "sqnr_db": 10 * torch.log10(torch.tensor((f**2).sum().item() / max(noise, 1e-30)))
             .item(),
@@ -140,7 +142,8 @@ def _integer_columns(model: QuantModel, inputs: list[torch.Tensor],
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`compare_layers` rows."""
     integer = any("int_identical" in r for r in rows)
-    head = (f"{'layer':<40} {'type':<8} {'dtype':<6} {'cosine':>8} {'SQNR dB':>8} {'max LSB':>8}"
+    head = (f"{'layer':<40} {'type':<8} {'dtype':<6} {'observer':<10} {'cosine':>8} "
+            f"{'SQNR dB':>8} {'max LSB':>8}"
             + (f" {'int=fq %':>8} {'int LSB':>7}" if integer else "") + "  flags")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -149,6 +152,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             ints = (f" {100 * r['int_identical']:>8.3f} {r['int_max_err_lsb']:>7.2f}"
                     if "int_identical" in r else f" {'-':>8} {'-':>7}")
         lines.append(f"{r['layer'][:40]:<40} {r['type'][:8]:<8} {r['dtype']:<6} "
+                     f"{r['observer'][:10]:<10} "
                      f"{r['cosine']:>8.5f} {r['sqnr_db']:>8.2f} {r['max_err_lsb']:>8.2f}{ints}  "
                      f"{'; '.join(r['flags'])}")
     return "\n".join(lines)

@@ -47,7 +47,14 @@ class Observer(nn.Module):
         if method in HIST_OBSERVERS:
             self.register_buffer("hist", torch.zeros(BINS, dtype=torch.float64))
             self.register_buffer("hist_max", torch.tensor(0.0))
-        self.choice = method
+        # auto: the method that won, as an index into CHOICES (persisted for quant-debug)
+        self.register_buffer("choice_idx", torch.tensor(-1, dtype=torch.long))
+
+    @property
+    def choice(self) -> str:
+        """The method whose range is used (``auto``: the winner, once computed)."""
+        idx = int(self.choice_idx)
+        return CHOICES[idx] if idx >= 0 else self.method
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
@@ -101,9 +108,10 @@ class Observer(nn.Module):
         cands = self.candidates()
         if self.method == "auto":
             hist = self.hist.detach().cpu()
-            self.choice = max(cands, key=lambda k: sqnr_from_hist(
+            best = max(cands, key=lambda k: sqnr_from_hist(
                 hist, float(self.hist_max), cands[k], qrange(self.dtype)[1]))
-            return torch.tensor(cands[self.choice])
+            self.choice_idx.fill_(CHOICES.index(best))
+            return torch.tensor(cands[best])
         return torch.tensor(cands[self.method])
 
     def candidates(self) -> dict[str, float]:

@@ -62,14 +62,25 @@ def scale_from_amax(amax: torch.Tensor, dtype: str, pow2: bool) -> torch.Tensor:
 
 
 def quantize_np(x: np.ndarray, scale: float | np.ndarray, dtype: str) -> np.ndarray:
-    """Float → integer: ``clamp(rint(x / scale), qmin, qmax)`` as int64 (round half to even)."""
+    """Float → integer: ``clamp(rint(x · (1/scale)), qmin, qmax)`` as int64.
+
+    Evaluated in float32 exactly as ``torch.fake_quantize_per_tensor_affine`` does
+    (``1/scale`` rounded to float32, one float32 multiply, round half to even), so an input
+    that is not on the grid quantizes identically in the fake-quant model and here.
+    """
     qmin, qmax = qrange(dtype)
-    return np.clip(np.rint(np.asarray(x, np.float64) / scale), qmin, qmax).astype(np.int64)
+    inv = np.float32(1.0) / np.asarray(scale, np.float32)
+    return np.clip(np.rint(np.asarray(x, np.float32) * inv), qmin, qmax).astype(np.int64)
 
 
-def quantize_bias(bias: np.ndarray, acc_scale: np.ndarray) -> np.ndarray:
-    """int32 bias at the accumulator scale ``s_in * s_w[o]`` (Tensor[O] → int64 array[O])."""
-    return quantize_np(np.asarray(bias, np.float64), np.asarray(acc_scale, np.float64), "int32")
+def quantize_bias(bias: np.ndarray, s_in: float, w_scale: np.ndarray) -> np.ndarray:
+    """int32 bias at the accumulator scale ``s_in · s_w[o]`` (array[O] → int64 array[O]).
+
+    float32 arithmetic, as the fake-quant conv computes it: ``rint(b / (s_in · s_w[o]))``.
+    """
+    acc_scale = np.float32(s_in) * np.asarray(w_scale, np.float32)
+    q = np.rint(np.asarray(bias, np.float32) / acc_scale).astype(np.float64)
+    return np.clip(q, *QRANGE["int32"]).astype(np.int64)
 
 
 def requant_params(ratio: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:

@@ -54,3 +54,6 @@ def test_auto_keeps_the_best_sqnr_candidate() -> None:
     best = max(sqnr_from_hist(obs.hist, float(obs.hist_max), v, 127) for v in cands.values())
     assert abs(sqnr_from_hist(obs.hist, float(obs.hist_max), amax, 127) - best) < 1e-6
     assert obs.choice != "minmax" and amax < float(x.abs().max()) - 1
+    fresh = Observer("auto", "int8")
+    fresh.load_state_dict(obs.state_dict())
+    assert fresh.choice == obs.choice  # persisted for quant-debug
