@@ -46,8 +46,9 @@ ALL_STAGES = (*TRAIN_STAGES, *DEPLOY_STAGES, "predict")
 
 
 def echo(msg: str) -> None:
+    """A progress message (stderr, rank 0 only); results go to stdout."""
     if dist.is_main():
-        click.echo(msg)
+        click.echo(msg, err=True)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -23,7 +23,7 @@ import pluggy
 from hatcore import __version__, hookspecs
 from hatcore.registry import Registry
 
-BUILTIN_PLUGINS = ("hatcore.builtin",)
+BUILTIN_PLUGINS = ("hatcore.builtin", "hatcore.callbacks")
 
 
 @dataclass

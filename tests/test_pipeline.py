@@ -33,6 +33,7 @@ type = "toy_detector"
 type = "toy_squares"
 length = 16
 batch_size = 4
+transforms = [{{ type = "toy_flip" }}]
 
 [data.val]
 type = "toy_squares"
@@ -170,29 +171,74 @@ def hat(*args: str) -> Any:
     return result
 
 
-def test_hook_quantize_export_compile_check_model_load_deployed_through_hat_run(stand_in) -> None:
-    backend, recipe, work = stand_in
-    result = hat("run", str(recipe))
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One complete `hat run` of the toy recipe with the stand-in backend."""
+    tmp = tmp_path_factory.mktemp("run")
+    backend = StandIn()
+    set_plugins(make_plugin_manager(only={"toy"}, extra=[("stand_in", backend)]))
+    recipe = tmp / "toy.toml"
+    recipe.write_text(RECIPE.format(work=tmp / "work"))
+    try:
+        result = hat("run", str(recipe))
+    finally:
+        set_plugins(None)
     assert result.exit_code == 0, result.output
-    names = [c[0] for c in backend.calls]
-    assert names[0] == "check_model" and backend.calls[0][1] == (1, 3, 32, 32)
-    assert ("quantize", "calibration") in backend.calls and ("quantize", "qat") in backend.calls
-    assert ("export", "fake_quant") in backend.calls  # exported in fake-quant mode
-    assert ("load_deployed", "int_infer") in backend.calls
-    assert ("load_deployed", "align_bpu") in backend.calls
+    return backend, result, tmp / "work"
+
+
+def test_hat_run_writes_every_artifact_and_the_summary(finished) -> None:
+    _, result, work = finished
     for path in ["recipe.toml", "recipe.resolved.json", "float/checkpoint-best.pt",
-                 "float/checkpoint-last.pt", "float/log.jsonl", "calibration/checkpoint-best.pt",
-                 "qat/checkpoint-best.pt", "export/model.hbir", "compile/model.hbm",
-                 "compile/perf.json", "summary.json", "summary.md"]:
+                 "float/checkpoint-last.pt", "float/log.jsonl", "float/metrics.json",
+                 "calibration/checkpoint-best.pt", "qat/checkpoint-best.pt", "export/model.hbir",
+                 "compile/model.hbm", "compile/perf.json", "summary.json", "summary.md",
+                 "predict/float/metrics.json", "predict/align_bpu/metrics.json"]:
         assert (work / path).exists(), path
     summary = json.loads((work / "summary.json").read_text())
     assert [r["stage"] for r in summary["stages"]] == [
         "float", "calibration", "qat", "int_infer", "align_bpu"]
-    assert summary["device"]["latency_ms"] == 2.0
-    # the deployed runner is the qat model's float weights: same score as qat
-    rows = {r["stage"]: r for r in summary["stages"]}
-    assert rows["int_infer"]["AP"] == rows["align_bpu"]["AP"]
     assert "estimated on bayes-e (modelled device): 2.00 ms/frame" in result.output
+    assert "| stage | AP | AP50 | Δ AP vs float |" in (work / "summary.md").read_text()
+
+
+def test_hook_build_model_dataset_transform_metric_are_used_by_the_run(finished) -> None:
+    _, _, work = finished
+    resolved = json.loads((work / "recipe.resolved.json").read_text())["recipe"]
+    assert resolved["data"]["train"]["transforms"] == [{"type": "toy_flip", "p": 0.5}]
+    metrics = json.loads((work / "predict" / "float" / "metrics.json").read_text())
+    assert set(metrics["bbox"]) == {"AP", "AP50"}  # the toy metric's own keys
+
+
+def test_hook_check_model_runs_first_with_the_export_shape(finished) -> None:
+    backend, _, _ = finished
+    assert backend.calls[0] == ("check_model", (1, 3, 32, 32))
+
+
+def test_hook_quantize_prepares_calibration_then_qat(finished) -> None:
+    backend, _, _ = finished
+    stages = [c[1] for c in backend.calls if c[0] == "quantize"]
+    assert stages[:2] == ["calibration", "qat"]
+
+
+def test_hook_export_receives_the_model_in_fake_quant_mode(finished) -> None:
+    backend, _, _ = finished
+    assert ("export", "fake_quant") in backend.calls
+
+
+def test_hook_compile_gets_the_hbir_and_its_perf_reaches_the_summary(finished) -> None:
+    backend, _, work = finished
+    assert ("compile", "model.hbir") in backend.calls
+    assert json.loads((work / "summary.json").read_text())["device"]["latency_ms"] == 2.0
+
+
+def test_hook_load_deployed_runs_int_infer_and_align_bpu(finished) -> None:
+    backend, _, work = finished
+    assert ("load_deployed", "int_infer") in backend.calls
+    assert ("load_deployed", "align_bpu") in backend.calls
+    rows = {r["stage"]: r for r in json.loads((work / "summary.json").read_text())["stages"]}
+    # the stand-in runner is the qat model's own float weights: both deployed stages score alike
+    assert rows["int_infer"]["AP"] == rows["align_bpu"]["AP"]
 
 
 def test_calibration_observes_the_configured_batches(stand_in) -> None:
@@ -233,11 +279,11 @@ def test_predict_command_and_missing_artifacts(stand_in) -> None:
     assert hat("run", str(recipe), "--stage", "float").exit_code == 0
     result = hat("predict", str(recipe), "--stage", "float")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["AP"] >= 0.0
+    assert json.loads(result.stdout)["AP"] >= 0.0
     assert (work / "predict" / "float" / "metrics.json").is_file()
 
 
-def test_a_failed_check_stops_before_training(stand_in) -> None:
+def test_hook_check_model_failure_stops_before_training(stand_in) -> None:
     _, recipe, work = stand_in
     plugins = make_plugin_manager(only={"toy"}, extra=[("stand_in", _Failing())])
     set_plugins(plugins)

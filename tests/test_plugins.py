@@ -102,9 +102,10 @@ def test_a_broken_plugin_is_reported_and_the_others_still_load(monkeypatch, caps
 
 def test_hat_load_plugins_allow_list(monkeypatch) -> None:
     monkeypatch.setenv("HAT_LOAD_PLUGINS", "")
-    assert set(make_plugin_manager().info) == {"hatcore.builtin"}
+    builtins = {"hatcore.builtin", "hatcore.callbacks"}
+    assert set(make_plugin_manager().info) == builtins
     monkeypatch.setenv("HAT_LOAD_PLUGINS", "hat-toy")
-    assert set(make_plugin_manager().info) == {"hatcore.builtin", "toy"}
+    assert set(make_plugin_manager().info) == builtins | {"toy"}
 
 
 def test_hat_trace_plugins_logs_hook_calls(monkeypatch, capsys) -> None:

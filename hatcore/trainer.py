@@ -1,0 +1,247 @@
+"""The training loop shared by the float and QAT stages, and calibration.
+
+One epoch: for each batch, ``raw = model(img)``, ``losses = compute_loss(raw, batch)``, the sum
+is back-propagated; LR follows the schedule every iteration; the EMA follows the weights.
+After each epoch: validation when due, ``checkpoint-last.pt`` (everything resume needs),
+``checkpoint-best.pt`` when the validation metric improved, a ``log.jsonl`` line and the
+``on_epoch_end`` hook. Each epoch is seeded from ``(seed, epoch)``, so a resumed run replays
+exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from hatcore import distributed as dist
+from hatcore.checkpoint import load_checkpoint, save_checkpoint
+from hatcore.data import to_device
+from hatcore.optim import LRSchedule, ModelEMA, build_optimizer
+from hatcore.recipe import TrainStage
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _to_memory_format(batch: dict[str, Any], channels_last: bool) -> dict[str, Any]:
+    if channels_last and batch["img"].ndim == 4:
+        batch["img"] = batch["img"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+class Trainer:
+    """Trains ``model`` for ``cfg.epochs`` epochs into ``out_dir``; see the module docstring.
+
+    :param stage: ``"float"`` or ``"qat"`` (names in logs and checkpoints).
+    :param model: a task model (``hatcore.data``): ``forward(img)`` and ``compute_loss(raw, batch)``.
+    :param evaluate: ``evaluate(model) -> {"AP": ...}``, on the EMA weights when EMA is on.
+    :param hook: the plugin manager's hook relay (``on_epoch_end``).
+    :param before_epoch: called as ``before_epoch(trainer, epoch)`` before each epoch.
+    """
+
+    def __init__(
+        self, *, stage: str, model: nn.Module, cfg: TrainStage, train_loader: DataLoader[Any],
+        out_dir: Path, device: torch.device, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        best_key: str = "AP", hook: Any = None, seed: int = 0,
+        before_epoch: Callable[[Trainer, int], None] | None = None,
+    ) -> None:
+        self.stage, self.cfg, self.loader = stage, cfg, train_loader
+        self.out_dir, self.device, self.evaluate = Path(out_dir), device, evaluate
+        self.best_key, self.hook, self.seed, self.before_epoch = best_key, hook, seed, before_epoch
+        self.should_stop = False
+        self.epoch = 0
+        self.step = 0
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+        model = model.to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.raw_model = model
+        self.model = dist.wrap(model, device, cfg.sync_bn)
+        self.optimizer = build_optimizer(model, cfg.optimizer)
+        self.iters_per_epoch = len(train_loader)
+        if cfg.max_iters_per_epoch:
+            self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
+        self.schedule = LRSchedule(cfg.schedule, self.iters_per_epoch, cfg.epochs)
+        self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and saved as best: the EMA when on."""
+        return self.ema.module if self.ema else self.raw_model
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "scheduler": {"step": self.step}, "stage": self.stage, "epoch": self.epoch,
+            "step": self.step, "best": self.best, "history": json.dumps(self.history),
+        }
+
+    def _resume(self) -> None:
+        path = self.out_dir / "checkpoint-last.pt"
+        if not path.is_file():
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state.get("best")
+        self.history = json.loads(state.get("history") or "[]")
+        if dist.is_main():
+            tqdm.write(f"{self.stage}: resuming from epoch {self.epoch + 1}/{self.cfg.epochs} "
+                       f"({path})")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if dist.is_main():
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps({"stage": self.stage, "time": round(time.time(), 3), **record}) + "\n")
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train (resuming if ``checkpoint-last.pt`` exists); return the final metrics."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()
+        metrics: dict[str, Any] = self.history[-1] if self.history else {}
+        while self.epoch < self.cfg.epochs and not self.should_stop:
+            metrics = self._epoch()
+            self.epoch += 1
+        if not (self.out_dir / "checkpoint-best.pt").is_file():
+            self._save_best(metrics)
+        summary = {"stage": self.stage, "epochs": self.epoch, "best": self._best_record(),
+                   "last": metrics}
+        if dist.is_main():
+            (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        return metrics
+
+    def _best_record(self) -> dict[str, Any]:
+        scored = [h for h in self.history if self.best_key in h]
+        if not scored:
+            return self.history[-1] if self.history else {}
+        return max(scored, key=lambda h: h[self.best_key])
+
+    def _epoch(self) -> dict[str, Any]:
+        epoch, cfg = self.epoch, self.cfg
+        seed_everything(self.seed * 1000 + epoch)
+        gen = getattr(self.loader, "generator", None)
+        if gen is not None:
+            gen.manual_seed(self.seed * 1000 + epoch)
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        if self.before_epoch:
+            self.before_epoch(self, epoch)
+        self.model.train()
+        sums: dict[str, float] = {}
+        images, t0 = 0, time.perf_counter()
+        bar = tqdm(total=self.iters_per_epoch, desc=f"{self.stage} {epoch + 1}/{cfg.epochs}",
+                   disable=not dist.is_main(), dynamic_ncols=True, leave=True)
+        lr = 0.0
+        for i, batch in enumerate(self.loader):
+            if i >= self.iters_per_epoch:
+                break
+            lr = self.schedule.apply(self.optimizer, cfg.optimizer.lr, self.step)
+            losses = self._train_step(batch)
+            n = int(batch["img"].shape[0]) * dist.world_size()
+            images += n
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            self.step += 1
+            rate = images / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{lr:.2e}",
+                            "img/s": f"{rate:.1f}"}, refresh=False)
+            bar.update(1)
+            if cfg.log_interval and self.step % cfg.log_interval == 0:
+                self._log({"kind": "iter", "epoch": epoch, "iter": i, "step": self.step,
+                           **losses, "lr": lr, "img_s": rate})
+        bar.close()
+        steps = max(1, min(i + 1, self.iters_per_epoch) if self.iters_per_epoch else 1)
+        metrics: dict[str, Any] = {k: v / steps for k, v in sums.items()}
+        metrics.update(epoch=epoch, lr=lr, img_s=images / max(time.perf_counter() - t0, 1e-9))
+        last = epoch + 1 == cfg.epochs
+        if self.evaluate and (last or (cfg.val_interval and (epoch + 1) % cfg.val_interval == 0)):
+            metrics.update(self.evaluate(self.eval_model))
+        self.history.append(metrics)
+        if self.best_key in metrics and (self.best is None or metrics[self.best_key] > self.best):
+            self.best = float(metrics[self.best_key])
+            self._save_best(metrics)
+        if dist.is_main():
+            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state())
+        self._log({"kind": "epoch", **metrics})
+        if self.hook is not None:
+            self.hook.on_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
+        dist.barrier()
+        return metrics
+
+    def _save_best(self, metrics: dict[str, Any]) -> None:
+        if dist.is_main():
+            save_checkpoint(self.out_dir / "checkpoint-best.pt", {
+                "model": self.eval_model.state_dict(), "stage": self.stage, "epoch": self.epoch,
+                "metrics": json.dumps(metrics)})
+
+    def _train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg = self.cfg
+        batch = _to_memory_format(to_device(batch, self.device), cfg.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+            raw = self.model(batch["img"])
+            losses = cast(Any, dist.unwrap(self.model)).compute_loss(raw, batch)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.raw_model)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = float(total.detach())
+        return out
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader: DataLoader[Any], batches: int, device: torch.device) -> int:
+    """Forward ``batches`` batches through ``model`` (eval mode, no gradients); returns how many."""
+    model.eval()
+    done = 0
+    with tqdm(total=batches, desc="calibration", disable=not dist.is_main(), dynamic_ncols=True) as bar:
+        while done < batches:
+            for batch in loader:
+                model(to_device(batch, device)["img"])
+                done += 1
+                bar.update(1)
+                if done >= batches:
+                    break
+            if len(loader) == 0:
+                break
+    return done
