@@ -17,7 +17,8 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 from hat_bpu import ir, qspec
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale, fake_quant_weight
+from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
+from hat_bpu.intmath import conv_params
 from hat_bpu.prepare import RELU_FUNCS, QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
@@ -28,27 +29,6 @@ IR_VERSION = 1
 
 def _pair(v: Any) -> list[int]:
     return [int(v), int(v)] if isinstance(v, (int, float)) else [int(x) for x in v]
-
-
-def conv_params(mod: QConv2d, s_in: float, s_out: float, s_res: float | None,
-                out_dtype: str) -> dict[str, np.ndarray]:
-    """int8 weight, int32 bias, multipliers and shifts of a fused conv (see ``ir`` conv2d)."""
-    with torch.no_grad():
-        w, b = mod.folded()
-        w, b = w.detach().float().cpu(), b.detach().float().cpu()
-        wfq, w_scale = fake_quant_weight(w, "int8", mod.pow2)
-        wq = torch.round(wfq / w_scale.reshape(-1, 1, 1, 1)).to(torch.int8)
-    bq = qspec.quantize_bias(b.numpy(), s_in, w_scale.numpy())
-    ratio = (np.float32(s_in) * w_scale.numpy()).astype(np.float64) / s_out
-    params = {"weight": wq.numpy(), "bias": bq.astype(np.int32),
-              "w_scale": w_scale.double().numpy()}
-    if s_res is None:
-        m, s = qspec.requant_params(ratio)
-        params.update(m=m, shift=s)
-    else:
-        (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
-        params.update(m=m, shift=s, m_res=m_res)
-    return params
 
 
 class _Converter:
@@ -136,8 +116,9 @@ class _Converter:
         res = self.src(node, node.args[1]) if len(node.args) > 1 else None
         s_out, dtype = float(mod.out_fq.scale), mod.out_fq.dtype
         c = mod.conv
-        params = conv_params(mod, float(x.scale), s_out, None if res is None else float(res.scale),
-                             dtype)
+        w, b = mod.folded()
+        params = conv_params(w, b, mod.pow2, float(x.scale), s_out,
+                             None if res is None else float(res.scale))
         attrs = {"stride": _pair(c.stride), "padding": _pair(c.padding),
                  "dilation": _pair(c.dilation), "groups": int(c.groups), "act": mod.act,
                  "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None}

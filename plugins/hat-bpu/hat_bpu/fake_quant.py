@@ -5,6 +5,11 @@ ranges, outputs stay float), ``fake_quant`` (scales fixed) and ``qat`` (fake qua
 ranges follow a moving average of batch maxima until frozen, or are learned with LSQ).
 Gradients are straight-through inside the range and zero outside (torch's fake-quant kernels).
 All rounding is half to even, as in :mod:`hat_bpu.qspec`.
+
+Exact evaluation (``exact_eval``, on by default): in eval, ops with a requantization (fused
+conv, add, concat, requantize, constant multiply) run their integer form (:mod:`hat_bpu.intmath`)
+instead of float fake quant, so the model's outputs are bit-identical to the integer model's.
+Training (QAT) always uses the float fake quant with straight-through gradients.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hat_bpu import intmath
+from hat_bpu.intmath import fake_quant_weight
 from hat_bpu.observers import Observer
-from hat_bpu.qspec import qrange, scale_from_amax
+from hat_bpu.qspec import act_clip, qrange, scale_from_amax
+
+__all__ = ["ActFQ", "QAct", "QAdd", "QCat", "QConv2d", "QScale", "apply_act", "fake_quant_tensor",
+           "fake_quant_weight"]
 
 ACTS = ("none", "relu", "relu6")
 
@@ -63,15 +73,6 @@ def fake_quant_tensor(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
     else:
         y = _FakeQuantSTE.apply(xf, float(scale), qmin, qmax)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def fake_quant_weight(w: torch.Tensor, dtype: str, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric fake quant of ``w`` (Tensor[O, ...]); returns (w_fq, scale[O])."""
-    amax = w.detach().abs().flatten(1).amax(1)
-    scale = scale_from_amax(amax, dtype, pow2)
-    qmin, qmax = qrange(dtype)
-    zp = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax), scale
 
 
 class ActFQ(nn.Module):
@@ -174,15 +175,17 @@ class QConv2d(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: str, residual: bool,
-                 out_fq: ActFQ | None, pow2: bool = False) -> None:
+                 out_fq: ActFQ | None, pow2: bool = False, exact: bool = True) -> None:
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"unknown activation {act!r}")
         self.conv, self.bn, self.act, self.residual = conv, bn, act, residual
-        self.out_fq, self.pow2 = out_fq, pow2
+        self.out_fq, self.pow2, self.exact = out_fq, pow2, exact
         self.mode = "float"
         self.bn_frozen = False
-        self.in_fq: list[ActFQ | None] = []  # input quantizer per call site (not submodules)
+        # per call site: the quantizers of the input and of the residual (not submodules)
+        self.in_fq: list[ActFQ | None] = []
+        self.res_fq: list[ActFQ | None] = []
 
     def hat_set_mode(self, mode: str) -> None:
         self.mode = mode
@@ -220,8 +223,27 @@ class QConv2d(nn.Module):
         c = self.conv
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
+    def _exact_inputs(self, res: torch.Tensor | None, site: int) -> tuple[float, float | None] | None:
+        if not (self.exact and not self.training and self.out_fq is not None
+                and self.mode in ("fake_quant", "qat")):
+            return None
+        fq = self.in_fq[site] if site < len(self.in_fq) else None
+        rq = self.res_fq[site] if site < len(self.res_fq) else None
+        if fq is None or (res is not None and rq is None):
+            return None
+        return float(fq.scale), (float(rq.scale) if res is not None and rq is not None else None)
+
     def forward(self, x: torch.Tensor, res: torch.Tensor | None = None,
                 site: int = 0) -> torch.Tensor:
+        scales = self._exact_inputs(res, site)
+        if scales is not None and self.out_fq is not None:
+            s_in, s_res = scales
+            s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+            w, b = self.folded()
+            p = intmath.conv_params(w, b, self.pow2, s_in, s_out, s_res)
+            in_dtype = self.in_fq[site].dtype  # type: ignore[union-attr]
+            return intmath.int_conv(x, res, p, self.conv, s_in, s_res, s_out, dtype,
+                                    act_clip(self.act, s_out, dtype), in_dtype)
         if self.mode in ("float", "observe") or self.out_fq is None:
             y = self.conv(x)
             if self.bn is not None:
@@ -251,14 +273,29 @@ class QConv2d(nn.Module):
         return self.out_fq(y, self.act)
 
 
+def _exact_scales(mod: nn.Module) -> list[float] | None:
+    """Input scales when ``mod`` should run its integer form now (eval, fake quant), else None."""
+    fq: ActFQ = mod.out_fq  # type: ignore[assignment]
+    ins: list[ActFQ | None] = getattr(mod, "in_fqs", [])
+    if not (getattr(mod, "exact", False) and not mod.training and fq.mode in ("fake_quant", "qat")
+            and ins and all(q is not None for q in ins)):
+        return None
+    return [float(q.scale) for q in ins if q is not None]
+
+
 class QAdd(nn.Module):
     """Elementwise sum of quantized tensors (+ relu), fake-quantized at its own scale."""
 
-    def __init__(self, out_fq: ActFQ, act: str = "none") -> None:
+    def __init__(self, out_fq: ActFQ, act: str = "none", exact: bool = True) -> None:
         super().__init__()
-        self.out_fq, self.act = out_fq, act
+        self.out_fq, self.act, self.exact = out_fq, act, exact
+        self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        scales = _exact_scales(self)
+        if scales is not None:
+            s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+            return intmath.int_sum(list(xs), scales, s_out, dtype, act_clip(self.act, s_out, dtype))
         y = xs[0]
         for x in xs[1:]:
             y = y + x
@@ -268,22 +305,34 @@ class QAdd(nn.Module):
 class QCat(nn.Module):
     """Concatenation of quantized tensors along ``dim``, requantized to one scale."""
 
-    def __init__(self, out_fq: ActFQ, dim: int = 1) -> None:
+    def __init__(self, out_fq: ActFQ, dim: int = 1, exact: bool = True) -> None:
         super().__init__()
-        self.out_fq, self.dim = out_fq, dim
+        self.out_fq, self.dim, self.exact = out_fq, dim, exact
+        self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        scales = _exact_scales(self)
+        if scales is not None:
+            s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+            return torch.cat([intmath.int_requant(x, si / s_out, si, s_out, dtype, None)
+                              for x, si in zip(xs, scales, strict=True)], self.dim)
         return self.out_fq(torch.cat(xs, self.dim))
 
 
 class QAct(nn.Module):
     """A standalone activation requantized to its own scale (IR ``requantize`` with a clip)."""
 
-    def __init__(self, out_fq: ActFQ, act: str) -> None:
+    def __init__(self, out_fq: ActFQ, act: str, exact: bool = True) -> None:
         super().__init__()
-        self.out_fq, self.act = out_fq, act
+        self.out_fq, self.act, self.exact = out_fq, act, exact
+        self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = _exact_scales(self)
+        if scales is not None:
+            s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+            return intmath.int_requant(x, scales[0] / s_out, scales[0], s_out, dtype,
+                                       act_clip(self.act, s_out, dtype))
         return self.out_fq(x, self.act)
 
 
@@ -295,10 +344,17 @@ class QScale(nn.Module):
     ``const``. Integer form: ``requantize`` with ``m / 2**s ≈ c · s_in / s_out``.
     """
 
-    def __init__(self, out_fq: ActFQ, const: float | None = None, divide: bool = False) -> None:
+    def __init__(self, out_fq: ActFQ, const: float | None = None, divide: bool = False,
+                 exact: bool = True) -> None:
         super().__init__()
-        self.out_fq, self.const, self.divide = out_fq, const, divide
+        self.out_fq, self.const, self.divide, self.exact = out_fq, const, divide, exact
+        self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | float | None = None) -> torch.Tensor:
         c = self.const if c is None else c
+        scales = _exact_scales(self)
+        if scales is not None and c is not None:
+            s_in, s_out, cv = scales[0], float(self.out_fq.scale), float(c)
+            ratio = s_in / (cv * s_out) if self.divide else cv * s_in / s_out
+            return intmath.int_requant(x, ratio, s_in, s_out, self.out_fq.dtype, None)
         return self.out_fq(x / c if self.divide else x * c)

@@ -45,6 +45,8 @@ class QConfig:
     :param pow2: power-of-two scales (the march's scale policy).
     :param overrides: module-name glob → ``int8``/``int16``/``float`` (first match wins).
     :param type_overrides: module class name → ``int8``/``int16``/``float``.
+    :param exact_eval: in eval, run requantizing ops in their integer form (bit-exact with the
+        integer model; see :mod:`hat_bpu.intmath`).
     """
 
     observer: str = "minmax"
@@ -55,6 +57,7 @@ class QConfig:
     averaging_constant: float = 0.1
     qat_averaging: float = 0.01
     lsq: bool = False
+    exact_eval: bool = True
 
     def fq(self, dtype: str = "int8", fixed_scale: float | None = None) -> ActFQ:
         return ActFQ(dtype, self.observer, self.pow2, fixed_scale, self.qat_averaging, self.lsq,
@@ -179,7 +182,8 @@ def fuse(gm: fx.GraphModule, float_names: set[str], config: QConfig, model: nn.M
         if site == 0:
             dtype = module_dtype(model, name, config)
             out_fq = None if dtype == "float" else config.fq(dtype)
-            gm.add_submodule(name, QConv2d(conv, bn, act, res is not None, out_fq, config.pow2))
+            gm.add_submodule(name, QConv2d(conv, bn, act, res is not None, out_fq, config.pow2,
+                                           config.exact_eval))
             signature[name] = sig
         elif signature[name] != sig:
             raise ValueError(f"conv {name!r} is called at several places followed by different "
@@ -287,11 +291,11 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
                 qsrc[node] = None
                 continue
             x = quantized_input(node, node.args[0])
-            if len(node.args) > 1:
-                quantized_input(node, node.args[1])
+            res = quantized_input(node, node.args[1]) if len(node.args) > 1 else None
             site = int(node.kwargs.get("site", 0))
-            mod.in_fq += [None] * (site + 1 - len(mod.in_fq))
-            mod.in_fq[site] = qsrc.get(x)
+            for fqs, value in ((mod.in_fq, x), (mod.res_fq, res)):
+                fqs += [None] * (site + 1 - len(fqs))
+                fqs[site] = qsrc.get(value) if value is not None else None
             qsrc[node] = mod.out_fq
         elif not any_q:
             qsrc[node] = None
@@ -309,21 +313,28 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             x, c, divide = scaled
             fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or "int8")
             args = (x,) if not isinstance(c, fx.Node) else (x, c)
-            module = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide)
+            module = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide,
+                            config.exact_eval)
+            module.in_fqs = [qsrc[x]]
             qsrc[_insert(gm, node, f"{Q}.{node.name}", module, args)] = fq
         elif _is_add(node) or (node.op == "call_function" and node.target in CAT_FUNCS) or (
                 _act_of(gm, node) == "relu6"):
             fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or "int8")
             name = f"{Q}.{node.name}"
+            module: QAdd | QAct | QCat
             if _is_add(node):
-                new = _insert(gm, node, name, QAdd(fq), tuple(node.args))
+                module = QAdd(fq, exact=config.exact_eval)
+                new = _insert(gm, node, name, module, tuple(node.args))
             elif _act_of(gm, node) == "relu6":
-                new = _insert(gm, node, name, QAct(fq, "relu6"), (node.args[0],))
+                module = QAct(fq, "relu6", exact=config.exact_eval)
+                new = _insert(gm, node, name, module, (node.args[0],))
             else:
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-                new = _insert(gm, node, name, QCat(fq, int(dim)), tuple(node.args[0]))
+                module = QCat(fq, int(dim), exact=config.exact_eval)
+                new = _insert(gm, node, name, module, tuple(node.args[0]))
             for a in list(new.all_input_nodes):
                 quantized_input(new, a)
+            module.in_fqs = [qsrc.get(a) for a in new.args]  # type: ignore[arg-type]
             qsrc[new] = fq
         else:
             qsrc[node] = None  # unsupported here: stays float; convert() reports it

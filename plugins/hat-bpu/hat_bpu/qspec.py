@@ -144,6 +144,26 @@ def round_shift(v: np.ndarray, s: np.ndarray | int) -> np.ndarray:
     return q + up.astype(np.int64)
 
 
+def round_shift_torch(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`round_shift` on int64 torch tensors (any device; ``s`` broadcastable, >= 0)."""
+    q = torch.bitwise_right_shift(v, s)
+    r = v - torch.bitwise_left_shift(q, s)
+    one = torch.ones_like(s)
+    half = torch.where(s > 0, torch.bitwise_left_shift(one, (s - 1).clamp(min=0)), one)
+    up = (r > half) | ((r == half) & (s > 0) & (q % 2 == 1))
+    return q + up.long()
+
+
+def requantize_torch(v: torch.Tensor, s: torch.Tensor, dtype: str,
+                     clip: tuple[int, int] | None = None) -> torch.Tensor:
+    """``sat(clip(round_shift(v, s)))`` on an int64 tensor ``v`` that already holds ``acc · m``."""
+    y = round_shift_torch(v, s)
+    if clip is not None:
+        y = y.clamp(clip[0], clip[1])
+    qmin, qmax = qrange(dtype)
+    return y.clamp(qmin, qmax)
+
+
 def saturate(v: np.ndarray, dtype: str) -> np.ndarray:
     """Clamp integers to the range of ``dtype`` (int64 result)."""
     qmin, qmax = qrange(dtype)

@@ -44,6 +44,9 @@ class HorizonQuantizeSpec(QuantizeSpec):
                                          "frozen and BN is folded as deployed (0: from the start)")
     freeze_observer_epoch: int | None = option(None, doc="QAT: from this epoch on, activation "
                                                "scales stop following the data")
+    exact_eval: bool = option(True, doc="in eval, run requantizing ops in integer arithmetic: "
+                              "the fake-quant model's outputs equal the integer model's bit for "
+                              "bit (false: float fake quant, faster, within 1 LSB)")
 
 
 def march_pow2(march: str) -> bool:
@@ -72,7 +75,7 @@ def qconfig_from_spec(qspec: HorizonQuantizeSpec) -> QConfig:
     return QConfig(observer=qspec.observer, pow2=pow2, overrides=dict(qspec.overrides),
                    type_overrides=dict(qspec.type_overrides), percentile=qspec.percentile,
                    averaging_constant=qspec.averaging_constant, qat_averaging=qspec.qat_averaging,
-                   lsq=qspec.lsq)
+                   lsq=qspec.lsq, exact_eval=qspec.exact_eval)
 
 
 def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str) -> QuantModel:

@@ -113,3 +113,11 @@ def test_pow2_scales_are_restored_when_fake_quant_starts() -> None:
     fq.scale.mul_(0.9)  # as an EMA of the weights and buffers might leave it
     fq.hat_set_mode("fake_quant")
     assert float(fq.scale) == 2.0**-5
+
+
+def test_torch_round_shift_equals_numpy_rule() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.integers(-(2**40), 2**40, size=20000)
+    s = rng.integers(0, 40, size=20000)
+    got = qspec.round_shift_torch(torch.from_numpy(v), torch.from_numpy(s)).numpy()
+    assert np.array_equal(got, qspec.round_shift(v, s))
