@@ -177,7 +177,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(by_order)), 4))
     colors = ["tab:red" if r["flags"] else "tab:blue" for r in by_order]
     ax.bar(range(len(by_order)), [r["sqnr_db"] for r in by_order], color=colors)
-    ax.set_xticks(range(len(by_order)), [r["layer"] for r in by_order], rotation=90, fontsize=6)
+    ax.set_xticks(range(len(by_order)), [r["layer"] for r in by_order], rotation=90,
+                  fontsize=6 if len(by_order) > 40 else 8)
     ax.set_ylabel("SQNR float vs fake quant (dB)")
     ax.set_title("per-layer quantization error (red: flagged)")
     fig.tight_layout()
