@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hat_bpu import qspec
 from hat_bpu.example_net import SmallNet
@@ -11,6 +12,7 @@ from hat_bpu.prepare import prepare
 from torch import nn
 
 from hatcore import quant
+from hatcore.errors import UserError
 
 
 def test_activation_fake_quant_equals_torch() -> None:
@@ -54,6 +56,8 @@ def test_pow2_scales_on_bernoulli2() -> None:
     cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernoulli2"))
     assert cfg.pow2
     assert not qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bayes-e")).pow2
+    with pytest.raises(UserError, match="bernoulli2"):
+        qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernouli2"))
     torch.manual_seed(0)
     q = prepare(SmallNet().eval(), cfg)
     quant.set_mode(q, "observe")
