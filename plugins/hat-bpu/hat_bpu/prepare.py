@@ -311,7 +311,7 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             qsrc[node] = None  # a functional op kept in float by an override
         elif scaled is not None:
             x, c, divide = scaled
-            fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or "int8")
+            fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or _wider([qsrc[x]]))
             args = (x,) if not isinstance(c, fx.Node) else (x, c)
             module = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide,
                             config.exact_eval)
@@ -319,7 +319,8 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             qsrc[_insert(gm, node, f"{Q}.{node.name}", module, args)] = fq
         elif _is_add(node) or (node.op == "call_function" and node.target in CAT_FUNCS) or (
                 _act_of(gm, node) == "relu6"):
-            fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or "int8")
+            fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config)
+                           or _wider([qsrc.get(a) for a in node.all_input_nodes]))
             name = f"{Q}.{node.name}"
             module: QAdd | QAct | QCat
             if _is_add(node):
@@ -341,6 +342,11 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
     gm.graph.lint()
     gm.recompile()
     return {n.name: q for n, q in qsrc.items()}
+
+
+def _wider(fqs: list[Any]) -> str:
+    """int16 when any input is int16 (a functional op keeps its inputs' precision), else int8."""
+    return "int16" if any(getattr(q, "dtype", None) == "int16" for q in fqs) else "int8"
 
 
 def _scaled_by_const(node: fx.Node, qsrc: dict[fx.Node, Any], const: set[fx.Node]

@@ -176,3 +176,26 @@ def test_quant_debug_command_is_registered() -> None:
     assert "quant-debug" in group.commands
     params = {p.name for p in group.commands["quant-debug"].params}
     assert {"recipe", "stage", "batches", "out"} <= params
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fcos_shaped_model_converts_bit_exact(pow2: bool) -> None:
+    from hat_bpu.example_net import MiniFCOS
+
+    torch.manual_seed(0)
+    q = prepare(MiniFCOS().eval(), QConfig(pow2=pow2))
+    x = torch.randint(0, 256, (2, 3, 64, 64)).float().sub(128).div(128)
+    quant.set_mode(q, "observe")
+    q(x)
+    quant.set_mode(q, "fake_quant")
+    graph = convert(q, x[:1])
+    with torch.no_grad():
+        ref = q(x)
+    got = graph.unflatten_outputs(run_ir(graph, x.numpy()))
+    assert len(got) == 3 and all(len(level) == 3 for level in got)
+    for r_level, g_level in zip(ref, got, strict=True):
+        for r, g in zip(r_level, g_level, strict=True):
+            assert np.array_equal(g, r.numpy())
+    outs = [graph.tensors[graph.producer(o).inputs[0]] for o in graph.outputs]
+    assert {t.dtype for t in outs} == {"int16"}
+    assert sum(n.op == "conv2d" and n.name.startswith("tower.0") for n in graph.nodes) == 3
