@@ -73,6 +73,8 @@ class _Converter:
             if node.op == "get_attr" or (node.op.startswith("call") and node.all_input_nodes
                                          and all(a in const for a in node.all_input_nodes)):
                 const.add(node)
+            elif node.op.startswith("call") and "hat_shape" not in node.meta:
+                pass  # not a tensor: shape arithmetic (x.shape[-2:]), folded into attributes
             elif node.op == "placeholder":
                 inputs.append(self.tensor(node, "float32", None))
             elif node.op == "output":
@@ -209,6 +211,7 @@ class _Record(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
+        n.meta.pop("hat_shape", None)
         if isinstance(result, torch.Tensor):
             n.meta["hat_shape"] = list(result.shape)
             if result.numel() == 1:

@@ -94,7 +94,7 @@ class MiniFCOS(nn.Module):
         p5 = self.c5(p4)
         w = F.relu(self.w)
         w = w / (w.sum() + 1e-4)
-        p4 = self.fuse4(w[0] * p4 + w[1] * F.interpolate(p5, scale_factor=2, mode="nearest"))
+        p4 = self.fuse4(w[0] * p4 + w[1] * F.interpolate(p5, size=p4.shape[-2:], mode="nearest"))
         p5 = p5 + self.down(p4)
         outs = []
         for p, scale in zip((p3, p4, p5), self.scales, strict=True):
