@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from hat_bpu import ir, qspec
 from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
 from hat_bpu.intmath import conv_params
-from hat_bpu.prepare import RELU_FUNCS, QuantModel
+from hat_bpu.prepare import LAYOUT_FUNCS, LAYOUT_METHODS, RELU_FUNCS, QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
 from hatcore.quant import DeQuantStub
@@ -172,6 +172,15 @@ class _Converter:
         x = self.src(node, node.args[0]) if node.args else None
         if x is None:
             return False
+        if (node.op == "call_method" and node.target in LAYOUT_METHODS) or (
+                node.op == "call_function" and node.target in LAYOUT_FUNCS):
+            out_shape = list(node.meta["hat_shape"])
+            perm = _permutation(node)
+            if perm is not None:
+                self.add("permute", node, [x], x.dtype, x.scale, attrs={"dims": perm})
+            else:
+                self.add("reshape", node, [x], x.dtype, x.scale, attrs={"shape": out_shape[1:]})
+            return True
         if isinstance(mod, nn.ReLU) or (node.op == "call_function" and node.target in RELU_FUNCS) \
                 or (node.op == "call_method" and node.target == "relu"):
             self.add("relu", node, [x], x.dtype, x.scale)
@@ -203,6 +212,16 @@ class _Converter:
             self.add("upsample_nearest", node, [x], x.dtype, x.scale, attrs={"scale": [fh, fw]})
             return True
         return False
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    """The dims of a permute node (None for reshape/view/flatten)."""
+    if node.target not in ("permute", torch.permute):
+        return None
+    dims = node.args[1:] if node.op == "call_method" else node.args[1]
+    if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return [int(d) for d in dims]  # type: ignore[union-attr]
 
 
 class _Record(fx.Interpreter):

@@ -31,6 +31,9 @@ How each op is executed (``x``, ``y``: integer inputs/outputs; params are numpy 
 ``upsample_nearest``  inputs ``[x]``; attrs ``scale`` (integer pair ``(fh, fw)``): each pixel
     repeated ``fh × fw``; output scale == input scale.
 ``relu``  inputs ``[x]``: ``max(x, 0)``; output scale == input scale.
+``reshape``  inputs ``[x]``; attrs ``shape`` (without the batch dimension):
+    ``y = x.reshape(x.shape[0], *shape)`` (row-major, values unchanged).
+``permute``  inputs ``[x]``; attrs ``dims``: ``y = x.transpose(dims)`` (values unchanged).
 
 Graph outputs are the ``dequantize`` outputs (float32); ``meta["output_tree"]`` is the
 ``torch.utils._pytree`` spec (``treespec_dumps``) that rebuilds the model's ``forward`` output
@@ -48,7 +51,7 @@ from typing import Any
 import numpy as np
 
 OPS = ("quantize", "dequantize", "conv2d", "add", "concat", "requantize", "maxpool",
-       "upsample_nearest", "relu")
+       "upsample_nearest", "relu", "reshape", "permute")
 TENSOR_DTYPES = ("int8", "int16", "int32", "float32")
 
 

@@ -57,6 +57,10 @@ def run_ir(graph: ir.Graph, x: np.ndarray, env_out: dict[str, np.ndarray] | None
             y = xs[0].repeat(a["scale"][0], 2).repeat(a["scale"][1], 3)
         elif n.op == "relu":
             y = np.maximum(xs[0], 0)
+        elif n.op == "reshape":
+            y = xs[0].reshape(xs[0].shape[0], *a["shape"])
+        elif n.op == "permute":
+            y = np.ascontiguousarray(xs[0].transpose(a["dims"]))
         else:
             raise ValueError(f"node {n.name!r}: unknown op {n.op!r}")
         env[n.outputs[0]] = y

@@ -33,6 +33,8 @@ RELU_FUNCS = (F.relu, torch.relu)
 ADD_FUNCS = (operator.add, torch.add)
 CAT_FUNCS = (torch.cat, torch.concat)
 MUL_FUNCS = (operator.mul, torch.mul)
+LAYOUT_METHODS = ("reshape", "view", "permute", "flatten")  # values unchanged: scale kept
+LAYOUT_FUNCS = (torch.reshape, torch.permute, torch.flatten)
 DIV_FUNCS = (operator.truediv, torch.div)
 Q = "_hat_q"  # container for fake-quant modules of functional ops
 
@@ -303,7 +305,8 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
               and (not isinstance(mod, nn.Upsample) or mod.mode == "nearest")) or (
                 node.op == "call_function" and node.target in PASSTHROUGH_FUNCS
                 and node.kwargs.get("mode", "nearest") == "nearest") or (
-                node.op == "call_method" and node.target in ("relu", "contiguous")):
+                node.op == "call_method" and node.target in ("relu", "contiguous") + LAYOUT_METHODS) or (
+                node.op == "call_function" and node.target in LAYOUT_FUNCS):
             qsrc[node] = qsrc[node.args[0]] if isinstance(node.args[0], fx.Node) else None
         elif _glob_dtype(f"{Q}.{node.name}", config) == "float" and (
                 scaled is not None or _is_add(node) or _act_of(gm, node) == "relu6"

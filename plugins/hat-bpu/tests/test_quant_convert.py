@@ -199,3 +199,29 @@ def test_fcos_shaped_model_converts_bit_exact(pow2: bool) -> None:
     outs = [graph.tensors[graph.producer(o).inputs[0]] for o in graph.outputs]
     assert {t.dtype for t in outs} == {"int16"}
     assert sum(n.op == "conv2d" and n.name.startswith("tower.0") for n in graph.nodes) == 3
+
+
+class Flat(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from hatcore.quant import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(1 / 128), DeQuantStub()
+        self.conv = torch.nn.Conv2d(3, 4, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.quant(x))
+        return self.dequant(y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, 4))
+
+
+def test_layout_ops_keep_the_scale_and_convert() -> None:
+    q = prepare(Flat().eval(), QConfig())
+    x = torch.randint(0, 256, (2, 3, 8, 8)).float().sub(128).div(128)
+    quant.set_mode(q, "observe")
+    q(x)
+    quant.set_mode(q, "fake_quant")
+    graph = convert(q, x[:1])
+    assert [n.op for n in graph.nodes][-3:] == ["permute", "reshape", "dequantize"]
+    with torch.no_grad():
+        ref = q(x)
+    assert np.array_equal(run_ir(graph, x.numpy())[0], ref.numpy())
