@@ -103,8 +103,17 @@ class ActFQ(nn.Module):
             self.register_buffer("scale", init)
         self.register_buffer("qat_amax", torch.tensor(-1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32), persistent=False)
+        self.register_buffer("frozen", torch.tensor(False))  # QAT observer freeze (persisted)
         self.mode = "float"
-        self.observer_frozen = False
+
+    @property
+    def observer_frozen(self) -> bool:
+        """True once QAT froze this range (``freeze_observer_epoch``); saved with the weights."""
+        return bool(self.frozen)
+
+    @observer_frozen.setter
+    def observer_frozen(self, value: bool) -> None:
+        self.frozen.fill_(bool(value))
 
     def hat_set_mode(self, mode: str) -> None:
         """Switch mode; leaving ``observe`` turns the observed range into the scale."""
@@ -182,7 +191,7 @@ class QConv2d(nn.Module):
         self.conv, self.bn, self.act, self.residual = conv, bn, act, residual
         self.out_fq, self.pow2, self.exact = out_fq, pow2, exact
         self.mode = "float"
-        self.bn_frozen = False
+        self.register_buffer("bn_frozen_flag", torch.tensor(False))  # persisted: QAT resumes frozen
         # per call site: the quantizers of the input and of the residual (not submodules)
         self.in_fq: list[ActFQ | None] = []
         self.res_fq: list[ActFQ | None] = []
@@ -190,9 +199,14 @@ class QConv2d(nn.Module):
     def hat_set_mode(self, mode: str) -> None:
         self.mode = mode
 
+    @property
+    def bn_frozen(self) -> bool:
+        """True once QAT froze BN statistics (``freeze_bn_epoch``); saved with the weights."""
+        return bool(self.bn_frozen_flag)
+
     def freeze_bn(self) -> None:
         """Stop updating BN statistics; QAT then trains with BN folded (as deployed)."""
-        self.bn_frozen = True
+        self.bn_frozen_flag.fill_(True)
         if self.bn is not None:
             self.bn.eval()
 

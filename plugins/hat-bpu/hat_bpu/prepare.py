@@ -212,10 +212,38 @@ class QuantModel(nn.Module):
     float model (kept unregistered, so the state_dict holds only the graph's tensors).
     """
 
-    def __init__(self, graph_module: fx.GraphModule, original: nn.Module) -> None:
+    def __init__(self, graph_module: fx.GraphModule, original: nn.Module,
+                 freeze_bn_epoch: int | None = None, freeze_observer_epoch: int | None = None
+                 ) -> None:
         super().__init__()
         self.qgraph = graph_module
         object.__setattr__(self, "_hat_original", original)
+        self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
+
+    def apply_freezes(self, epoch: int) -> list[str]:
+        """Freeze BN statistics / activation ranges when ``epoch`` has reached their epoch."""
+        done = []
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            for m in self.modules():
+                if isinstance(m, QConv2d) and not m.bn_frozen:
+                    m.freeze_bn()
+            done.append("bn")
+        if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
+            for m in self.modules():
+                if isinstance(m, ActFQ):
+                    m.observer_frozen = True
+            done.append("observer")
+        return done
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load, then re-apply the freezes due from the start (``freeze_*_epoch = 0``): a QAT
+        model loading the calibration checkpoint starts frozen as asked; a resumed one keeps the
+        freezes saved with it."""
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.apply_freezes(0)
+        if self.training:
+            self.train(True)  # frozen BN back to eval
+        return result
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.qgraph(*args, **kwargs)

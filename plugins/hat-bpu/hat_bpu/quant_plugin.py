@@ -8,7 +8,6 @@ from typing import Any, Literal
 import click
 from torch import nn
 
-from hat_bpu.fake_quant import ActFQ, QConv2d
 from hat_bpu.observers import OBSERVERS
 from hat_bpu.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
@@ -96,27 +95,17 @@ def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str) -> 
     except Exception as exc:  # torch.fx tracing errors
         raise UserError(f"cannot trace {type(model).__name__} with torch.fx for quantization: "
                         f"{exc}") from None
-    qm.hat_freeze = {"bn": qspec.freeze_bn_epoch, "observer": qspec.freeze_observer_epoch}
+    qm.freeze_bn_epoch, qm.freeze_observer_epoch = qspec.freeze_bn_epoch, qspec.freeze_observer_epoch
     if stage == "qat":
-        apply_freezes(qm, epoch=0)
+        qm.apply_freezes(0)
     return qm
 
 
 def apply_freezes(model: nn.Module, epoch: int) -> list[str]:
     """Freeze BN statistics / observers of every QuantModel in ``model`` due at ``epoch``."""
-    done = []
+    done: list[str] = []
     for qm in [m for m in model.modules() if isinstance(m, QuantModel)]:
-        freeze = getattr(qm, "hat_freeze", {}) or {}
-        if freeze.get("bn") is not None and epoch >= freeze["bn"]:
-            for m in qm.modules():
-                if isinstance(m, QConv2d) and not m.bn_frozen:
-                    m.freeze_bn()
-            done.append("bn")
-        if freeze.get("observer") is not None and epoch >= freeze["observer"]:
-            for m in qm.modules():
-                if isinstance(m, ActFQ):
-                    m.observer_frozen = True
-            done.append("observer")
+        done += [d for d in qm.apply_freezes(epoch) if d not in done]
     return done
 
 

@@ -125,6 +125,15 @@ def test_freeze_bn_and_observers() -> None:
     scale = float(conv.out_fq.scale)
     q(data(4, 3) * 0.2)
     assert float(conv.out_fq.scale) == scale
+    resumed = quantize(model=SmallNet().eval(), spec=spec(freeze_bn_epoch=1,
+                       freeze_observer_epoch=2), stage="qat")
+    resumed.load_state_dict(q.state_dict())  # a QAT run resumed from its checkpoint
+    conv2 = resumed.qgraph.get_submodule("stem.0")
+    assert conv2.bn_frozen and conv2.out_fq.observer_frozen
+    fresh = quantize(model=SmallNet().eval(), spec=spec(freeze_bn_epoch=0), stage="qat")
+    fresh.load_state_dict(calibrate(quantize(model=SmallNet().eval(), spec=spec(freeze_bn_epoch=0),
+                                             stage="calibration"), data(4, 0)).state_dict())
+    assert fresh.qgraph.get_submodule("stem.0").bn_frozen  # frozen from the start, as asked
 
 
 def test_lsq_learns_scales() -> None:
@@ -177,7 +186,7 @@ def test_quantize_hook_through_the_plugin_manager_on_the_toy_detector() -> None:
     assert len(dets) == 4 and set(dets[0]) == {"boxes", "scores", "labels"}
     assert float(sum(model.compute_loss(raw, batch).values()).detach()) > 0
     trainer = type("T", (), {"stage": "qat", "model": model})()
-    model.hat_freeze = {"bn": 1, "observer": None}
+    model.freeze_bn_epoch = 1
     assert any(getattr(impl.plugin, "__name__", "") == "hat_bpu.quant_plugin"
                for impl in plugins.hook.on_epoch_end.get_hookimpls())
     on_epoch_end(trainer=trainer, epoch=0, metrics={})  # ours alone: the core's logs need more
