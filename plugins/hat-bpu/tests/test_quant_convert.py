@@ -16,6 +16,20 @@ from hatcore import quant
 from hatcore.errors import UserError
 
 
+def yuv(n: int, size: int) -> torch.Tensor:
+    """Inputs as the BPU sees them: (p - 128) / 128 for pixels p in 0..255."""
+    return torch.randint(0, 256, (n, 3, size, size)).float().sub(128).div(128)
+
+
+def ready(net: torch.nn.Module, x: torch.Tensor, config: QConfig) -> torch.nn.Module:
+    """Prepare ``net``, calibrate it on ``x`` and switch it to fake quant."""
+    q = prepare(net.eval(), config)
+    quant.set_mode(q, "observe")
+    q(x)
+    quant.set_mode(q, "fake_quant")
+    return q
+
+
 def calibrated(pow2: bool = False, seed: int = 0, exact: bool = True
                ) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
@@ -25,11 +39,8 @@ def calibrated(pow2: bool = False, seed: int = 0, exact: bool = True
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
-    q = prepare(net, QConfig(pow2=pow2, exact_eval=exact))
-    x = torch.randint(0, 256, (4, 3, 16, 16)).float().sub(128).div(128)
-    quant.set_mode(q, "observe")
-    q(x)
-    quant.set_mode(q, "fake_quant")
+    x = yuv(4, 16)
+    q = ready(net, x, QConfig(pow2=pow2, exact_eval=exact))
     return q, x
 
 
@@ -58,10 +69,7 @@ def test_integer_graph_matches_fake_quant(pow2: bool, exact: bool) -> None:
 
 def test_float_kept_layer_refuses_export() -> None:
     torch.manual_seed(0)
-    q = prepare(SmallNet().eval(), QConfig(overrides={"fuse.*": "float"}))
-    quant.set_mode(q, "observe")
-    q(torch.rand(1, 3, 16, 16))
-    quant.set_mode(q, "fake_quant")
+    q = ready(SmallNet().eval(), torch.rand(1, 3, 16, 16), QConfig(overrides={"fuse.*": "float"}))
     with pytest.raises(UserError, match="float"):
         convert(q, torch.rand(1, 3, 16, 16))
 
@@ -90,11 +98,8 @@ def test_shared_head_is_fused_once_and_converted_per_call() -> None:
     torch.manual_seed(0)
     net = SharedHead().eval()
     net.tower[1].running_var.uniform_(0.5, 2)
-    q = prepare(net, QConfig())
-    x = torch.randint(0, 256, (2, 3, 16, 16)).float().sub(128).div(128)
-    quant.set_mode(q, "observe")
-    q(x)
-    quant.set_mode(q, "fake_quant")
+    x = yuv(2, 16)
+    q = ready(net, x, QConfig())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) and n.startswith("tower.1")
                    for n, m in q.qgraph.named_modules())
     graph = convert(q, x[:1])
@@ -131,11 +136,8 @@ class WeightedFusion(torch.nn.Module):
 
 def test_constant_multiplications_fold_into_multipliers() -> None:
     torch.manual_seed(0)
-    q = prepare(WeightedFusion().eval(), QConfig())
-    x = torch.randint(0, 256, (2, 3, 8, 8)).float().sub(128).div(128)
-    quant.set_mode(q, "observe")
-    q(x)
-    quant.set_mode(q, "fake_quant")
+    x = yuv(2, 8)
+    q = ready(WeightedFusion().eval(), x, QConfig())
     graph = convert(q, x[:1])
     assert [n.op for n in graph.nodes].count("requantize") == 4
     assert any(int(n.params["m"][0]) < 0 for n in graph.nodes if n.op == "requantize")
@@ -159,10 +161,7 @@ class Unsupported(torch.nn.Module):
 
 
 def test_unsupported_op_is_named() -> None:
-    q = prepare(Unsupported().eval(), QConfig())
-    quant.set_mode(q, "observe")
-    q(torch.rand(1, 3, 8, 8))
-    quant.set_mode(q, "fake_quant")
+    q = ready(Unsupported().eval(), torch.rand(1, 3, 8, 8), QConfig())
     with pytest.raises(UserError, match="sigmoid"):
         convert(q, torch.rand(1, 3, 8, 8))
 
@@ -183,11 +182,8 @@ def test_fcos_shaped_model_converts_bit_exact(pow2: bool) -> None:
     from hat_bpu.example_net import MiniFCOS
 
     torch.manual_seed(0)
-    q = prepare(MiniFCOS().eval(), QConfig(pow2=pow2))
-    x = torch.randint(0, 256, (2, 3, 64, 64)).float().sub(128).div(128)
-    quant.set_mode(q, "observe")
-    q(x)
-    quant.set_mode(q, "fake_quant")
+    x = yuv(2, 64)
+    q = ready(MiniFCOS().eval(), x, QConfig(pow2=pow2))
     graph = convert(q, x[:1])
     with torch.no_grad():
         ref = q(x)
@@ -215,11 +211,8 @@ class Flat(torch.nn.Module):
 
 
 def test_layout_ops_keep_the_scale_and_convert() -> None:
-    q = prepare(Flat().eval(), QConfig())
-    x = torch.randint(0, 256, (2, 3, 8, 8)).float().sub(128).div(128)
-    quant.set_mode(q, "observe")
-    q(x)
-    quant.set_mode(q, "fake_quant")
+    x = yuv(2, 8)
+    q = ready(Flat().eval(), x, QConfig())
     graph = convert(q, x[:1])
     assert [n.op for n in graph.nodes][-3:] == ["permute", "reshape", "dequantize"]
     with torch.no_grad():
