@@ -329,12 +329,7 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             qsrc[node] = mod.out_fq
         elif not any_q:
             qsrc[node] = None
-        elif (isinstance(mod, PASSTHROUGH_MODULES) and not _float(gm, node, model, config)
-              and (not isinstance(mod, nn.Upsample) or mod.mode == "nearest")) or (
-                node.op == "call_function" and node.target in PASSTHROUGH_FUNCS
-                and node.kwargs.get("mode", "nearest") == "nearest") or (
-                node.op == "call_method" and node.target in ("relu", "contiguous") + LAYOUT_METHODS) or (
-                node.op == "call_function" and node.target in LAYOUT_FUNCS):
+        elif _keeps_scale(node, mod) and not _float(gm, node, model, config):
             qsrc[node] = qsrc[node.args[0]] if isinstance(node.args[0], fx.Node) else None
         elif _glob_dtype(f"{Q}.{node.name}", config) == "float" and (
                 scaled is not None or _is_add(node) or _act_of(gm, node) == "relu6"
@@ -373,6 +368,18 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
     gm.graph.lint()
     gm.recompile()
     return {n.name: q for n, q in qsrc.items()}
+
+
+def _keeps_scale(node: fx.Node, mod: nn.Module | None) -> bool:
+    """Ops exact on integers, whose output reuses the input's scale: max-pool, nearest
+    upsample, ReLU, identity, dropout, contiguous and layout changes (reshape, permute ...)."""
+    if mod is not None:
+        return isinstance(mod, PASSTHROUGH_MODULES) and (
+            not isinstance(mod, nn.Upsample) or mod.mode == "nearest")
+    if node.op == "call_function":
+        return (node.target in PASSTHROUGH_FUNCS and node.kwargs.get("mode", "nearest") == "nearest"
+                ) or node.target in LAYOUT_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "contiguous") + LAYOUT_METHODS
 
 
 def _wider(fqs: list[Any]) -> str:
