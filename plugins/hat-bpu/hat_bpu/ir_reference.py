@@ -30,7 +30,7 @@ def run_ir(graph: ir.Graph, x: np.ndarray, env_out: dict[str, np.ndarray] | None
         p, a = n.params, n.attrs
         clip = tuple(a["clip"]) if a.get("clip") else None
         if n.op == "quantize":
-            y = qspec.quantize_np(xs[0], out.scale, out.dtype)
+            y = qspec.quantize_np(xs[0], float(out.scale or 1.0), out.dtype)
         elif n.op == "dequantize":
             y = (xs[0] * t[n.inputs[0]].scale).astype(np.float32)
         elif n.op == "conv2d":

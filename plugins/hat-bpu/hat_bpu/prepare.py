@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -164,11 +164,12 @@ def fuse(gm: fx.GraphModule, float_names: set[str], config: QConfig, model: nn.M
             conv = conv.conv
         elif type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
             continue
-        chain, bn, res, act = [node], None, None, "none"
+        chain, res, act = [node], None, "none"
+        bn: nn.BatchNorm2d | None = None
         nxt = _only_user(node)
         if nxt is not None and nxt.op == "call_module" and nxt.target not in float_names \
                 and type(gm.get_submodule(str(nxt.target))) is nn.BatchNorm2d:
-            bn = gm.get_submodule(str(nxt.target))
+            bn = cast(nn.BatchNorm2d, gm.get_submodule(str(nxt.target)))
             chain.append(nxt)
             nxt = _only_user(nxt)
         if nxt is not None and _is_add(nxt):
@@ -339,10 +340,10 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             x, c, divide = scaled
             fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config) or _wider([qsrc[x]]))
             args = (x,) if not isinstance(c, fx.Node) else (x, c)
-            module = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide,
+            scaler = QScale(fq, None if isinstance(c, fx.Node) else float(c), divide,
                             config.exact_eval)
-            module.in_fqs = [qsrc[x]]
-            qsrc[_insert(gm, node, f"{Q}.{node.name}", module, args)] = fq
+            scaler.in_fqs = [qsrc[x]]
+            qsrc[_insert(gm, node, f"{Q}.{node.name}", scaler, args)] = fq
         elif _is_add(node) or (node.op == "call_function" and node.target in CAT_FUNCS) or (
                 _act_of(gm, node) == "relu6"):
             fq = config.fq(_glob_dtype(f"{Q}.{node.name}", config)
@@ -404,9 +405,9 @@ def _scaled_by_const(node: fx.Node, qsrc: dict[fx.Node, Any], const: set[fx.Node
         return isinstance(a, (int, float)) and a != 0 or isinstance(a, fx.Node) and a in const
 
     a, b = node.args
-    if q(a) and c(b):
+    if isinstance(a, fx.Node) and q(a) and c(b):
         return a, b, is_div
-    if is_mul and q(b) and c(a):
+    if is_mul and isinstance(b, fx.Node) and q(b) and c(a):
         return b, a, False
     return None
 
