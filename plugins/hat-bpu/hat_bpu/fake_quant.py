@@ -86,6 +86,11 @@ class ActFQ(nn.Module):
     :param lsq: learn the scale in QAT (LSQ), instead of the moving average.
     """
 
+    scale: torch.Tensor
+    qat_amax: torch.Tensor
+    zero_point: torch.Tensor
+    frozen: torch.Tensor
+
     def __init__(self, dtype: str = "int8", observer: str = "minmax", pow2: bool = False,
                  fixed_scale: float | None = None, qat_averaging: float = 0.01, lsq: bool = False,
                  percentile: float = 99.99, averaging_constant: float = 0.1) -> None:
@@ -182,6 +187,8 @@ class QConv2d(nn.Module):
     torch.ao's recipe - conv with the folded fake-quant weight divided back by ``γ/σ``, then BN
     with batch statistics (running statistics keep updating until ``freeze_bn``).
     """
+
+    bn_frozen_flag: torch.Tensor
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: str, residual: bool,
                  out_fq: ActFQ | None, pow2: bool = False, exact: bool = True) -> None:

@@ -34,6 +34,13 @@ CHOICES = ("minmax", "percentile", "mse", "kl")
 class Observer(nn.Module):
     """Collects statistics of a tensor; :meth:`amax` gives the symmetric range."""
 
+    max_abs: torch.Tensor
+    ma_abs: torch.Tensor
+    count: torch.Tensor
+    hist: torch.Tensor
+    hist_max: torch.Tensor
+    choice_idx: torch.Tensor
+
     def __init__(self, method: str = "minmax", dtype: str = "int8", averaging_constant: float = 0.1,
                  percentile: float = 99.99) -> None:
         super().__init__()
