@@ -1,0 +1,141 @@
+"""The march table: one record per modelled BPU architecture.
+
+The model checker, the quantizer (``pow2_scales``), the compiler (weight layout) and the
+performance model all read this one table. Each number says where it comes from: a public
+source, or ``ASSUMPTION`` (a plausible value for a modelled device, tuned where noted against
+the one public calibration point, FCOS-EfficientNet-B0 512×512 on RDK X5 = 3.3 ms).
+
+These describe a *modelled* device, not Horizon's real hardware; perf numbers derived from them
+are estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hatcore.errors import UserError
+
+#: ops the integer IR can express (``hat_bpu.ir.OPS``) that every march runs on the BPU.
+_COMMON_OPS = ("conv2d", "add", "concat", "requantize", "maxpool", "upsample_nearest", "relu",
+               "reshape", "permute", "quantize", "dequantize")
+
+
+@dataclass(frozen=True)
+class March:
+    """One BPU architecture (units in the field names).
+
+    :param name: the march name used in recipes (``[compile] march``).
+    :param device: the boards/SoCs it stands for.
+    :param peak_tops_int8: peak int8 tera-operations/s (1 MAC = 2 ops).
+    :param ddr_gbps: DDR bandwidth available to the BPU, GB/s.
+    :param sram_kib: on-chip SRAM, KiB (a layer whose working set fits does not spill to DDR).
+    :param clock_mhz: BPU clock.
+    :param mac_align: (input-channel, output-channel) alignment of the MAC array: channels are
+        padded up to these multiples (compute utilisation and weight layout).
+    :param max_kernel: largest conv kernel side.
+    :param max_stride: largest conv stride.
+    :param max_channels: largest conv input/output channel count.
+    :param max_tensor_bytes: largest single feature map (int8 bytes).
+    :param pow2_scales: the march requantizes by shifts only: power-of-two scales.
+    :param layer_overhead_us: fixed cost per layer (scheduling, descriptor fetch).
+    :param frame_overhead_us: fixed cost per frame (input DMA setup, interrupt, output).
+    :param peak_utilisation: best MAC utilisation reached by a well-aligned 3×3 conv.
+    :param depthwise_efficiency: utilisation factor of a depthwise conv relative to dense.
+    :param ops: IR ops run on the BPU.
+    :param sources: where each number comes from.
+    """
+
+    name: str
+    device: str
+    peak_tops_int8: float
+    ddr_gbps: float
+    sram_kib: int
+    clock_mhz: int
+    mac_align: tuple[int, int]
+    max_kernel: int
+    max_stride: int
+    max_channels: int
+    max_tensor_bytes: int
+    pow2_scales: bool
+    layer_overhead_us: float
+    frame_overhead_us: float
+    peak_utilisation: float
+    depthwise_efficiency: float
+    ops: tuple[str, ...] = _COMMON_OPS
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line: name, device, peak, bandwidth."""
+        return (f"{self.name} ({self.device}): {self.peak_tops_int8:g} TOPS int8, "
+                f"{self.ddr_gbps:g} GB/s DDR, {self.sram_kib} KiB SRAM, {self.clock_mhz} MHz")
+
+
+_MARCHES: dict[str, March] = {
+    "bernoulli2": March(
+        name="bernoulli2", device="Sunrise X3 / Journey 3 (RDK X3)",
+        peak_tops_int8=5.0, ddr_gbps=12.8, sram_kib=1024, clock_mhz=1000,
+        mac_align=(8, 8), max_kernel=7, max_stride=2, max_channels=2048,
+        max_tensor_bytes=16 << 20, pow2_scales=True,
+        layer_overhead_us=15.0, frame_overhead_us=300.0,
+        peak_utilisation=0.55, depthwise_efficiency=0.15,
+        sources={
+            "peak_tops_int8": "public: Horizon Robotics Sunrise 3 / Journey 3 product pages and "
+                              "RDK X3 spec sheet (5 TOPS equivalent, dual-core Bernoulli 2.0 BPU)",
+            "ddr_gbps": "public: RDK X3 spec (LPDDR4 3200 MT/s, 32-bit) → 12.8 GB/s theoretical",
+            "clock_mhz": "public: RDK X3 docs (BPU 1.0 GHz)",
+            "pow2_scales": "public: Horizon OpenExplorer docs (Bernoulli2 requantizes by shifts)",
+            "sram_kib": "ASSUMPTION",
+            "mac_align": "ASSUMPTION",
+            "limits": "ASSUMPTION (modelled on OpenExplorer's X3 operator constraints list)",
+            "overheads": "ASSUMPTION",
+            "utilisation": "ASSUMPTION",
+        }),
+    "bayes": March(
+        name="bayes", device="Journey 5 (J5)",
+        peak_tops_int8=128.0, ddr_gbps=51.2, sram_kib=8192, clock_mhz=1200,
+        mac_align=(32, 32), max_kernel=15, max_stride=4, max_channels=8192,
+        max_tensor_bytes=64 << 20, pow2_scales=False,
+        layer_overhead_us=4.0, frame_overhead_us=150.0,
+        peak_utilisation=0.35, depthwise_efficiency=0.05,
+        sources={
+            "peak_tops_int8": "public: Horizon Robotics Journey 5 announcement (128 TOPS)",
+            "ddr_gbps": "ASSUMPTION (LPDDR4X, 2×32-bit at 6400 MT/s → 51.2 GB/s)",
+            "clock_mhz": "ASSUMPTION",
+            "sram_kib": "ASSUMPTION",
+            "mac_align": "ASSUMPTION",
+            "limits": "ASSUMPTION",
+            "overheads": "ASSUMPTION",
+            "utilisation": "ASSUMPTION",
+        }),
+    "bayes-e": March(
+        name="bayes-e", device="Sunrise X5 (RDK X5)",
+        peak_tops_int8=10.0, ddr_gbps=17.0, sram_kib=2048, clock_mhz=1000,
+        mac_align=(16, 16), max_kernel=15, max_stride=4, max_channels=8192,
+        max_tensor_bytes=32 << 20, pow2_scales=False,
+        layer_overhead_us=5.0, frame_overhead_us=200.0,
+        peak_utilisation=0.5, depthwise_efficiency=0.12,
+        sources={
+            "peak_tops_int8": "public: D-Robotics RDK X5 spec sheet (10 TOPS BPU, Bayes-e)",
+            "ddr_gbps": "ASSUMPTION (LPDDR4 4266 MT/s, 32-bit → 17 GB/s)",
+            "clock_mhz": "ASSUMPTION",
+            "sram_kib": "ASSUMPTION",
+            "mac_align": "ASSUMPTION",
+            "limits": "ASSUMPTION",
+            "overheads": "ASSUMPTION, tuned with the utilisation so FCOS-EfficientNet-B0 "
+                         "512×512 = 3.3 ms (D-Robotics rdk_model_zoo, FCOS README)",
+            "utilisation": "ASSUMPTION, tuned (see overheads)",
+        }),
+}
+
+MARCHES: tuple[str, ...] = tuple(_MARCHES)
+
+
+def get_march(name: str) -> March:
+    """The march record called ``name``.
+
+    :raises UserError: an unknown march, listing the known ones.
+    """
+    try:
+        return _MARCHES[name]
+    except KeyError:
+        raise UserError(f"unknown march {name!r}; expected one of {', '.join(MARCHES)}") from None
