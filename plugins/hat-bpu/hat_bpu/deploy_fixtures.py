@@ -1,0 +1,40 @@
+"""Small calibrated models for the deploy tests and benches (random weights, random data)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hat_bpu.example_net import SmallNet
+from hat_bpu.prepare import QConfig, QuantModel, prepare
+from hatcore import quant
+
+
+def yuv_input(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Inputs as the BPU sees them: ``(p - 128) / 128`` for pixels p in 0..255, Tensor[n,3,size,size]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g).float().sub(128).div(128)
+
+
+def calibrate(net: nn.Module, x: torch.Tensor, pow2: bool = False) -> QuantModel:
+    """Prepare ``net`` (eval), calibrate it on ``x`` and leave it in fake-quant mode."""
+    q = prepare(net.eval(), QConfig(pow2=pow2))
+    quant.set_mode(q, "observe")
+    with torch.no_grad():
+        q(x)
+    quant.set_mode(q, "fake_quant")
+    return q
+
+
+def small_model(width: int = 16, size: int = 32, pow2: bool = False, seed: int = 0
+                ) -> tuple[QuantModel, torch.Tensor]:
+    """A calibrated :class:`SmallNet` with non-trivial BN statistics and its calibration input."""
+    torch.manual_seed(seed)
+    net = SmallNet(width=width).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = yuv_input(2, size, seed)
+    return calibrate(net, x, pow2), x

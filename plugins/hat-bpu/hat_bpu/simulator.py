@@ -1,0 +1,190 @@
+"""The integer simulator (``int_infer``): executes :class:`hat_bpu.ir.Graph` exactly, fast.
+
+Bit-identical to the literal reference :func:`hat_bpu.ir_reference.run_ir` (tested), with
+integer arithmetic only, where float is used only when provably exact:
+
+* int8/int16 activations are held in float32 tensors (integers below 2**24 are exact);
+  int32 ones in float64 (exact below 2**53).
+* A convolution of an int8 input runs in float32: every partial sum of ``K`` products
+  ``|x·w| <= 128·128`` is an integer of magnitude ``<= K·2**14``, exact in float32 while
+  ``K·2**14 <= 2**24`` (``K <= 1024``; ``K = I/groups·kh·kw``). Longer reductions are split
+  over input channels into chunks of at most 1024 terms and the exact chunk sums added in
+  float64. Other inputs (int16) convolve in float64 (exact while ``K·2**22 < 2**53``).
+* Requantization ``sat(clip(round_shift(acc·m, s)))`` runs in int64 with the identity
+  ``round_half_even(v / 2**s) = (v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s`` for ``s > 0``
+  (``v`` itself for ``s = 0``), equal to :func:`hat_bpu.qspec.round_shift`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from hat_bpu import ir, qspec
+
+EXACT_F32_TERMS = 1024  # K·128·128 <= 2**24
+OpFn = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _storage(dtype: str) -> torch.dtype:
+    return torch.float64 if dtype == "int32" else torch.float32
+
+
+def _rq_consts(m: np.ndarray, s: np.ndarray, shape: tuple[int, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 (m, s, bias = 2**(s-1) - 1 or 0, odd-mask = 1 or 0) reshaped for broadcasting."""
+    m = np.asarray(m, np.int64)
+    s = np.broadcast_to(np.asarray(s, np.int64), m.shape) if m.size > 1 else np.asarray(s, np.int64)
+    bias = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)) - 1, 0)
+    odd = (s > 0).astype(np.int64)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, np.int64)).reshape(shape)
+    return t(m), t(s), t(bias), t(odd)
+
+
+def round_shift(v: torch.Tensor, s: torch.Tensor, bias: torch.Tensor, odd: torch.Tensor
+                ) -> torch.Tensor:
+    """``round_half_even(v / 2**s)`` of int64 ``v`` (``bias``/``odd`` from :func:`_rq_consts`)."""
+    return torch.bitwise_right_shift(
+        v + bias + (torch.bitwise_right_shift(v, s) & odd), s)
+
+
+def _finish(y: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
+    lo, hi = qspec.qrange(out.dtype)
+    if clip:
+        lo, hi = max(lo, int(clip[0])), min(hi, int(clip[1]))
+    return y.clamp_(lo, hi).to(_storage(out.dtype))
+
+
+class Simulator:
+    """A compiled-once executor of one graph: ``Simulator(graph)(x) -> flat float32 outputs``.
+
+    :param graph: the integer graph (e.g. from :func:`hat_bpu.hbir.load_hbir`).
+    """
+
+    def __init__(self, graph: ir.Graph) -> None:
+        graph.validate()
+        self.graph = graph
+        self.steps: list[tuple[list[str], str, OpFn]] = [
+            (n.inputs, n.outputs[0], self._build(n)) for n in graph.nodes]
+        self._last_use = {t: i for i, (ins, _, _) in enumerate(self.steps) for t in ins}
+
+    def _build(self, n: ir.Node) -> OpFn:
+        t = self.graph.tensors
+        out, a, p = t[n.outputs[0]], n.attrs, n.params
+        in_t = [t[i] for i in n.inputs]
+        if n.op == "quantize":
+            inv = torch.tensor(np.float32(1.0) / np.float32(out.scale or 1.0))
+            lo, hi = qspec.qrange(out.dtype)
+            return lambda xs: torch.round(xs[0].float() * inv).clamp_(lo, hi)
+        if n.op == "dequantize":
+            sc = float(in_t[0].scale or 1.0)
+            return lambda xs: (xs[0].double() * sc).float()
+        if n.op == "conv2d":
+            return self._conv(n, in_t, out)
+        if n.op == "add":
+            _, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
+            ms = [int(v) for v in p["m"]]
+
+            def add(xs: list[torch.Tensor]) -> torch.Tensor:
+                v = xs[0].long() * ms[0]
+                for x, mi in zip(xs[1:], ms[1:], strict=True):
+                    v += x.long() * mi
+                return _finish(round_shift(v, s, b, o), out, a.get("clip"))
+            return add
+        if n.op == "concat":
+            consts = [_rq_consts(p["m"][i:i + 1], p["shift"][i:i + 1], ())
+                      for i in range(len(n.inputs))]
+
+            def concat(xs: list[torch.Tensor]) -> torch.Tensor:
+                parts = [_finish(round_shift(x.long() * c[0], c[1], c[2], c[3]), out, None)
+                         for x, c in zip(xs, consts, strict=True)]
+                return torch.cat(parts, a["axis"])
+            return concat
+        if n.op == "requantize":
+            m, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
+            return lambda xs: _finish(round_shift(xs[0].long() * m, s, b, o), out, a.get("clip"))
+        if n.op == "maxpool":
+            return lambda xs: F.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
+                                           ceil_mode=a["ceil_mode"])
+        if n.op == "upsample_nearest":
+            fh, fw = a["scale"]
+
+            def up(xs: list[torch.Tensor]) -> torch.Tensor:
+                x = xs[0]
+                nb, c, h, w = x.shape
+                return x[:, :, :, None, :, None].expand(nb, c, h, fh, w, fw).reshape(
+                    nb, c, h * fh, w * fw)
+            return up
+        if n.op == "relu":
+            return lambda xs: xs[0].clamp(min=0)
+        if n.op == "reshape":
+            return lambda xs: xs[0].reshape(xs[0].shape[0], *a["shape"])
+        if n.op == "permute":
+            return lambda xs: xs[0].permute(*a["dims"]).contiguous()
+        raise ValueError(f"node {n.name!r}: unknown op {n.op!r}")
+
+    def _conv(self, n: ir.Node, in_t: list[ir.Tensor], out: ir.Tensor) -> OpFn:
+        a, p = n.attrs, n.params
+        w = p["weight"]
+        groups = int(a["groups"])
+        k_per_ic = int(w.shape[2] * w.shape[3])
+        k = int(w.shape[1]) * k_per_ic
+        geo = (tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
+        int8_in = in_t[0].dtype == "int8"
+        w32 = torch.from_numpy(w.astype(np.float32))
+        w64 = torch.from_numpy(w.astype(np.float64))
+        chunks: list[tuple[int, int]] = []
+        if int8_in and k > EXACT_F32_TERMS and groups == 1:
+            step = max(1, EXACT_F32_TERMS // k_per_ic)
+            chunks = [(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
+        bias = torch.from_numpy(p["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
+        m, s, rb, odd = _rq_consts(p["m"], p["shift"], (1, -1, 1, 1))
+        m_res = (torch.from_numpy(p["m_res"].astype(np.int64)).reshape(1, -1, 1, 1)
+                 if "m_res" in p else None)
+        clip = a.get("clip")
+
+        def conv(xs: list[torch.Tensor]) -> torch.Tensor:
+            x = xs[0]
+            if int8_in and k <= EXACT_F32_TERMS:
+                acc = F.conv2d(x.float(), w32, None, *geo, groups).long()
+            elif chunks:
+                acc64 = sum(F.conv2d(x[:, c0:c1].float(), w32[:, c0:c1], None, *geo, 1).double()
+                            for c0, c1 in chunks)
+                assert isinstance(acc64, torch.Tensor)
+                acc = acc64.long()
+            else:
+                acc = F.conv2d(x.double(), w64, None, *geo, groups).long()
+            v = (acc + bias) * m
+            if m_res is not None:
+                v += xs[1].long() * m_res
+            return _finish(round_shift(v, s, rb, odd), out, clip)
+        return conv
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, env_out: dict[str, torch.Tensor] | None = None
+            ) -> list[torch.Tensor]:
+        """Execute on the float input ``x`` (Tensor[N, 3, H, W]); returns flat float32 outputs.
+
+        ``env_out``, when given, keeps every tensor (integers in float storage) by name.
+        """
+        g = self.graph
+        env: dict[str, torch.Tensor] = {} if env_out is None else env_out
+        env[g.inputs[0]] = x.detach().cpu().float()
+        keep = set(g.outputs) if env_out is None else set(self.graph.tensors)
+        for i, (ins, name, fn) in enumerate(self.steps):
+            env[name] = fn([env[t] for t in ins])
+            if env_out is None:
+                for t in ins:
+                    if self._last_use.get(t) == i and t not in keep:
+                        env.pop(t, None)
+        return [env[o] for o in g.outputs]
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        """The model's output structure (``graph.meta["output_tree"]``) of float32 tensors."""
+        return self.graph.unflatten_outputs(self.run(x))

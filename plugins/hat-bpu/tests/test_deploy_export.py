@@ -1,0 +1,117 @@
+"""HBIR export round trip and the integer simulator (int_infer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hat_bpu import deploy_plugin, hbir
+from hat_bpu.convert import convert
+from hat_bpu.deploy_fixtures import small_model, yuv_input
+from hat_bpu.ir_reference import run_ir
+from hat_bpu.simulator import Simulator
+
+from hatcore.errors import UserError
+
+
+def _spec(**kw: object) -> deploy_plugin.HbirExportSpec:
+    return deploy_plugin.HbirExportSpec(type="hbir", **kw)  # type: ignore[arg-type]
+
+
+def test_hook_export_round_trip(tmp_path: Path) -> None:
+    q, x = small_model()
+    path = tmp_path / "model.hbir"
+    desc = deploy_plugin.export(model=q, spec=_spec(march="bernoulli2"), path=path,
+                                example_input=x[:1])
+    assert desc["format"] == "hbir" and desc["march"] == "bernoulli2"
+    assert desc["ops"]["conv2d"] >= 5
+    g = convert(q, x[:1], march="bernoulli2")
+    back = hbir.load_hbir(path)
+    assert back.inputs == g.inputs and back.outputs == g.outputs
+    assert back.meta["output_tree"] == g.meta["output_tree"]
+    assert {k: vars(v) for k, v in back.tensors.items()} == {k: vars(v) for k, v in g.tensors.items()}
+    for a, b in zip(g.nodes, back.nodes, strict=True):
+        assert (a.op, a.name, a.inputs, a.outputs, a.attrs) == (b.op, b.name, b.inputs, b.outputs,
+                                                                 b.attrs)
+        assert a.params.keys() == b.params.keys()
+        for k in a.params:
+            assert a.params[k].dtype == b.params[k].dtype
+            assert np.array_equal(a.params[k], b.params[k])
+
+
+def test_hook_export_other_type_is_not_ours(tmp_path: Path) -> None:
+    from hatcore.recipe import ExportSpec
+
+    q, x = small_model()
+    assert deploy_plugin.export(model=q, spec=ExportSpec(type="other"), path=tmp_path / "m",
+                                example_input=x[:1]) is None
+
+
+def test_export_unknown_march_is_user_error(tmp_path: Path) -> None:
+    q, x = small_model()
+    with pytest.raises(UserError, match="bayes-e"):
+        deploy_plugin.export(model=q, spec=_spec(march="nope"), path=tmp_path / "m.hbir",
+                             example_input=x[:1])
+
+
+@pytest.mark.parametrize(("width", "pow2"), [(16, False), (16, True), (96, False)])
+def test_simulator_bit_exact_with_reference_and_fake_quant(width: int, pow2: bool) -> None:
+    # width 96: the 3x3 conv 96→192 has K = 864 (float32 path), the 1x1 fuse conv reads 288
+    # channels; width 128 below exercises the chunked path.
+    q, x = small_model(width=width, pow2=pow2)
+    g = convert(q, x[:1])
+    sim = Simulator(g)
+    got = sim.run(x)
+    ref = run_ir(g, x.numpy())
+    with torch.no_grad():
+        fq = q(x)
+    for r, s, f in zip(ref, got, fq, strict=True):
+        assert s.dtype == torch.float32
+        assert np.array_equal(r, s.numpy())
+        lsb = 2 * float(s.abs().max()) / 255  # loose bound: at most 1 LSB of the output
+        assert float((s - f).abs().max()) <= lsb
+
+
+def test_simulator_chunks_long_reductions_exactly() -> None:
+    q, x = small_model(width=128)  # 3x3 conv over 128 ch: K = 1152 > 1024 → two exact chunks
+    g = convert(q, x[:1])
+    assert any(n.op == "conv2d" and np.prod(n.params["weight"].shape[1:]) > 1024 for n in g.nodes)
+    got = Simulator(g).run(x)
+    for r, s in zip(run_ir(g, x.numpy()), got, strict=True):
+        assert np.array_equal(r, s.numpy())
+
+
+def test_hook_load_deployed_int_infer(tmp_path: Path) -> None:
+    q, x = small_model()
+    path = tmp_path / "model.hbir"
+    deploy_plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
+    runner = deploy_plugin.load_deployed(path=path, stage="int_infer")
+    assert runner is not None
+    img = yuv_input(3, 32, seed=5)
+    out = runner({"img": img})
+    with torch.no_grad():
+        ref = q(img)
+    assert isinstance(out, tuple) and len(out) == len(ref)
+    for a, b in zip(out, ref, strict=True):
+        assert torch.equal(a, b)
+    assert deploy_plugin.load_deployed(path=path, stage="align_bpu") is None
+
+
+def test_hook_describe_file_hbir_and_damage(tmp_path: Path) -> None:
+    q, x = small_model()
+    path = tmp_path / "model.hbir"
+    deploy_plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
+    text = deploy_plugin.describe_file(path=path)
+    assert text is not None and "conv2d" in text and "checksum ok" in text
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    bad = tmp_path / "bad.hbir"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        deploy_plugin.describe_file(path=bad)
+    (tmp_path / "short.hbir").write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        deploy_plugin.describe_file(path=tmp_path / "short.hbir")
+    assert deploy_plugin.describe_file(path=tmp_path) is None
