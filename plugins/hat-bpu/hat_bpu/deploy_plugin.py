@@ -59,6 +59,18 @@ def export(model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.
     return hbir.save_hbir(graph, Path(path))
 
 
+@hookimpl
+def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] | None:
+    if not isinstance(spec, HbmCompileSpec):
+        return None
+    from hat_bpu.hbm import compile_file
+
+    if not hbir.is_hbir(Path(artifact)):
+        raise UserError(f"{artifact}: not an .hbir file; run the export stage first")
+    return compile_file(Path(artifact), spec.march, Path(out_dir), spec.opt_level,
+                        spec.input_layout)
+
+
 def _batch_img(batch: Any) -> torch.Tensor:
     img = batch["img"] if isinstance(batch, dict) else batch
     if not isinstance(img, torch.Tensor) or img.dim() != 4:
