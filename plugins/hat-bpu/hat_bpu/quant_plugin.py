@@ -16,8 +16,6 @@ from hatcore.recipe import QuantizeSpec, option, spec
 from hatcore.registry import Register
 
 DTYPE_CHOICES = ("int8", "int16", "float")
-POW2_MARCHES = ("bernoulli2",)  # fallback when the march table is not available
-FALLBACK_MARCHES = ("bernoulli2", "bayes", "bayes-e")
 
 
 @spec
@@ -50,23 +48,13 @@ class HorizonQuantizeSpec(QuantizeSpec):
 
 
 def march_pow2(march: str) -> bool:
-    """The march's scale policy, from the shared march table (``hat_bpu.march``) when present."""
-    try:
-        from hat_bpu import march as march_table  # type: ignore[attr-defined]
-    except ImportError:
-        march_table = None
-    get = getattr(march_table, "get_march", None)
-    if get is None:  # no table yet: the known marches and their policies
-        if march not in FALLBACK_MARCHES:
-            raise UserError(f"[quantize] march = {march!r} is unknown; expected one of "
-                            f"{', '.join(FALLBACK_MARCHES)}")
-        return march in POW2_MARCHES
-    try:
-        return bool(getattr(get(march), "pow2_scales", march in POW2_MARCHES))
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"[quantize] march = {march!r}: {exc}") from None
+    """The march's scale policy, from the march table shared with the checker and compiler.
+
+    :raises UserError: an unknown march, naming the known ones.
+    """
+    from hat_bpu.march import get_march
+
+    return bool(get_march(march).pow2_scales)
 
 
 def qconfig_from_spec(qspec: HorizonQuantizeSpec) -> QConfig:
