@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import click
 import torch
 from torch import nn
 
@@ -57,6 +58,23 @@ def export(model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.
     graph = convert(model, example_input, march=spec.march)
     graph.meta["input_layout"] = spec.input_layout
     return hbir.save_hbir(graph, Path(path))
+
+
+@hookimpl
+def check_model(model: nn.Module, spec: CompileSpec, example_input: torch.Tensor
+                ) -> dict[str, Any] | None:
+    if not isinstance(spec, HbmCompileSpec):
+        return None
+    from hat_bpu.checker import check
+
+    return check(model, get_march(spec.march), example_input[:1])
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    from hat_bpu.deploy_commands import register
+
+    register(cli)
 
 
 @hookimpl
