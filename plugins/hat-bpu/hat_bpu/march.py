@@ -112,8 +112,8 @@ _MARCHES: dict[str, March] = {
         peak_tops_int8=10.0, ddr_gbps=17.0, sram_kib=2048, clock_mhz=1000,
         mac_align=(16, 16), max_kernel=15, max_stride=4, max_channels=8192,
         max_tensor_bytes=32 << 20, pow2_scales=False,
-        layer_overhead_us=5.0, frame_overhead_us=200.0,
-        peak_utilisation=0.5, depthwise_efficiency=0.12,
+        layer_overhead_us=3.0, frame_overhead_us=200.0,
+        peak_utilisation=0.65, depthwise_efficiency=0.12,
         sources={
             "peak_tops_int8": "public: D-Robotics RDK X5 spec sheet (10 TOPS BPU, Bayes-e)",
             "ddr_gbps": "ASSUMPTION (LPDDR4 4266 MT/s, 32-bit → 17 GB/s)",

@@ -5,7 +5,7 @@ These are estimates of a modelled device, not measurements of Horizon hardware (
 Per layer (one IR node)::
 
     compute_s = ops / (peak_ops · utilisation)
-    ddr_bytes = weights + activations read/written that do not fit in on-chip SRAM
+    ddr_bytes = weights + max(0, activations + weights - SRAM)  (what does not fit spills)
     time_s    = max(compute_s, ddr_bytes / ddr_bandwidth) + layer_overhead
 
 ``utilisation`` of a convolution = ``peak_utilisation`` × channel alignment (``I/g`` and ``O``
@@ -88,7 +88,7 @@ def _layer(n: ir.Node, g: ir.Graph, march: March) -> LayerPerf | None:
         util = VECTOR_FRACTION
         rate = peak * util
     sram = march.sram_kib * 1024
-    ddr = wbytes + (act if act + wbytes > sram else 0)
+    ddr = wbytes + max(0, act + wbytes - sram)  # the working set beyond SRAM spills to DDR
     compute_s = ops / rate
     memory_s = ddr / (march.ddr_gbps * 1e9)
     time_s = max(compute_s, memory_s) + march.layer_overhead_us * 1e-6
