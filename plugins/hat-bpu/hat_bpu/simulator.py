@@ -10,9 +10,15 @@ integer arithmetic only, where float is used only when provably exact:
   ``K·2**14 <= 2**24`` (``K <= 1024``; ``K = I/groups·kh·kw``). Longer reductions are split
   over input channels into chunks of at most 1024 terms and the exact chunk sums added in
   float64. Other inputs (int16) convolve in float64 (exact while ``K·2**22 < 2**53``).
-* Requantization ``sat(clip(round_shift(acc·m, s)))`` runs in int64 with the identity
+* Requantization ``sat(clip(round_shift(Σ x·m, s)))`` runs in float64 as
+  ``round_half_even(Σ x · (m·2**-s))`` when ``Σ |x|·|m| < 2**53`` is guaranteed: then every
+  product and the sum are integers times ``2**-s`` with at most 53 significant bits, so float64
+  holds them exactly and ``torch.round`` (half to even) is the integer rule. The guarantee is
+  static for add/concat/requantize (int8/int16 inputs: ``|x| <= 2**15``, ``m < 2**31``) and
+  checked per call for a convolution (``max|acc + bias|`` measured). Otherwise int64 with
   ``round_half_even(v / 2**s) = (v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s`` for ``s > 0``
-  (``v`` itself for ``s = 0``), equal to :func:`hat_bpu.qspec.round_shift`.
+  (``v`` for ``s = 0``), equal to :func:`hat_bpu.qspec.round_shift`.
+* Where the bias fits (``K·2**14 + max|bias| <= 2**24``) it is added inside the float32 conv.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from torch.nn import functional as F
 from hat_bpu import ir, qspec
 
 EXACT_F32_TERMS = 1024  # K·128·128 <= 2**24
+F64_EXACT = 2.0**53
+_QMAX_ABS = {"int8": 128, "int16": 32768, "int32": 2**31, "float32": 2**31}
 OpFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
@@ -52,6 +60,18 @@ def round_shift(v: torch.Tensor, s: torch.Tensor, bias: torch.Tensor, odd: torch
     """``round_half_even(v / 2**s)`` of int64 ``v`` (``bias``/``odd`` from :func:`_rq_consts`)."""
     return torch.bitwise_right_shift(
         v + bias + (torch.bitwise_right_shift(v, s) & odd), s)
+
+
+def _ratio(m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``m · 2**-s`` as float64 (exact: ``|m| < 2**31``)."""
+    return np.asarray(m, np.float64) * np.exp2(-np.asarray(s, np.float64))
+
+
+def _finish_f64(v: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
+    lo, hi = qspec.qrange(out.dtype)
+    if clip:
+        lo, hi = max(lo, int(clip[0])), min(hi, int(clip[1]))
+    return v.round_().clamp_(lo, hi).to(_storage(out.dtype))
 
 
 def _finish(y: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
@@ -90,6 +110,16 @@ class Simulator:
         if n.op == "add":
             _, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
             ms = [int(v) for v in p["m"]]
+            bound = sum(_QMAX_ABS[x.dtype] * abs(mi) for x, mi in zip(in_t, ms, strict=True))
+            rs = [float(r) for r in _ratio(p["m"], p["shift"][0])]
+
+            def add_f64(xs: list[torch.Tensor]) -> torch.Tensor:
+                v = xs[0].double() * rs[0]
+                for x, r in zip(xs[1:], rs[1:], strict=True):
+                    v.add_(x.double(), alpha=r)
+                return _finish_f64(v, out, a.get("clip"))
+            if bound < F64_EXACT:
+                return add_f64
 
             def add(xs: list[torch.Tensor]) -> torch.Tensor:
                 v = xs[0].long() * ms[0]
@@ -101,6 +131,12 @@ class Simulator:
             consts = [_rq_consts(p["m"][i:i + 1], p["shift"][i:i + 1], ())
                       for i in range(len(n.inputs))]
 
+            rs = [float(r) for r in _ratio(p["m"], p["shift"])]
+            if all(_QMAX_ABS[x.dtype] * abs(int(mi)) < F64_EXACT for x, mi in zip(in_t, p["m"],
+                                                                             strict=True)):
+                return lambda xs: torch.cat([_finish_f64(x.double() * r, out, None)
+                                             for x, r in zip(xs, rs, strict=True)], a["axis"])
+
             def concat(xs: list[torch.Tensor]) -> torch.Tensor:
                 parts = [_finish(round_shift(x.long() * c[0], c[1], c[2], c[3]), out, None)
                          for x, c in zip(xs, consts, strict=True)]
@@ -108,6 +144,9 @@ class Simulator:
             return concat
         if n.op == "requantize":
             m, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
+            r = float(_ratio(p["m"][:1], p["shift"][:1])[0])
+            if _QMAX_ABS[in_t[0].dtype] * abs(int(p["m"][0])) < F64_EXACT:
+                return lambda xs: _finish_f64(xs[0].double() * r, out, a.get("clip"))
             return lambda xs: _finish(round_shift(xs[0].long() * m, s, b, o), out, a.get("clip"))
         if n.op == "maxpool":
             return lambda xs: F.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
@@ -144,23 +183,42 @@ class Simulator:
             step = max(1, EXACT_F32_TERMS // k_per_ic)
             chunks = [(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
         bias = torch.from_numpy(p["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
+        b_max = float(np.abs(p["bias"].astype(np.float64)).max(initial=0))
+        fast32 = int8_in and k <= EXACT_F32_TERMS
+        bias_in_conv = fast32 and k * 2**14 + b_max <= 2**24
+        b32 = torch.from_numpy(p["bias"].astype(np.float32)) if bias_in_conv else None
+        b64 = bias.double()
         m, s, rb, odd = _rq_consts(p["m"], p["shift"], (1, -1, 1, 1))
+        m_abs = float(np.abs(p["m"]).max())
+        r = torch.from_numpy(_ratio(p["m"], p["shift"])).reshape(1, -1, 1, 1)
         m_res = (torch.from_numpy(p["m_res"].astype(np.int64)).reshape(1, -1, 1, 1)
                  if "m_res" in p else None)
+        res_bound = (_QMAX_ABS[in_t[1].dtype] * float(np.abs(p["m_res"]).max())
+                     if m_res is not None else 0.0)
+        r_res = (torch.from_numpy(_ratio(p["m_res"], p["shift"])).reshape(1, -1, 1, 1)
+                 if m_res is not None else None)
         clip = a.get("clip")
 
         def conv(xs: list[torch.Tensor]) -> torch.Tensor:
             x = xs[0]
-            if int8_in and k <= EXACT_F32_TERMS:
-                acc = F.conv2d(x.float(), w32, None, *geo, groups).long()
+            if fast32:
+                acc = F.conv2d(x.float(), w32, b32, *geo, groups)
             elif chunks:
-                acc64 = sum(F.conv2d(x[:, c0:c1].float(), w32[:, c0:c1], None, *geo, 1).double()
-                            for c0, c1 in chunks)
-                assert isinstance(acc64, torch.Tensor)
-                acc = acc64.long()
+                acc = sum(F.conv2d(x[:, c0:c1].float(), w32[:, c0:c1], None, *geo, 1).double()
+                          for c0, c1 in chunks)
             else:
-                acc = F.conv2d(x.double(), w64, None, *geo, groups).long()
-            v = (acc + bias) * m
+                acc = F.conv2d(x.double(), w64, None, *geo, groups)
+            assert isinstance(acc, torch.Tensor)
+            acc = acc.double()
+            if b32 is None:
+                acc.add_(b64)
+            lo, hi = torch.aminmax(acc)
+            if max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT:  # exact in float64
+                v = acc.mul_(r)
+                if r_res is not None:
+                    v.addcmul_(xs[1].double(), r_res)
+                return _finish_f64(v, out, clip)
+            v = acc.long() * m
             if m_res is not None:
                 v += xs[1].long() * m_res
             return _finish(round_shift(v, s, rb, odd), out, clip)

@@ -115,3 +115,14 @@ def test_hook_describe_file_hbir_and_damage(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="truncated"):
         deploy_plugin.describe_file(path=tmp_path / "short.hbir")
     assert deploy_plugin.describe_file(path=tmp_path) is None
+
+
+def test_simulator_int64_fallback_is_bit_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hat_bpu import simulator
+
+    q, x = small_model(width=128)
+    g = convert(q, x[:1])
+    monkeypatch.setattr(simulator, "F64_EXACT", 0.0)  # every requantization through int64
+    got = Simulator(g).run(x)
+    for r, s in zip(run_ir(g, x.numpy()), got, strict=True):
+        assert np.array_equal(r, s.numpy())

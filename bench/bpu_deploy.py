@@ -1,0 +1,72 @@
+"""Deploy-road bench: integer simulator img/s vs the float eager forward, compile time, and
+`perf` estimates of the FCOS-EfficientNet-B0 stand-in at 512x512 on every march.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bpu_deploy.py [--size 512] [--batch 2] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bpu_deploy_nets import FcosB0Like  # noqa: E402
+from hat_bpu import hbir, hbm, perf  # noqa: E402
+from hat_bpu.convert import convert  # noqa: E402
+from hat_bpu.deploy_fixtures import calibrate, yuv_input  # noqa: E402
+from hat_bpu.ir_reference import run_ir  # noqa: E402
+from hat_bpu.march import MARCHES  # noqa: E402
+from hat_bpu.simulator import Simulator  # noqa: E402
+
+
+def best(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    net = FcosB0Like().eval()
+    x = yuv_input(args.batch, args.size)
+    q = calibrate(net, x)
+    graph = convert(q, x[:1], march="bayes-e")
+    sim = Simulator(graph)
+    with torch.no_grad():
+        net(x)
+        sim.run(x)
+        t_float = best(lambda: net(x), args.reps)
+        t_sim = best(lambda: sim.run(x), args.reps)
+    same = all(torch.equal(torch.from_numpy(r), s)
+               for r, s in zip(run_ir(graph, x[:1].numpy()), sim.run(x[:1]), strict=True))
+    n = args.batch
+    print(f"threads {torch.get_num_threads()}, input {n}x3x{args.size}x{args.size}")
+    print(f"float eager (BN unfused): {n / t_float:.2f} img/s")
+    print(f"integer simulator:        {n / t_sim:.2f} img/s  "
+          f"({t_float / t_sim:.2f}x float), bit-exact vs ir_reference: {same}")
+    with tempfile.TemporaryDirectory() as d:
+        art = Path(d) / "model.hbir"
+        hbir.save_hbir(graph, art)
+        for m in MARCHES:
+            t = time.perf_counter()
+            est = hbm.compile_file(art, m, Path(d) / m)
+            dt = time.perf_counter() - t
+            print(f"compile {m}: {dt:.2f} s, .hbm {(Path(d) / m / 'model.hbm').stat().st_size} B")
+            print("  " + perf.table(est, top=1).splitlines()[-2])
+
+
+if __name__ == "__main__":
+    main()
