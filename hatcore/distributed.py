@@ -16,6 +16,7 @@ from torch import nn
 
 
 def is_initialized() -> bool:
+    """True once :func:`init` joined a process group."""
     return tdist.is_available() and tdist.is_initialized()
 
 
@@ -25,14 +26,17 @@ def world_size() -> int:
 
 
 def rank() -> int:
+    """This process's rank (0 on one process)."""
     return tdist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def local_rank() -> int:
+    """This process's rank on its machine (its GPU index)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
+    """True on rank 0, which alone prints, logs and writes files."""
     return rank() == 0
 
 
@@ -47,6 +51,7 @@ def init() -> None:
 
 
 def barrier() -> None:
+    """Wait for every process (nothing on one process)."""
     if is_initialized():
         tdist.barrier()
 
@@ -60,25 +65,62 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every process (``obj`` itself on one process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def train_sampler(dataset: Any, *, shuffle: bool, seed: int) -> Any:
+    """A ``DistributedSampler`` (each process its share) on several processes, else ``None``.
+
+    ``None`` lets the ``DataLoader`` use its own (random or sequential) sampler.
+    """
+    if world_size() <= 1:
+        return None
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=world_size(), rank=rank(),
+                                               shuffle=shuffle, seed=seed)
+
+
+def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm → SyncBatchNorm on CUDA (torch's SyncBatchNorm runs on GPUs only)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if is_main():
+        print("hat: sync_bn needs CUDA; on CPU, BN statistics follow rank 0 (DDP broadcasts them)",
+              file=sys.stderr)
+    return model
+
+
 def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
     """DDP (and SyncBatchNorm when asked) when running on several processes."""
     if not is_initialized() or world_size() <= 1:
         return model
-    if sync_bn and device.type == "cuda":  # torch's SyncBatchNorm runs on CUDA only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif sync_bn and is_main():
-        print("hat: sync_bn needs CUDA; on CPU, BN statistics follow rank 0 (DDP broadcasts them)",
-              file=sys.stderr)
-    ids = [device.index] if device.type == "cuda" else None
+    if sync_bn:
+        model = convert_sync_bn(model, device)
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The task model inside a DDP wrapper (for ``compute_loss`` and ``state_dict``)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def launch_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun command line that runs ``hat ARGV`` on ``nproc`` local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "hatcore", *argv]
+
+
 def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run ``hat ARGV`` on ``nproc`` local processes with torchrun; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "hatcore", *argv]
-    return subprocess.call(cmd)
+    """Re-run ``hat ARGV`` on ``nproc`` local processes with torchrun; returns its exit code.
+
+    Each process joins the group in :func:`init` (gloo on CPU, nccl on CUDA).
+    """
+    return subprocess.call(launch_command(nproc, argv))

@@ -38,6 +38,11 @@ def param_groups(model: nn.Module, cfg: Optimizer) -> list[dict[str, object]]:
 
 
 def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW over :func:`param_groups`.
+
+    ``cfg.lr`` is the learning rate of the whole batch: with DDP the gradients are averaged
+    over processes, so it is used as is, never multiplied by the world size.
+    """
     groups = param_groups(model, cfg)
     if cfg.type == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -71,10 +76,16 @@ class LRSchedule:
         return 1.0
 
     def apply(self, optimizer: torch.optim.Optimizer, base_lr: float, step: int) -> float:
+        """Set every group's lr to ``base_lr * factor(step)``; return it."""
         lr = base_lr * self.factor(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+
+def build_scheduler(cfg: Schedule, iters_per_epoch: int, epochs: int) -> LRSchedule:
+    """The learning-rate schedule of a stage of ``epochs`` epochs of ``iters_per_epoch`` iters."""
+    return LRSchedule(cfg, iters_per_epoch, epochs)
 
 
 class ModelEMA:

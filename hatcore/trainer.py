@@ -26,14 +26,47 @@ from tqdm import tqdm
 from hatcore import distributed as dist
 from hatcore.checkpoint import load_checkpoint, save_checkpoint
 from hatcore.data import to_device
-from hatcore.optim import LRSchedule, ModelEMA, build_optimizer
+from hatcore.errors import UserError
+from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
 from hatcore.recipe import TrainStage
+
+__all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "rng_state",
+           "seed_everything", "set_rng_state"]
 
 
 def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and ``random`` from one integer."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch, CUDA, numpy and ``random`` as tensors and plain lists.
+
+    Plain types only, so the state survives ``torch.load(weights_only=True)``.
+    """
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "random": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))
 
 
 def _to_memory_format(batch: dict[str, Any], channels_last: bool) -> dict[str, Any]:
@@ -66,6 +99,7 @@ class Trainer:
         self.step = 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
+        self.elapsed = 0.0  # seconds of training, over all runs of this stage
 
         model = model.to(device)
         if cfg.channels_last:
@@ -76,7 +110,10 @@ class Trainer:
         self.iters_per_epoch = len(train_loader)
         if cfg.max_iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
-        self.schedule = LRSchedule(cfg.schedule, self.iters_per_epoch, cfg.epochs)
+        if self.iters_per_epoch == 0:
+            raise UserError(f"{stage}: the training set gives no batch (fewer images than "
+                            "data.train.batch_size with drop_last?)")
+        self.schedule: LRSchedule = build_scheduler(cfg.schedule, self.iters_per_epoch, cfg.epochs)
         self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -95,6 +132,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "scheduler": {"step": self.step}, "stage": self.stage, "epoch": self.epoch,
             "step": self.step, "best": self.best, "history": json.dumps(self.history),
+            "elapsed": self.elapsed, "rng": rng_state(),
         }
 
     def _resume(self) -> None:
@@ -110,8 +148,15 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state.get("best")
         self.history = json.loads(state.get("history") or "[]")
-        if dist.is_main():
-            tqdm.write(f"{self.stage}: resuming from epoch {self.epoch + 1}/{self.cfg.epochs} "
+        self.elapsed = float(state.get("elapsed", 0.0))
+        if state.get("rng"):
+            set_rng_state(state["rng"])
+        if not dist.is_main():
+            return
+        if self.epoch >= self.cfg.epochs:
+            tqdm.write(f"{self.stage}: all {self.cfg.epochs} epochs already trained ({path})")
+        else:
+            tqdm.write(f"resuming {self.stage} from epoch {self.epoch + 1}/{self.cfg.epochs} "
                        f"({path})")
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -129,10 +174,10 @@ class Trainer:
         while self.epoch < self.cfg.epochs and not self.should_stop:
             metrics = self._epoch()
             self.epoch += 1
-        if not (self.out_dir / "checkpoint-best.pt").is_file():
-            self._save_best(metrics)
+        if self.evaluate is None or not (self.out_dir / "checkpoint-best.pt").is_file():
+            self._save_best(metrics)  # nothing scored: the best weights are the last ones
         summary = {"stage": self.stage, "epochs": self.epoch, "best": self._best_record(),
-                   "last": metrics}
+                   "last": metrics, "time": round(self.elapsed, 3)}
         if dist.is_main():
             (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         return metrics
@@ -159,7 +204,7 @@ class Trainer:
         images, t0 = 0, time.perf_counter()
         bar = tqdm(total=self.iters_per_epoch, desc=f"{self.stage} {epoch + 1}/{cfg.epochs}",
                    disable=not dist.is_main(), dynamic_ncols=True, leave=True)
-        lr = 0.0
+        lr, steps = 0.0, 0
         for i, batch in enumerate(self.loader):
             if i >= self.iters_per_epoch:
                 break
@@ -170,6 +215,7 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             self.step += 1
+            steps += 1
             rate = images / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{lr:.2e}",
                             "img/s": f"{rate:.1f}"}, refresh=False)
@@ -178,9 +224,11 @@ class Trainer:
                 self._log({"kind": "iter", "epoch": epoch, "iter": i, "step": self.step,
                            **losses, "lr": lr, "img_s": rate})
         bar.close()
-        steps = max(1, min(i + 1, self.iters_per_epoch) if self.iters_per_epoch else 1)
-        metrics: dict[str, Any] = {k: v / steps for k, v in sums.items()}
-        metrics.update(epoch=epoch, lr=lr, img_s=images / max(time.perf_counter() - t0, 1e-9))
+        seconds = time.perf_counter() - t0
+        self.elapsed += seconds
+        metrics: dict[str, Any] = {k: v / max(1, steps) for k, v in sums.items()}
+        metrics.update(epoch=epoch, lr=lr, img_s=images / max(seconds, 1e-9),
+                       epoch_time=round(seconds, 3))
         last = epoch + 1 == cfg.epochs
         if self.evaluate and (last or (cfg.val_interval and (epoch + 1) % cfg.val_interval == 0)):
             metrics.update(self.evaluate(self.eval_model))
@@ -193,13 +241,15 @@ class Trainer:
         self._log({"kind": "epoch", **metrics})
         if self.hook is not None:
             self.hook.on_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
+        self.should_stop = bool(dist.broadcast_object(self.should_stop))  # rank 0 decides
         dist.barrier()
         return metrics
 
     def _save_best(self, metrics: dict[str, Any]) -> None:
         if dist.is_main():
             save_checkpoint(self.out_dir / "checkpoint-best.pt", {
-                "model": self.eval_model.state_dict(), "stage": self.stage, "epoch": self.epoch,
+                "model": self.eval_model.state_dict(), "stage": self.stage,
+                "epoch": int(metrics.get("epoch", self.epoch)),
                 "metrics": json.dumps(metrics)})
 
     def _train_step(self, batch: dict[str, Any]) -> dict[str, float]:
