@@ -1,11 +1,118 @@
-"""hat-fcos's hook implementations (skeleton: filled by its issue)."""
+"""hat-fcos's hook implementations: type names, builders, and ``hat calops``."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from hat_fcos import hookspecs
+from hat_fcos.bifpn import BiFPN
+from hat_fcos.decoder import FCOSDecoder
+from hat_fcos.efficientnet import EfficientNet, load_lite0
+from hat_fcos.head import FCOSHead
+from hat_fcos.model import FCOS
+from hat_fcos.resnet import ResNet
+from hat_fcos.specs import (
+    BackboneSpec,
+    BiFPNSpec,
+    EfficientNetSpec,
+    FCOSHeadSpec,
+    FCOSSpec,
+    HeadSpec,
+    NeckSpec,
+    ResNetSpec,
+)
 from hatcore import hookimpl
+from hatcore.errors import UserError
+from hatcore.recipe import ModelSpec
 from hatcore.registry import Register
 
 
 @hookimpl
+def hat_addhooks(pluginmanager: pluggy.PluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@hookimpl
 def hat_components(register: Register) -> None:
-    """Nothing registered yet."""
+    register("model", "fcos", FCOSSpec, "FCOS detector: backbone, neck, head")
+    register("backbone", "efficientnet", EfficientNetSpec, "EfficientNet B0-B3 (Lite0 weights)")
+    register("backbone", "resnet", ResNetSpec, "ResNet-18/50")
+    register("neck", "bifpn", BiFPNSpec, "BiFPN with plain-sum fusion")
+    register("head", "fcos_head", FCOSHeadSpec, "shared FCOS head (cls, box, centerness)")
+
+
+@hookimpl
+def build_backbone(spec: BackboneSpec) -> nn.Module | None:
+    if isinstance(spec, EfficientNetSpec):
+        net = EfficientNet(spec.model_type, spec.activation, spec.use_se_block, spec.include_top)
+        if spec.pretrained == "efficientnet-lite0":
+            if spec.model_type != "b0" or spec.use_se_block:
+                raise UserError('[model.backbone] pretrained = "efficientnet-lite0" needs '
+                                f'model_type = "b0" and use_se_block = false, got '
+                                f"{spec.model_type!r}, {spec.use_se_block}")
+            load_lite0(net)
+        elif spec.pretrained:
+            raise UserError(f"[model.backbone] pretrained: unknown weights {spec.pretrained!r}; "
+                            'known: "efficientnet-lite0" (or "" for none)')
+        return net
+    if isinstance(spec, ResNetSpec):
+        return ResNet(spec.depth)
+    return None
+
+
+@hookimpl
+def build_neck(spec: NeckSpec, in_channels: list[int]) -> nn.Module | None:
+    if isinstance(spec, BiFPNSpec):
+        if len(spec.in_strides) != len(in_channels):
+            raise UserError(f"[model.neck] in_strides {spec.in_strides} name "
+                            f"{len(spec.in_strides)} features; the backbone gives "
+                            f"{len(in_channels)}")
+        return BiFPN(spec.in_strides, in_channels, spec.out_strides, spec.out_channels,
+                     spec.stack)
+    return None
+
+
+@hookimpl
+def build_head(spec: HeadSpec, in_channels: int, num_classes: int,
+               strides: list[int]) -> nn.Module | None:
+    if isinstance(spec, FCOSHeadSpec):
+        return FCOSHead(in_channels, num_classes, len(strides), spec.feat_channels,
+                        spec.stacked_convs, spec.int16_output)
+    return None
+
+
+def _need(obj: Any, kind: str, name: str) -> Any:
+    if obj is None:
+        raise UserError(f"[model.{kind}] type {name!r}: no installed plugin builds it")
+    return obj
+
+
+@hookimpl
+def build_model(spec: ModelSpec) -> nn.Module | None:
+    if not isinstance(spec, FCOSSpec):
+        return None
+    from hatcore.plugins import get_plugins
+
+    hook = get_plugins().hook
+    backbone = _need(hook.build_backbone(spec=spec.backbone), "backbone", spec.backbone.type)
+    neck = _need(hook.build_neck(spec=spec.neck, in_channels=list(backbone.out_channels)),
+                 "neck", spec.neck.type)
+    strides = list(neck.out_strides)
+    head = _need(hook.build_head(spec=spec.head, in_channels=neck_channels(neck),
+                                 num_classes=spec.num_classes, strides=strides),
+                 "head", spec.head.type)
+    upscale = getattr(spec.head, "upscale_bbox_pred", True)
+    d, t, lo = spec.decoder, spec.target, spec.loss
+    decoder = FCOSDecoder(strides, upscale, d.score_thr, d.nms_pre, d.nms_iou, d.max_per_img,
+                          d.nms_use_centerness, d.nms_sqrt)
+    return FCOS(backbone, neck, head, strides, spec.num_classes, decoder, upscale, t.topK,
+                t.cls_cost_weight, t.reg_cost_weight, lo.focal_alpha, lo.focal_gamma,
+                lo.cls_weight, lo.giou_weight, lo.centerness_weight)
+
+
+def neck_channels(neck: nn.Module) -> int:
+    """A neck's output width (``out_channels`` attribute)."""
+    return int(neck.out_channels)

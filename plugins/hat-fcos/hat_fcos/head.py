@@ -1,0 +1,65 @@
+"""FCOS head shared across levels: separable-conv towers, conv outputs (no activation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hatcore.quant import DeQuantStub, set_hint
+
+
+def sep_conv(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 depthwise -> 1x1 pointwise -> BN -> ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False),
+        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+    )
+
+
+class FCOSHead(nn.Module):
+    """``forward(feats) -> (cls [B,C,H,W] per level, bbox [B,4,H,W], centerness [B,1,H,W])``.
+
+    Outputs are raw conv outputs, each through a DeQuantStub: sigmoid and the distance scaling
+    happen when decoding (outside the deployed graph).
+
+    :param in_channels: channels of every input level.
+    :param num_classes: object classes.
+    :param num_levels: number of levels (one DeQuantStub per output).
+    :param feat_channels: tower width.
+    :param stacked_convs: convs per tower.
+    :param int16_output: hint the quantizer to keep the three output convs int16.
+    :param prior_prob: initial foreground probability (classification bias).
+    :param bbox_init: initial box output (distance / stride when ``upscale_bbox_pred``).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, num_levels: int,
+                 feat_channels: int = 64, stacked_convs: int = 4, int16_output: bool = True,
+                 prior_prob: float = 0.01, bbox_init: float = 2.0) -> None:
+        super().__init__()
+        def tower() -> nn.Sequential:
+            return nn.Sequential(*(sep_conv(in_channels if i == 0 else feat_channels,
+                                            feat_channels) for i in range(stacked_convs)))
+        self.cls_tower = tower()
+        self.reg_tower = tower()
+        self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, 1, 1)
+        self.bbox_out = nn.Conv2d(feat_channels, 4, 3, 1, 1)
+        self.ctr_out = nn.Conv2d(feat_channels, 1, 3, 1, 1)
+        for conv in (self.cls_out, self.bbox_out, self.ctr_out):
+            nn.init.normal_(conv.weight, std=0.01)
+            if int16_output:
+                set_hint(conv, out_dtype="int16")
+        nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.bbox_out.bias, bbox_init)
+        nn.init.constant_(self.ctr_out.bias, 0.0)
+        self.dequant = nn.ModuleList(DeQuantStub() for _ in range(3 * num_levels))
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        cls, bbox, ctr = [], [], []
+        for i, x in enumerate(feats):
+            c, r = self.cls_tower(x), self.reg_tower(x)
+            cls.append(self.dequant[3 * i](self.cls_out(c)))
+            bbox.append(self.dequant[3 * i + 1](self.bbox_out(r)))
+            ctr.append(self.dequant[3 * i + 2](self.ctr_out(r)))
+        return cls, bbox, ctr
