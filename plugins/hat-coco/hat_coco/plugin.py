@@ -1,11 +1,116 @@
-"""hat-coco's hook implementations (skeleton: filled by its issue)."""
+"""hat-coco's hook implementations: COCO/LMDB/shapes datasets, transforms, metric, commands."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hat_coco import specs as S
+from hat_coco import transforms as T
 from hatcore import hookimpl
+from hatcore.errors import UserError
+from hatcore.recipe import DatasetSpec, MetricSpec, TransformSpec
 from hatcore.registry import Register
+
+_TRANSFORMS: dict[type, tuple[str, Callable[[Any], Any], str]] = {
+    S.ResizeSpec: ("resize", lambda s: T.Resize(s.img_scale, s.ratio_range, s.keep_ratio),
+                   "resize to img_scale [h, w] (random ratio, keep ratio)"),
+    S.RandomCropSpec: ("random_crop", lambda s: T.RandomCrop(s.size),
+                       "random crop; boxes clipped, empty ones dropped"),
+    S.PadSpec: ("pad", lambda s: T.Pad(s.divisor), "pad bottom/right to a multiple of divisor"),
+    S.RandomFlipSpec: ("random_flip", lambda s: T.RandomFlip(s.px, s.py),
+                       "random horizontal/vertical flip"),
+    S.AugmentHsvSpec: ("augment_hsv", lambda s: T.AugmentHSV(s.hgain, s.sgain, s.vgain),
+                       "random hue/saturation/value gains"),
+    S.ToTensorSpec: ("to_tensor", lambda s: T.ToTensor(s.to_yuv),
+                     "HWC uint8 -> CHW float tensor (YUV444 BT.601 when to_yuv)"),
+    S.NormalizeSpec: ("normalize", lambda s: T.Normalize(s.mean, s.std), "(img - mean) / std"),
+}
 
 
 @hookimpl
 def hat_components(register: Register) -> None:
-    """Nothing registered yet."""
+    register("dataset", "coco", S.CocoSpec, "COCO instances JSON + image folder")
+    register("dataset", "coco_lmdb", S.CocoLmdbSpec, "LMDB written by `hat pack coco`")
+    register("dataset", "shapes", S.ShapesSpec, "generated COCO-format shapes (demo data)")
+    for cls, (name, _, doc) in _TRANSFORMS.items():
+        register("transform", name, cls, doc)
+    register("metric", "coco", S.CocoMetricSpec, "COCO bbox AP/AR")
+
+
+def dataset_from_spec(spec: DatasetSpec, split: str, transforms: list[Any]) -> Any:
+    """The dataset a hat-coco table describes, or None for another plugin's table."""
+    from hat_coco.datasets import CocoDataset
+
+    skip_empty = split == "train" and getattr(spec, "filter_empty", False)
+    if isinstance(spec, S.CocoSpec):
+        return CocoDataset(spec.ann_file, spec.img_dir, transforms, skip_empty=skip_empty)
+    if isinstance(spec, S.ShapesSpec):
+        from hat_coco.shapes import generate
+
+        ann = generate(spec.root, split, spec.num_images, spec.image_size, spec.seed)
+        return CocoDataset(ann, Path(spec.root) / f"{split}2017", transforms,
+                           skip_empty=skip_empty)
+    if isinstance(spec, S.CocoLmdbSpec):
+        from hat_coco.lmdb_store import CocoLmdbDataset, pack_dataset
+
+        if not Path(spec.path).exists():
+            if spec.source is None:
+                raise UserError(f"{spec.path}: no such LMDB; pack one with `hat pack coco` or "
+                                f"give the coco_lmdb table a `source` to pack from")
+            src = dataset_from_spec(spec.source, split, [])
+            if src is None:
+                raise UserError(f"coco_lmdb.source: type {spec.source.type!r} cannot be packed "
+                                f"(use coco or shapes)")
+            pack_dataset(src, Path(spec.path))
+        return CocoLmdbDataset(spec.path, transforms, skip_empty=skip_empty)
+    return None
+
+
+@hookimpl
+def build_dataset(spec: DatasetSpec, split: str, transforms: list[Any]) -> Any:
+    return dataset_from_spec(spec, split, transforms)
+
+
+@hookimpl
+def build_transform(spec: TransformSpec) -> Any:
+    entry = _TRANSFORMS.get(type(spec))
+    return None if entry is None else entry[1](spec)
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    from hat_coco.commands import infer_cmd, pack_coco, pack_group
+
+    existing = cli.commands.get("pack")
+    if existing is not None and hasattr(existing, "add_command"):
+        existing.add_command(pack_coco)
+    else:
+        cli.add_command(pack_group)
+    if "infer" not in cli.commands:
+        cli.add_command(infer_cmd)
+
+
+@hookimpl
+def describe_file(path: Path) -> str | None:
+    from hat_coco.lmdb_store import describe_lmdb
+
+    return describe_lmdb(Path(path))
+
+
+@hookimpl
+def build_metric(spec: MetricSpec, dataset: Any) -> Any:
+    if isinstance(spec, S.CocoMetricSpec):
+        from hat_coco.metric import CocoMetric
+
+        return CocoMetric(dataset, spec.backend, spec.max_dets)
+    return None
+
+
+@hookimpl
+def draw_detections(batch: Any, detections: list[Any], class_names: list[str],
+                    paths: list[Path], score_thr: float) -> bool | None:
+    from hat_coco.draw import draw_batch
+
+    return draw_batch(batch, detections, class_names, paths, score_thr)

@@ -1,0 +1,246 @@
+"""Sample transforms. Each keeps ``gt_boxes`` consistent with the pixels.
+
+A sample before ``ToTensor`` (docs/coco.md)::
+
+    img       np.ndarray[H, W, 3] uint8, RGB
+    gt_boxes  np.ndarray[N, 4] float32, xyxy in the current image's pixels
+    gt_labels np.ndarray[N] int64, contiguous 0..C-1
+    meta      dict: image_id, file_name, orig_size, img_shape, pad_shape, scale (sy, sx), flip,
+              source ({"path": ...} or {"lmdb": ..., "key": ...})
+
+``ToTensor`` turns ``img`` into ``Tensor[3, H, W]`` float (0..255, YUV or RGB) and the boxes and
+labels into tensors; ``Normalize`` then gives ``(p - mean) / std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from hatcore.errors import UserError
+
+Sample = dict[str, Any]
+
+_RNG: dict[int, np.random.Generator] = {}
+
+
+def rng() -> np.random.Generator:
+    """This process's generator, seeded from ``torch.initial_seed()``.
+
+    In a DataLoader worker the torch seed is ``base_seed + worker_id`` (drawn from the loader's
+    generator), so workers differ from each other, epochs differ, and a seeded run repeats.
+    """
+    seed = torch.initial_seed()
+    gen = _RNG.get(seed)
+    if gen is None:
+        _RNG.clear()
+        gen = _RNG[seed] = np.random.default_rng(seed % 2**63)
+    return gen
+
+
+def _image(sample: Sample, name: str) -> np.ndarray:
+    img = sample["img"]
+    if not isinstance(img, np.ndarray):
+        raise UserError(f"transform {name!r} needs the HWC uint8 image; put it before `to_tensor`")
+    return img
+
+
+def _set_shape(sample: Sample, img: np.ndarray) -> None:
+    sample["img"] = img
+    sample["meta"]["img_shape"] = (img.shape[0], img.shape[1])
+    sample["meta"]["pad_shape"] = (img.shape[0], img.shape[1])
+
+
+class Resize:
+    """Resize to ``img_scale`` [h, w] times a random factor from ``ratio_range``."""
+
+    def __init__(self, img_scale: Sequence[int], ratio_range: Sequence[float] | None = None,
+                 keep_ratio: bool = True) -> None:
+        self.img_scale = (int(img_scale[0]), int(img_scale[1]))
+        self.ratio_range = tuple(ratio_range) if ratio_range else None
+        self.keep_ratio = keep_ratio
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = _image(sample, "resize")
+        h0, w0 = img.shape[:2]
+        th, tw = self.img_scale
+        if self.ratio_range:
+            r = float(rng().uniform(*self.ratio_range))
+            th, tw = th * r, tw * r
+        if self.keep_ratio:
+            s = min(th / h0, tw / w0)
+            sy = sx = s
+        else:
+            sy, sx = th / h0, tw / w0
+        h, w = max(1, round(h0 * sy)), max(1, round(w0 * sx))
+        sy, sx = h / h0, w / w0  # the exact factors the pixels got
+        if (h, w) != (h0, w0):
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        _set_shape(sample, img)
+        sample["gt_boxes"] = sample["gt_boxes"] * np.array([sx, sy, sx, sy], np.float32)
+        oy, ox = sample["meta"]["scale"]
+        sample["meta"]["scale"] = (oy * sy, ox * sx)
+        return sample
+
+
+def _keep_boxes(sample: Sample, keep: np.ndarray) -> None:
+    sample["gt_boxes"] = sample["gt_boxes"][keep]
+    sample["gt_labels"] = sample["gt_labels"][keep]
+
+
+class RandomCrop:
+    """A random ``size`` [h, w] window; boxes clipped to it, boxes left empty dropped."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = _image(sample, "random_crop")
+        h, w = img.shape[:2]
+        ch, cw = min(self.size[0], h), min(self.size[1], w)
+        y0 = int(rng().integers(0, h - ch + 1))
+        x0 = int(rng().integers(0, w - cw + 1))
+        _set_shape(sample, np.ascontiguousarray(img[y0:y0 + ch, x0:x0 + cw]))
+        boxes = sample["gt_boxes"] - np.array([x0, y0, x0, y0], np.float32)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, cw)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, ch)
+        sample["gt_boxes"] = boxes
+        _keep_boxes(sample, (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1))
+        oy, ox = sample["meta"].get("crop", (0, 0))
+        sy, sx = sample["meta"]["scale"]
+        sample["meta"]["crop"] = (oy + y0 / sy, ox + x0 / sx)  # offset in original pixels
+        return sample
+
+
+class Pad:
+    """Pad bottom/right with zeros to a multiple of ``divisor``."""
+
+    def __init__(self, divisor: int) -> None:
+        if divisor < 1:
+            raise UserError(f"pad: divisor must be >= 1, got {divisor}")
+        self.divisor = divisor
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = _image(sample, "pad")
+        h, w = img.shape[:2]
+        d = self.divisor
+        ph, pw = -(-h // d) * d, -(-w // d) * d
+        if (ph, pw) != (h, w):
+            img = cv2.copyMakeBorder(img, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
+        sample["img"] = img
+        sample["meta"]["pad_shape"] = (ph, pw)
+        return sample
+
+
+class RandomFlip:
+    """Flip horizontally with probability ``px`` and vertically with ``py``."""
+
+    def __init__(self, px: float = 0.5, py: float = 0.0) -> None:
+        self.px, self.py = px, py
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = _image(sample, "random_flip")
+        h, w = sample["meta"]["img_shape"]
+        if self.px > 0 and rng().random() < self.px:
+            img = np.ascontiguousarray(img[:, ::-1])
+            b = sample["gt_boxes"].copy()
+            b[:, 0], b[:, 2] = w - sample["gt_boxes"][:, 2], w - sample["gt_boxes"][:, 0]
+            sample["gt_boxes"] = b
+            sample["meta"]["flip"] = not sample["meta"].get("flip", False)
+        if self.py > 0 and rng().random() < self.py:
+            img = np.ascontiguousarray(img[::-1])
+            b = sample["gt_boxes"].copy()
+            b[:, 1], b[:, 3] = h - sample["gt_boxes"][:, 3], h - sample["gt_boxes"][:, 1]
+            sample["gt_boxes"] = b
+            sample["meta"]["flip_v"] = not sample["meta"].get("flip_v", False)
+        sample["img"] = img
+        return sample
+
+
+class AugmentHSV:
+    """Random hue/saturation/value gains (YOLOv5 style, via lookup tables)."""
+
+    def __init__(self, hgain: float = 0.015, sgain: float = 0.7, vgain: float = 0.4) -> None:
+        self.gains = np.array([hgain, sgain, vgain])
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = _image(sample, "augment_hsv")
+        r = rng().uniform(-1, 1, 3) * self.gains + 1
+        hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+        x = np.arange(256, dtype=np.float32)
+        lut_h = ((x * r[0]) % 180).astype(np.uint8)
+        lut_s = np.clip(x * r[1], 0, 255).astype(np.uint8)
+        lut_v = np.clip(x * r[2], 0, 255).astype(np.uint8)
+        hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+        sample["img"] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        return sample
+
+
+# BT.601 full range (JFIF), the BPU's input formula (hat-bpu nv12.py); rounded half up, clamped.
+_RGB2YUV = np.array([[0.299, 0.587, 0.114],
+                     [-0.168736, -0.331264, 0.5],
+                     [0.5, -0.418688, -0.081312]])
+_YUV_OFFSET = np.array([0.0, 128.0, 128.0])
+
+
+def rgb_to_yuv444(img: np.ndarray) -> np.ndarray:
+    """RGB ``np.ndarray[H, W, 3]`` uint8 -> YUV444 uint8, ``floor(v + 0.5)`` clamped to 0..255."""
+    yuv = img.astype(np.float64) @ _RGB2YUV.T + _YUV_OFFSET
+    return np.clip(np.floor(yuv + 0.5), 0, 255).astype(np.uint8)
+
+
+class ToTensor:
+    """HWC uint8 -> ``Tensor[3, H, W]`` float32 (0..255; YUV444 when ``to_yuv``), boxes to tensors."""
+
+    def __init__(self, to_yuv: bool = True) -> None:
+        self.to_yuv = to_yuv
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = _image(sample, "to_tensor")
+        if self.to_yuv:
+            img = rgb_to_yuv444(img)
+        sample["img"] = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+        sample["gt_boxes"] = torch.as_tensor(sample["gt_boxes"], dtype=torch.float32).reshape(-1, 4)
+        sample["gt_labels"] = torch.as_tensor(sample["gt_labels"], dtype=torch.int64).reshape(-1)
+        return sample
+
+
+class Normalize:
+    """``(img - mean) / std`` per channel on the tensor image (after ``to_tensor``)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise UserError(f"normalize: mean and std need 3 values, std > 0; got {mean}, {std}")
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, sample: Sample) -> Sample:
+        img = sample["img"]
+        if not isinstance(img, torch.Tensor):
+            raise UserError("transform 'normalize' needs a tensor image; put it after `to_tensor`")
+        sample["img"] = (img - self.mean) / self.std
+        return sample
+
+
+def collate(items: list[Sample]) -> dict[str, Any]:
+    """Samples -> ``hatcore.data.Batch``; images zero-padded bottom/right to the batch's max size.
+
+    :returns: ``img`` Tensor[B, 3, H, W], ``gt_boxes`` list of Tensor[N_i, 4],
+        ``gt_labels`` list of Tensor[N_i] int64, ``meta`` list of dicts (``pad_shape`` = H, W).
+    """
+    imgs = [it["img"] for it in items]
+    if not all(isinstance(im, torch.Tensor) for im in imgs):
+        raise UserError("collate needs tensor images: add `to_tensor` to the dataset's transforms")
+    h = max(im.shape[-2] for im in imgs)
+    w = max(im.shape[-1] for im in imgs)
+    out = imgs[0].new_zeros((len(imgs), imgs[0].shape[0], h, w))
+    metas = []
+    for i, (im, it) in enumerate(zip(imgs, items, strict=True)):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+        metas.append({**it["meta"], "pad_shape": (h, w)})
+    return {"img": out, "gt_boxes": [it["gt_boxes"] for it in items],
+            "gt_labels": [it["gt_labels"] for it in items], "meta": metas}
