@@ -18,7 +18,9 @@ integer arithmetic only, where float is used only when provably exact:
   checked per call for a convolution (``max|acc + bias|`` measured). Otherwise int64 with
   ``round_half_even(v / 2**s) = (v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s`` for ``s > 0``
   (``v`` for ``s = 0``), equal to :func:`hat_bpu.qspec.round_shift`.
-* Where the bias fits (``K·2**14 + max|bias| <= 2**24``) it is added inside the float32 conv.
+* The static bound ``|acc[o]| <= x_max·Σ|w[o]| + |bias[o]|`` (``x_max`` = 128 for int8) also
+  lets a convolution run in float32 when ``x_max·Σ|w[o]| <= 2**24`` whatever ``K`` is, and adds
+  the bias inside the float32 conv when the whole bound is ``<= 2**24``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Simulator:
     def __init__(self, graph: ir.Graph) -> None:
         graph.validate()
         self.graph = graph
+        self.conv_paths: dict[str, str] = {}  # node name → f32 / f32-chunks / f64 (reports, tests)
         self.steps: list[tuple[list[str], str, OpFn]] = [
             (n.inputs, n.outputs[0], self._build(n)) for n in graph.nodes]
         self._last_use = {t: i for i, (ins, _, _) in enumerate(self.steps) for t in ins}
@@ -183,13 +186,20 @@ class Simulator:
             step = max(1, EXACT_F32_TERMS // k_per_ic)
             chunks = [(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
         bias = torch.from_numpy(p["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
-        b_max = float(np.abs(p["bias"].astype(np.float64)).max(initial=0))
-        fast32 = int8_in and k <= EXACT_F32_TERMS
-        bias_in_conv = fast32 and k * 2**14 + b_max <= 2**24
+        # static bounds from the weights: |acc[o]| <= xmax·Σ|w[o]| (+ |bias[o]|), any partial sum too
+        x_max = float(_QMAX_ABS[in_t[0].dtype])
+        w_sum = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1).sum(1) * x_max
+        acc_bound = w_sum + np.abs(p["bias"].astype(np.float64))
+        fast32 = in_t[0].dtype in ("int8", "int16") and (
+            (int8_in and k <= EXACT_F32_TERMS) or float(w_sum.max()) <= 2**24)
+        bias_in_conv = fast32 and float(acc_bound.max()) <= 2**24
+        chunks = [] if fast32 else chunks
+        self.conv_paths[n.name] = "f32" if fast32 else "f32-chunks" if chunks else "f64"
         b32 = torch.from_numpy(p["bias"].astype(np.float32)) if bias_in_conv else None
         b64 = bias.double()
         m, s, rb, odd = _rq_consts(p["m"], p["shift"], (1, -1, 1, 1))
         m_abs = float(np.abs(p["m"]).max())
+        static_f64 = float((acc_bound * np.abs(p["m"].astype(np.float64))).max())
         r = torch.from_numpy(_ratio(p["m"], p["shift"])).reshape(1, -1, 1, 1)
         m_res = (torch.from_numpy(p["m_res"].astype(np.int64)).reshape(1, -1, 1, 1)
                  if "m_res" in p else None)
@@ -212,8 +222,11 @@ class Simulator:
             acc = acc.double()
             if b32 is None:
                 acc.add_(b64)
-            lo, hi = torch.aminmax(acc)
-            if max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT:  # exact in float64
+            exact = static_f64 + res_bound < F64_EXACT
+            if not exact:  # the weight bound is too loose: measure this call's accumulators
+                lo, hi = torch.aminmax(acc)
+                exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
+            if exact:  # every product and sum below is exact in float64
                 v = acc.mul_(r)
                 if r_res is not None:
                     v.addcmul_(xs[1].double(), r_res)

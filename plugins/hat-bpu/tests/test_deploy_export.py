@@ -75,10 +75,16 @@ def test_simulator_bit_exact_with_reference_and_fake_quant(width: int, pow2: boo
 
 
 def test_simulator_chunks_long_reductions_exactly() -> None:
-    q, x = small_model(width=128)  # 3x3 conv over 128 ch: K = 1152 > 1024 → two exact chunks
+    q, x = small_model(width=128)  # 3x3 conv over 128 ch: K = 1152 > 1024
     g = convert(q, x[:1])
-    assert any(n.op == "conv2d" and np.prod(n.params["weight"].shape[1:]) > 1024 for n in g.nodes)
-    got = Simulator(g).run(x)
+    big = [n for n in g.nodes if n.op == "conv2d" and np.prod(n.params["weight"].shape[1:]) > 1024]
+    assert big
+    rng = np.random.default_rng(0)  # full-scale weights: 128·Σ|w| > 2**24 → exact chunks
+    for n in big:
+        n.params["weight"] = (rng.choice([-127, 127], n.params["weight"].shape)).astype(np.int8)
+    sim = Simulator(g)
+    assert all(sim.conv_paths[n.name] == "f32-chunks" for n in big)
+    got = sim.run(x)
     for r, s in zip(run_ir(g, x.numpy()), got, strict=True):
         assert np.array_equal(r, s.numpy())
 
