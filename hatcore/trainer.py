@@ -132,7 +132,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "scheduler": {"step": self.step}, "stage": self.stage, "epoch": self.epoch,
             "step": self.step, "best": self.best, "history": json.dumps(self.history),
-            "elapsed": self.elapsed, "rng": rng_state(),
+            "elapsed": self.elapsed, "rng": rng_state(), "stopped": self.should_stop,
         }
 
     def _resume(self) -> None:
@@ -149,11 +149,15 @@ class Trainer:
         self.epoch, self.step, self.best = state["epoch"] + 1, state["step"], state.get("best")
         self.history = json.loads(state.get("history") or "[]")
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.should_stop = bool(state.get("stopped", False))
         if state.get("rng"):
             set_rng_state(state["rng"])
         if not dist.is_main():
             return
-        if self.epoch >= self.cfg.epochs:
+        if self.should_stop:
+            tqdm.write(f"{self.stage}: stopped early after epoch {self.epoch}/{self.cfg.epochs} "
+                       f"({path})")
+        elif self.epoch >= self.cfg.epochs:
             tqdm.write(f"{self.stage}: all {self.cfg.epochs} epochs already trained ({path})")
         else:
             tqdm.write(f"resuming {self.stage} from epoch {self.epoch + 1}/{self.cfg.epochs} "
@@ -242,6 +246,8 @@ class Trainer:
         if self.hook is not None:
             self.hook.on_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
         self.should_stop = bool(dist.broadcast_object(self.should_stop))  # rank 0 decides
+        if self.should_stop and dist.is_main():  # a later run must not train on
+            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state())
         dist.barrier()
         return metrics
 

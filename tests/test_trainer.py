@@ -159,7 +159,11 @@ def test_hook_on_epoch_end_sees_metrics_and_can_stop_training(tmp_path) -> None:
     trainer = make(tmp_path, stage(epochs=5), hook=plugins.hook)
     trainer.fit()
     assert seen == [(0, True, True), (1, True, True)]
-    assert load_checkpoint(tmp_path / "checkpoint-last.pt")["epoch"] == 1
+    last = load_checkpoint(tmp_path / "checkpoint-last.pt")
+    assert last["epoch"] == 1 and last["stopped"]
+    again = make(tmp_path, stage(epochs=5), hook=plugins.hook)
+    again.fit()  # the stop is remembered: a second run trains nothing more
+    assert again.step == trainer.step == 8 and len(seen) == 2
 
 
 def test_gradient_clipping_and_bf16_autocast_run(tmp_path) -> None:
