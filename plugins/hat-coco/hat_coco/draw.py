@@ -18,14 +18,10 @@ def load_original(source: dict[str, str]) -> np.ndarray | None:
     if "path" in source:
         return decode_rgb(Path(source["path"]).read_bytes())
     if "lmdb" in source:
-        import lmdb
+        from hat_coco.lmdb_store import open_readonly
 
-        env = lmdb.open(source["lmdb"], readonly=True, lock=False)
-        try:
-            with env.begin() as txn:
-                data = txn.get(source["key"].encode())
-        finally:
-            env.close()
+        with open_readonly(source["lmdb"]).begin() as txn:
+            data = txn.get(source["key"].encode())
         return None if data is None else decode_rgb(data)
     return None
 

@@ -8,6 +8,7 @@ image bytes) and ``img/{image_id:012d}`` (the original encoded bytes, never re-e
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +27,29 @@ VERSION = 1
 META_KEY = b"__meta__"
 _RECORD_FIELDS = ("image_id", "file_name", "height", "width", "ann_ids", "bboxes",
                   "category_ids", "iscrowd", "areas", "crc32")
+
+
+_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def open_readonly(path: str | Path) -> lmdb.Environment:
+    """The process's one read-only handle on ``path`` (py-lmdb allows one per process and
+    handles do not survive a fork, so a DataLoader worker opens its own)."""
+    key = str(Path(path).resolve())
+    pid, env = _ENVS.get(key, (-1, None))
+    if env is None or pid != os.getpid():
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=256)
+        _ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def close_readonly(path: str | Path | None = None) -> None:
+    """Close the cached read-only handle(s), e.g. before writing to the LMDB again."""
+    for key in [str(Path(path).resolve())] if path is not None else list(_ENVS):
+        pid, env = _ENVS.pop(key, (-1, None))
+        if env is not None and pid == os.getpid():
+            env.close()
 
 
 def ann_key(image_id: int) -> bytes:
@@ -110,6 +134,7 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
     from tqdm import tqdm
 
     target = Path(target)
+    close_readonly(target)
     writer = _Writer(target, map_size)
     old = read_meta(writer.env, target)
     if old is not None and old.get("version") != VERSION:
@@ -131,18 +156,19 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
             if data is None:
                 if strict:
                     raise UserError(f"{err} (--strict: stopping; rerun without it to skip)")
-                bar.write(f"skipped {err}")
+                bar.write(f"skipped {err}", file=sys.stderr)
                 skipped.append(rec["file_name"])
                 continue
             writer.put(img_key(rec["image_id"]), data)
             writer.put(ann_key(rec["image_id"]),
                        msgpack.packb({**rec, "crc32": zlib.crc32(data)}))
             meta["count"] += 1
-            if n % commit_every == 0:
+            if n % commit_every == 0:  # the meta record's count moves with the images
+                writer.put(META_KEY, msgpack.packb(meta))
                 writer.commit()
         meta.update(complete=True, skipped=skipped)
-        writer.put(META_KEY, msgpack.packb(meta))
     finally:
+        writer.put(META_KEY, msgpack.packb(meta))
         writer.commit()  # what is in stays in: a rerun resumes from here
         bar.close()
         writer.env.close()
@@ -178,7 +204,7 @@ class CocoLmdbDataset(DetectionDataset):
         self.path = Path(path)
         if not (self.path / "data.mdb").is_file():
             raise UserError(f"{self.path}: not an LMDB folder (no data.mdb)")
-        env = self._open()
+        env = open_readonly(self.path)
         meta = read_meta(env, self.path)
         if meta is None:
             raise UserError(f"{self.path}: no '__meta__' record; not written by `hat pack coco`")
@@ -196,21 +222,12 @@ class CocoLmdbDataset(DetectionDataset):
                     if not key.startswith(b"ann/"):
                         break
                     records.append(unpack_record(raw, key, self.path))
-        env.close()
         self.meta = meta
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
         super().__init__(records, meta["categories"], transforms, skip_empty=skip_empty)
 
-    def _open(self) -> lmdb.Environment:
-        return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                         meminit=False, max_readers=256)
-
     def load_bytes(self, index: int) -> bytes:
-        if self._env is None or self._pid != os.getpid():  # lmdb handles do not survive fork
-            self._env, self._pid = self._open(), os.getpid()
         key = img_key(self.records[index]["image_id"])
-        with self._env.begin(buffers=False) as txn:
+        with open_readonly(self.path).begin(buffers=False) as txn:
             data = txn.get(key)
         if data is None:
             raise UserError(f"{self.path}: record {key.decode()!r} is missing")
@@ -222,45 +239,39 @@ class CocoLmdbDataset(DetectionDataset):
     def describe(self, index: int) -> str:
         return f"{self.path}: record {img_key(self.records[index]['image_id']).decode()!r}"
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_env": None, "_pid": -1}
-
 
 def describe_lmdb(path: Path) -> str | None:
     """Verify every record of a hat-coco LMDB and describe it; None when not one."""
     if not (path.is_dir() and (path / "data.mdb").is_file()):
         return None
-    env = lmdb.open(str(path), readonly=True, lock=False)
-    try:
-        meta = read_meta(env, path)
-        if meta is None:
-            return None
-        n = nbytes = 0
-        with env.begin(buffers=True) as txn:
-            cur = txn.cursor()
-            if cur.set_range(b"ann/"):
-                for key, raw in cur:
-                    if not bytes(key).startswith(b"ann/"):
-                        break
-                    rec = unpack_record(bytes(raw), bytes(key), path)
-                    ik = img_key(rec["image_id"])
-                    data = txn.get(ik)
-                    if data is None:
-                        raise UserError(f"{path}: record {ik.decode()!r} is missing")
-                    if zlib.crc32(data) != rec["crc32"]:
-                        raise UserError(f"{path}: record {ik.decode()!r} fails its crc32 check")
-                    n += 1
-                    nbytes += len(data)
-        if n != meta["count"]:
-            raise UserError(f"{path}: the meta record counts {meta['count']} images, found {n}")
-        names = [c["name"] for c in meta["categories"]]
-        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-        state = "complete" if meta["complete"] else "INCOMPLETE (rerun `hat pack coco`)"
-        return "\n".join([
-            f"{path}: {FORMAT} v{meta['version']} LMDB, {state}, verified",
-            f"  images: {n} ({nbytes / 2**20:.1f} MiB encoded), skipped: {len(meta['skipped'])}",
-            f"  split: {meta['split'] or '-'}, source: {meta['source']}",
-            f"  categories ({len(names)}): {shown}",
-        ])
-    finally:
-        env.close()
+    env = open_readonly(path)
+    meta = read_meta(env, path)
+    if meta is None:
+        return None
+    n = nbytes = 0
+    with env.begin(buffers=True) as txn:
+        cur = txn.cursor()
+        if cur.set_range(b"ann/"):
+            for key, raw in cur:
+                if not bytes(key).startswith(b"ann/"):
+                    break
+                rec = unpack_record(bytes(raw), bytes(key), path)
+                ik = img_key(rec["image_id"])
+                data = txn.get(ik)
+                if data is None:
+                    raise UserError(f"{path}: record {ik.decode()!r} is missing")
+                if zlib.crc32(data) != rec["crc32"]:
+                    raise UserError(f"{path}: record {ik.decode()!r} fails its crc32 check")
+                n += 1
+                nbytes += len(data)
+    if n != meta["count"]:
+        raise UserError(f"{path}: the meta record counts {meta['count']} images, found {n}")
+    names = [c["name"] for c in meta["categories"]]
+    shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+    state = "complete" if meta["complete"] else "INCOMPLETE (rerun `hat pack coco`)"
+    return "\n".join([
+        f"{path}: {FORMAT} v{meta['version']} LMDB, {state}, verified",
+        f"  images: {n} ({nbytes / 2**20:.1f} MiB encoded), skipped: {len(meta['skipped'])}",
+        f"  split: {meta['split'] or '-'}, source: {meta['source']}",
+        f"  categories ({len(names)}): {shown}",
+    ])
