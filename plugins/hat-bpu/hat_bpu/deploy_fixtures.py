@@ -16,9 +16,13 @@ def yuv_input(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), generator=g).float().sub(128).div(128)
 
 
-def calibrate(net: nn.Module, x: torch.Tensor, pow2: bool = False) -> QuantModel:
-    """Prepare ``net`` (eval), calibrate it on ``x`` and leave it in fake-quant mode."""
-    q = prepare(net.eval(), QConfig(pow2=pow2))
+def calibrate(net: nn.Module, x: torch.Tensor, pow2: bool = False, exact: bool = True
+              ) -> QuantModel:
+    """Prepare ``net`` (eval), calibrate it on ``x`` and leave it in fake-quant mode.
+
+    :param exact: the quantizer's ``exact_eval`` (False: float fake quant in eval).
+    """
+    q = prepare(net.eval(), QConfig(pow2=pow2, exact_eval=exact))
     quant.set_mode(q, "observe")
     with torch.no_grad():
         q(x)
@@ -26,8 +30,8 @@ def calibrate(net: nn.Module, x: torch.Tensor, pow2: bool = False) -> QuantModel
     return q
 
 
-def small_model(width: int = 16, size: int = 32, pow2: bool = False, seed: int = 0
-                ) -> tuple[QuantModel, torch.Tensor]:
+def small_model(width: int = 16, size: int = 32, pow2: bool = False, seed: int = 0,
+                exact: bool = True) -> tuple[QuantModel, torch.Tensor]:
     """A calibrated :class:`SmallNet` with non-trivial BN statistics and its calibration input."""
     torch.manual_seed(seed)
     net = SmallNet(width=width).eval()
@@ -37,4 +41,4 @@ def small_model(width: int = 16, size: int = 32, pow2: bool = False, seed: int =
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
     x = yuv_input(2, size, seed)
-    return calibrate(net, x, pow2), x
+    return calibrate(net, x, pow2, exact), x
