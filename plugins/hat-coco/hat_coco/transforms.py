@@ -25,21 +25,32 @@ from hatcore.errors import UserError
 
 Sample = dict[str, Any]
 
-_RNG: dict[int, np.random.Generator] = {}
+class _TorchRandom:
+    """numpy-style draws from torch's global generator.
 
-
-def rng() -> np.random.Generator:
-    """This process's generator, seeded from ``torch.initial_seed()``.
-
-    In a DataLoader worker the torch seed is ``base_seed + worker_id`` (drawn from the loader's
-    generator), so workers differ from each other, epochs differ, and a seeded run repeats.
+    DataLoader workers seed torch with ``base_seed + worker_id`` (the base drawn from the
+    loader's generator), so workers differ, epochs differ, and a seeded run repeats;
+    ``torch.manual_seed`` alone makes a single-process run repeat.
     """
-    seed = torch.initial_seed()
-    gen = _RNG.get(seed)
-    if gen is None:
-        _RNG.clear()
-        gen = _RNG[seed] = np.random.default_rng(seed % 2**63)
-    return gen
+
+    @staticmethod
+    def random() -> float:
+        return float(torch.rand(()))
+
+    @staticmethod
+    def uniform(lo: float, hi: float, n: int | None = None) -> Any:
+        u = torch.rand(() if n is None else (n,), dtype=torch.float64).numpy()
+        return float(lo + (hi - lo) * u) if n is None else lo + (hi - lo) * u
+
+    @staticmethod
+    def integers(lo: int, hi: int) -> int:
+        """An integer in [lo, hi)."""
+        return int(torch.randint(lo, hi, ()))
+
+
+def rng() -> _TorchRandom:
+    """The random source of every transform (torch's global generator)."""
+    return _TorchRandom()
 
 
 def _image(sample: Sample, name: str) -> np.ndarray:
@@ -81,7 +92,10 @@ class Resize:
         if (h, w) != (h0, w0):
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
         _set_shape(sample, img)
-        sample["gt_boxes"] = sample["gt_boxes"] * np.array([sx, sy, sx, sy], np.float32)
+        boxes = sample["gt_boxes"] * np.array([sx, sy, sx, sy], np.float32)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)  # float32 rounding must not leave the image
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        sample["gt_boxes"] = boxes
         oy, ox = sample["meta"]["scale"]
         sample["meta"]["scale"] = (oy * sy, ox * sx)
         return sample
