@@ -198,6 +198,10 @@ class Trainer:
         gen = getattr(self.loader, "generator", None)
         if gen is not None:
             gen.manual_seed(self.seed * 1000 + epoch)
+        if getattr(self.loader, "persistent_workers", False):
+            # persistent workers keep their RNG running across epochs, so a resumed run would
+            # draw other augmentations: new workers each epoch take their seeds from ``gen``
+            self.loader._iterator = None  # type: ignore[attr-defined]
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]

@@ -266,3 +266,29 @@ def test_an_empty_training_set_is_a_user_error(tmp_path) -> None:
     with pytest.raises(UserError, match="float: the training set gives no batch"):
         Trainer(stage="float", model=ToyDetector(), cfg=stage(), train_loader=loader(length=2),
                 out_dir=tmp_path, device=torch.device("cpu"))
+
+
+def test_resume_is_exact_with_persistent_loader_workers(tmp_path) -> None:
+    def run(out: Path, before_epoch=None) -> Trainer:  # type: ignore[no-untyped-def]
+        ds = ToyDataset(size=32, length=8, num_classes=2, seed=0, transforms=[ToyFlip(0.5)])
+        workers = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=ds.collate_fn,
+                             num_workers=1, persistent_workers=True,
+                             generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        trainer = Trainer(stage="float", model=ToyDetector(), cfg=stage(epochs=2),
+                          train_loader=workers, out_dir=out, device=torch.device("cpu"),
+                          before_epoch=before_epoch)
+        trainer.fit()
+        return trainer
+
+    def interrupt(trainer: Trainer, epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", interrupt)
+    resumed = run(tmp_path / "cut")
+    for (k, a), b in zip(full.raw_model.state_dict().items(),
+                         resumed.raw_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
