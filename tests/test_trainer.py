@@ -89,10 +89,11 @@ def test_param_groups_put_norms_and_biases_apart() -> None:
 
 
 def test_training_writes_last_best_log_and_metrics(tmp_path) -> None:
-    calls = []
+    calls, weights = [], []
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         calls.append(model)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
         return {"AP": [0.2, 0.5, 0.4][len(calls) - 1]}
 
     trainer = make(tmp_path, stage(ema=True), evaluate=evaluate)
@@ -102,6 +103,12 @@ def test_training_writes_last_best_log_and_metrics(tmp_path) -> None:
     assert best["epoch"] == 1 and json.loads(best["metrics"])["AP"] == 0.5
     last = load_checkpoint(tmp_path / "checkpoint-last.pt")
     assert last["epoch"] == 2 and last["step"] == 12 and last["ema"]["updates"] == 12
+    assert {"model", "optimizer", "scheduler", "ema", "scaler", "rng", "stage", "best"} <= set(last)
+    assert last["scheduler"] == {"step": 12} and last["best"] == 0.5 and last["stage"] == "float"
+    assert set(last["rng"]) == {"torch", "cuda", "numpy", "random"}
+    assert set(best) == {"format", "version", "model", "stage", "epoch", "metrics"}
+    for k, v in weights[1].items():  # best holds the EMA weights validated at epoch 1
+        assert torch.equal(best["model"][k], v), k
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     iters = [x for x in lines if x["kind"] == "iter"]
     assert [x["step"] for x in iters] == [2, 4, 6, 8, 10, 12]
