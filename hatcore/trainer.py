@@ -234,7 +234,9 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - t0
         self.elapsed += seconds
-        metrics: dict[str, Any] = {k: v / max(1, steps) for k, v in sums.items()}
+        per_rank = dist.all_gather_object(sums)  # every rank reports the mean over all of them
+        metrics: dict[str, Any] = {k: sum(r[k] for r in per_rank) / (len(per_rank) * max(1, steps))
+                                   for k in sums}
         metrics.update(epoch=epoch, lr=lr, img_s=images / max(seconds, 1e-9),
                        epoch_time=round(seconds, 3))
         last = epoch + 1 == cfg.epochs

@@ -64,6 +64,7 @@ def test_two_processes_train_to_identical_weights_and_stop_together(tmp_path) ->
     assert a["params"].keys() == b["params"].keys()
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert a["gathered"] == b["gathered"] == [0, 1]
+    assert a["loss"] == b["loss"]  # the epoch's mean loss is over both processes
     out = tmp_path / "out"
     assert (out / "checkpoint-last.pt").is_file() and (out / "checkpoint-best.pt").is_file()
     epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -106,5 +107,6 @@ trainer.fit()
 # buffers at the start of every forward), parameters must be identical
 params = {k: v.detach() for k, v in trainer.raw_model.named_parameters()}
 torch.save({"params": params, "epochs": trainer.epoch, "step": trainer.step,
+            "loss": trainer.history[-1]["loss"],
             "gathered": dist.all_gather_object(dist.rank())}, out / f"rank{dist.rank()}.pt")
 """
