@@ -132,3 +132,25 @@ def test_cli_pack_skips_a_corrupt_jpeg_by_name_and_info_verifies(tmp_path: Path,
     assert info.returncode == 0, info.stderr
     assert "hat-coco-lmdb v1 LMDB, complete, verified" in info.stdout
     assert "images: 11" in info.stdout and "skipped: 1" in info.stdout
+
+
+def test_hook_describe_file_verifies_a_packed_lmdb_and_ignores_others(tmp_path: Path,
+                                                                       shapes_root: Path) -> None:
+    from hat_coco.plugin import describe_file
+
+    _pack(shapes_root, tmp_path / "val_lmdb")
+    text = describe_file(path=tmp_path / "val_lmdb")
+    assert "verified" in text and "images: 12" in text and "circle, square, triangle, cross" in text
+    assert describe_file(path=shapes_root / "val2017") is None
+    other = lmdb.open(str(tmp_path / "other"))
+    other.close()
+    assert describe_file(path=tmp_path / "other") is None
+
+
+def test_hook_register_commands_adds_pack_coco_and_infer() -> None:
+    import click
+    from hat_coco.plugin import register_commands
+
+    root = click.Group("hat")
+    register_commands(cli=root)
+    assert "coco" in root.commands["pack"].commands and "infer" in root.commands
