@@ -39,7 +39,7 @@ def round_filters(c: int, width: float, divisor: int = 8) -> int:
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, momentum=0.01, eps=1e-3)
+    return nn.BatchNorm2d(c, eps=1e-3)
 
 
 class SqueezeExcite(nn.Module):

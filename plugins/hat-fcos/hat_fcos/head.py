@@ -10,12 +10,26 @@ from torch import nn
 from hatcore.quant import DeQuantStub, set_hint
 
 
-def sep_conv(c_in: int, c_out: int) -> nn.Sequential:
-    """3x3 depthwise -> 1x1 pointwise -> BN -> ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False),
-        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-    )
+class Tower(nn.Module):
+    """``n`` separable convs (3x3 depthwise -> 1x1 pointwise) shared across levels, each
+    followed by a per-level BN (statistics differ between levels, as in EfficientDet) and ReLU.
+    """
+
+    def __init__(self, c_in: int, c: int, n: int, num_levels: int) -> None:
+        super().__init__()
+        self.dw = nn.ModuleList(nn.Conv2d(c_in if i == 0 else c, c_in if i == 0 else c, 3, 1, 1,
+                                          groups=c_in if i == 0 else c, bias=False)
+                                for i in range(n))
+        self.pw = nn.ModuleList(nn.Conv2d(c_in if i == 0 else c, c, 1, bias=False)
+                                for i in range(n))
+        self.bn = nn.ModuleList(nn.ModuleList(nn.BatchNorm2d(c) for _ in range(n))
+                                for _ in range(num_levels))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        for dw, pw, bn in zip(self.dw, self.pw, self.bn[level], strict=True):
+            x = self.act(bn(pw(dw(x))))
+        return x
 
 
 class FCOSHead(nn.Module):
@@ -38,11 +52,8 @@ class FCOSHead(nn.Module):
                  feat_channels: int = 64, stacked_convs: int = 4, int16_output: bool = True,
                  prior_prob: float = 0.01, bbox_init: float = 2.0) -> None:
         super().__init__()
-        def tower() -> nn.Sequential:
-            return nn.Sequential(*(sep_conv(in_channels if i == 0 else feat_channels,
-                                            feat_channels) for i in range(stacked_convs)))
-        self.cls_tower = tower()
-        self.reg_tower = tower()
+        self.cls_tower = Tower(in_channels, feat_channels, stacked_convs, num_levels)
+        self.reg_tower = Tower(in_channels, feat_channels, stacked_convs, num_levels)
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, 1, 1)
         self.bbox_out = nn.Conv2d(feat_channels, 4, 3, 1, 1)
         self.ctr_out = nn.Conv2d(feat_channels, 1, 3, 1, 1)
@@ -58,7 +69,7 @@ class FCOSHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
         cls, bbox, ctr = [], [], []
         for i, x in enumerate(feats):
-            c, r = self.cls_tower(x), self.reg_tower(x)
+            c, r = self.cls_tower(x, i), self.reg_tower(x, i)
             cls.append(self.dequant[3 * i](self.cls_out(c)))
             bbox.append(self.dequant[3 * i + 1](self.bbox_out(r)))
             ctr.append(self.dequant[3 * i + 2](self.ctr_out(r)))
