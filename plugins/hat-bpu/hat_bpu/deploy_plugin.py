@@ -106,13 +106,14 @@ def _to_device(tree: Any, device: torch.device) -> Any:
 def load_deployed(path: Path, stage: str) -> Callable[[Any], Any] | None:
     path = Path(path)
     if stage == "int_infer" and hbir.is_hbir(path):
+        from hat_bpu.runtime import plain_tree
         from hat_bpu.simulator import Simulator
 
         sim = Simulator(hbir.load_hbir(path))
 
         def run_int(batch: Any) -> Any:
             img = _batch_img(batch)
-            return _to_device(sim(img), img.device)
+            return _to_device(plain_tree(sim(img)), img.device)
         return run_int
     if stage == "align_bpu" and _is_hbm(path):
         from hat_bpu.runtime import board_runner

@@ -14,10 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
 from hat_bpu import hbm, nv12
 from hat_bpu.simulator import Simulator
+
+
+def plain_tree(tree: Any) -> Any:
+    """``tree`` with torch.fx's immutable lists/dicts (recorded when the model's output was
+    traced) turned back into the plain ``list``/``dict`` the float model's ``forward`` returns."""
+    if isinstance(tree, (list, immutable_list)):
+        return [plain_tree(v) for v in tree]
+    if isinstance(tree, (dict, immutable_dict)):
+        return {k: plain_tree(v) for k, v in tree.items()}
+    if type(tree) is tuple:
+        return tuple(plain_tree(v) for v in tree)
+    return tree
 
 
 class Runtime:
@@ -36,7 +49,7 @@ class Runtime:
         """The model's output structure, one image at a time, concatenated on the batch axis."""
         outs = [self.run(x[i:i + 1]) for i in range(x.shape[0])]
         flat = [torch.cat([o[k] for o in outs], 0) for k in range(len(outs[0]))]
-        return self.graph.unflatten_outputs(flat)
+        return plain_tree(self.graph.unflatten_outputs(flat))
 
 
 def board_runner(path: Path) -> Callable[[Any], Any]:

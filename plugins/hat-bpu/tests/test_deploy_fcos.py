@@ -1,0 +1,89 @@
+"""The deploy road on the real FCOS-EfficientNet-B0 model (built from the recipe through the
+plugin hooks; random weights, calibrated on random YUV data, 128x128 to stay fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hat_bpu import deploy_plugin, hbir, hbm
+from hat_bpu.convert import convert
+from hat_bpu.deploy_fixtures import calibrate, yuv_input
+from hat_bpu.runtime import Runtime, plain_tree
+from hat_bpu.simulator import Simulator
+from torch import nn
+from torch.utils import _pytree as pytree
+
+pytest.importorskip("hat_fcos")
+RECIPE = Path(__file__).parents[3] / "recipes" / "fcos_efficientnetb0_mscoco.toml"
+
+
+def fcos_model(exact: bool) -> tuple[nn.Module, torch.Tensor]:
+    from hatcore.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    pipe = Pipeline.load(RECIPE, ["model.backbone.pretrained=''"])
+    net = pipe.build_model().eval()
+    for m in net.modules():  # the head's init gives constant outputs on noise: spread them
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = yuv_input(2, 128)
+    try:
+        return calibrate(net, x, exact=exact), x
+    except ValueError as exc:  # known gap, visible in the report: see the xfail reason
+        if "called at several places" in str(exc):
+            pytest.xfail(f"quantizer cannot fuse a conv shared across levels with per-level BN "
+                         f"(hat-fcos head): {exc}")
+        raise
+
+
+def lsb_errors(q: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, Simulator]:
+    """|simulator - fake quant| in units of each output's LSB, all outputs concatenated."""
+    g = convert(q, x[:1], march="bayes-e")
+    sim = Simulator(g)
+    got = plain_tree(sim(x))
+    with torch.no_grad():
+        ref = q(x)
+    assert pytree.tree_structure(got) == pytree.tree_structure(ref)
+    errs, varied = [], 0
+    for o, a, b in zip(g.outputs, pytree.tree_leaves(got), pytree.tree_leaves(ref), strict=True):
+        assert a.shape == b.shape
+        varied += float(b.std()) > 0
+        scale = g.tensors[g.producer(o).inputs[0]].scale  # type: ignore[union-attr]
+        errs.append(((a - b).abs() / scale).flatten().numpy())
+    assert varied >= len(errs) * 2 // 3  # non-trivial outputs (1x1 P7 maps may be constant)
+    return np.concatenate(errs), sim
+
+
+@pytest.mark.skipif(not RECIPE.is_file(), reason="the FCOS recipe is not in this checkout")
+def test_fcos_simulator_matches_fake_quant() -> None:
+    # The quantizer's default exact eval runs the integer rules in fake quant: bit for bit.
+    # (With exact_eval = false, float fake quant drifts from the integer model layer by layer;
+    # at FCOS's int16 outputs that is tens of int16 LSBs end to end, so it is not tested here.)
+    q, x = fcos_model(exact=True)
+    err, _ = lsb_errors(q, x)
+    assert err.max() == 0
+
+
+@pytest.mark.skipif(not RECIPE.is_file(), reason="the FCOS recipe is not in this checkout")
+def test_fcos_hbm_runtime_bit_exact_with_simulator(tmp_path: Path) -> None:
+    q, x = fcos_model(exact=True)
+    g = convert(q, x[:1], march="bayes-e")
+    hbir.save_hbir(g, tmp_path / "model.hbir")
+    est = hbm.compile_file(tmp_path / "model.hbir", "bayes-e", tmp_path / "c")
+    assert est["latency_ms"] > 0 and (tmp_path / "c" / "perf.html").is_file()
+    sim = Simulator(hbir.load_hbir(tmp_path / "model.hbir")).run(x[:1])
+    rt = Runtime(tmp_path / "c" / "model.hbm").run(x[:1])
+    assert all(torch.equal(a, b) for a, b in zip(sim, rt, strict=True))
+    with torch.no_grad():
+        want = pytree.tree_structure(q(x[:1]))  # the float model's raw structure: lists, tuple
+    for stage, path in (("int_infer", "model.hbir"), ("align_bpu", "c/model.hbm")):
+        runner = deploy_plugin.load_deployed(path=tmp_path / path, stage=stage)
+        assert runner is not None
+        assert pytree.tree_structure(runner({"img": x[:1]})) == want
