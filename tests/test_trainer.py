@@ -173,10 +173,23 @@ def test_hook_on_epoch_end_sees_metrics_and_can_stop_training(tmp_path) -> None:
     assert again.step == trainer.step == 8 and len(seen) == 2
 
 
-def test_gradient_clipping_and_bf16_autocast_run(tmp_path) -> None:
+def test_gradient_clipping_and_bf16_autocast(tmp_path) -> None:
     trainer = make(tmp_path, stage(epochs=1, grad_clip=0.1, amp=True, channels_last=False))
+    dtypes, norms = [], []
+    conv = next(m for m in trainer.raw_model.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kw):  # type: ignore[no-untyped-def]
+        grads = [p.grad for p in trainer.raw_model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kw)
+
+    trainer.optimizer.step = recording_step  # type: ignore[method-assign]
     metrics = trainer.fit()
     assert math.isfinite(metrics["loss"])
+    assert set(dtypes) == {torch.bfloat16} and len(norms) == 4
+    assert max(norms) <= 0.1 + 1e-5
 
 
 def test_calibrate_runs_exactly_the_asked_batches() -> None:
