@@ -224,9 +224,12 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             self.step += 1
             steps += 1
-            rate = images / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{lr:.2e}",
-                            "img/s": f"{rate:.1f}"}, refresh=False)
+            spent = max(time.perf_counter() - t0, 1e-9)
+            rate = images / spent
+            left = (cfg.epochs - epoch) * self.iters_per_epoch - steps  # iterations in the stage
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {
+                "lr": f"{lr:.2e}", "img/s": f"{rate:.1f}",
+                "stage ETA": tqdm.format_interval(left * spent / steps)}, refresh=False)
             bar.update(1)
             if cfg.log_interval and self.step % cfg.log_interval == 0:
                 self._log({"kind": "iter", "epoch": epoch, "iter": i, "step": self.step,
