@@ -44,9 +44,10 @@ def init() -> None:
     """Join the process group torchrun described (gloo on CPU, nccl on CUDA); else nothing."""
     if world_size() <= 1 or is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    backend = "gloo"
+    if torch.cuda.is_available():  # CPU tensors (device = "cpu", gathered objects) go by gloo
         torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"
     tdist.init_process_group(backend=backend)
 
 
