@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import click
 import pluggy
 from torch import nn
 
 from hat_fcos import hookspecs
 from hat_fcos.bifpn import BiFPN
+from hat_fcos.calops import count_ops
 from hat_fcos.decoder import FCOSDecoder
 from hat_fcos.efficientnet import EfficientNet, load_lite0
 from hat_fcos.head import FCOSHead
@@ -116,3 +119,41 @@ def build_model(spec: ModelSpec) -> nn.Module | None:
 def neck_channels(neck: nn.Module) -> int:
     """A neck's output width (``out_channels`` attribute)."""
     return int(neck.out_channels)
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    cli.add_command(calops_cmd)
+
+
+@click.command("calops")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--input-shape", default=None, metavar="N,C,H,W",
+              help="Input shape (default: the recipe's [export] input_shape, else 1,3,512,512).")
+@click.option("--top", type=int, default=None, help="Show only the N layers with most FLOPs.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value (TOML syntax; repeatable).")
+def calops_cmd(recipe: Path, input_shape: str | None, top: int | None,
+               overrides: tuple[str, ...]) -> None:
+    """Count FLOPs, MACs and parameters of RECIPE's model, per layer and in total."""
+    from hatcore.plugins import get_plugins
+    from hatcore.recipe import load_recipe
+
+    if not recipe.is_file():
+        raise UserError(f"{recipe}: no such recipe file")
+    plugins = get_plugins()
+    rec, _ = load_recipe(recipe, plugins.registry, overrides)
+    if input_shape is not None:
+        try:
+            shape = [int(v) for v in input_shape.split(",")]
+        except ValueError:
+            shape = []
+        if len(shape) != 4 or min(shape) < 1:
+            raise UserError(f"--input-shape: expected N,C,H,W positive integers, got "
+                            f"{input_shape!r}")
+    else:
+        shape = list(rec.export.input_shape) if rec.export is not None else [1, 3, 512, 512]
+    model = plugins.hook.build_model(spec=rec.model)
+    if model is None:
+        raise UserError(f"{recipe}: no installed plugin builds model type {rec.model.type!r}")
+    click.echo(count_ops(model, shape).table(top))
