@@ -158,15 +158,17 @@ class RandomFlip:
 
     def __call__(self, sample: Sample) -> Sample:
         img = _image(sample, "random_flip")
-        h, w = sample["meta"]["img_shape"]
+        h, w = sample["meta"]["img_shape"]  # flip the image, not the padding after it
         if self.px > 0 and rng().random() < self.px:
-            img = np.ascontiguousarray(img[:, ::-1])
+            img = img.copy()
+            img[:h, :w] = img[:h, :w][:, ::-1]
             b = sample["gt_boxes"].copy()
             b[:, 0], b[:, 2] = w - sample["gt_boxes"][:, 2], w - sample["gt_boxes"][:, 0]
             sample["gt_boxes"] = b
             sample["meta"]["flip"] = not sample["meta"].get("flip", False)
         if self.py > 0 and rng().random() < self.py:
-            img = np.ascontiguousarray(img[::-1])
+            img = img.copy()
+            img[:h, :w] = img[:h, :w][::-1]
             b = sample["gt_boxes"].copy()
             b[:, 1], b[:, 3] = h - sample["gt_boxes"][:, 3], h - sample["gt_boxes"][:, 1]
             sample["gt_boxes"] = b

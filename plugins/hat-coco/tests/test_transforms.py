@@ -31,21 +31,28 @@ def boxed_images(draw: st.DrawFn) -> dict:
     return _sample(h, w, (x1, y1, x2, y2))
 
 
-GEOMETRIC = st.sampled_from([
+RESIZE = st.sampled_from([
     S.ResizeSpec(type="resize", img_scale=[64, 48], ratio_range=[0.5, 2.0], keep_ratio=True),
     S.ResizeSpec(type="resize", img_scale=[40, 80], keep_ratio=False),
+])
+# interpolation blurs an edge by about a pixel per resize, so a chain resizes once, first
+GEOMETRIC = st.sampled_from([
     S.RandomCropSpec(type="random_crop", size=[32, 40]),
     S.PadSpec(type="pad", divisor=32),
     S.RandomFlipSpec(type="random_flip", px=0.5, py=0.5),
 ])
 
 
-@settings(max_examples=150, deadline=None)
-@given(sample=boxed_images(), spec=GEOMETRIC, seed=st.integers(0, 2**31))
-def test_hook_build_transform_geometric_keeps_boxes_on_their_pixels(
-        sample: dict, spec: S.TransformSpec, seed: int) -> None:
+@settings(max_examples=200, deadline=None)
+@given(sample=boxed_images(), first=st.lists(RESIZE, max_size=1),
+       then=st.lists(GEOMETRIC, max_size=3), seed=st.integers(0, 2**31))
+def test_hook_build_transform_geometric_chains_keep_boxes_on_their_pixels(
+        sample: dict, first: list[S.TransformSpec], then: list[S.TransformSpec],
+        seed: int) -> None:
     torch.manual_seed(seed)
-    out = build_transform(spec=spec)(sample)
+    out = sample
+    for spec in first + then:
+        out = build_transform(spec=spec)(out)
     img = out["img"][..., 0]
     h, w = out["meta"]["img_shape"]
     assert img.shape[:2] == tuple(out["meta"]["pad_shape"])
