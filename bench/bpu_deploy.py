@@ -2,6 +2,7 @@
 `perf` estimates of the FCOS-EfficientNet-B0 stand-in at 512x512 on every march.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bpu_deploy.py [--size 512] [--batch 2] [--reps 3]
+        [--recipe recipes/fcos_efficientnetb0_mscoco.toml]   (the real model, random weights)
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--recipe", type=Path, default=None,
+                    help="build the recipe's model through the plugin hooks instead of the stand-in")
     args = ap.parse_args()
     torch.manual_seed(0)
-    net = FcosB0Like().eval()
+    if args.recipe is not None:
+        from hatcore.pipeline import Pipeline
+
+        pipe = Pipeline.load(args.recipe, ["model.backbone.pretrained=''"])
+        net = pipe.build_model().eval()
+    else:
+        net = FcosB0Like().eval()
     x = yuv_input(args.batch, args.size)
     q = calibrate(net, x)
     graph = convert(q, x[:1], march="bayes-e")

@@ -219,15 +219,14 @@ class Simulator:
             else:
                 acc = F.conv2d(x.double(), w64, None, *geo, groups)
             assert isinstance(acc, torch.Tensor)
-            acc = acc.double()
             if b32 is None:
-                acc.add_(b64)
+                acc = torch.add(acc, b64)  # promotes to float64 in the same pass (exact)
             exact = static_f64 + res_bound < F64_EXACT
             if not exact:  # the weight bound is too loose: measure this call's accumulators
                 lo, hi = torch.aminmax(acc)
                 exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
             if exact:  # every product and sum below is exact in float64
-                v = acc.mul_(r)
+                v = acc.mul_(r) if acc.dtype == torch.float64 else torch.mul(acc, r)
                 if r_res is not None:
                     v.addcmul_(xs[1].double(), r_res)
                 return _finish_f64(v, out, clip)
