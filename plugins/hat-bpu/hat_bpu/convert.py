@@ -8,6 +8,7 @@ same integers.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -125,9 +126,10 @@ class _Converter:
                  "dilation": _pair(c.dilation), "groups": int(c.groups), "act": mod.act,
                  "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None}
         inputs = [x] if res is None else [x, res]
-        site = int(node.kwargs.get("site", 0))
-        name = str(node.target) + (f"@{site}" if site else "")  # a conv shared by several calls
-        self.add("conv2d", node, inputs, dtype, s_out, name=name, attrs=attrs, params=params)
+        self.add("conv2d", node, inputs, dtype, s_out, name=str(node.target), attrs=attrs,
+                 params=params)
+        if qspec.bias_overflows(b.detach().cpu().numpy(), float(x.scale), params["w_scale"]):
+            self.meta.setdefault("bias_saturated", []).append(str(node.target))
 
     def scale_op(self, node: fx.Node, mod: QScale) -> None:
         x = self.src(node, node.args[0])
@@ -262,4 +264,8 @@ def convert(model: nn.Module, example_input: torch.Tensor, march: str | None = N
     finally:
         model.train(was_training)
     graph.validate()
+    if graph.meta.get("bias_saturated"):
+        warnings.warn(f"int32 bias saturates in {len(graph.meta['bias_saturated'])} conv(s) "
+                      f"({', '.join(graph.meta['bias_saturated'][:5])} ...): their input's scale is "
+                      "tiny next to the bias (a nearly dead tensor at calibration?)", stacklevel=2)
     return graph

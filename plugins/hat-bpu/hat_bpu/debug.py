@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
+from hat_bpu import qspec
+from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale, fake_quant_weight
 from hat_bpu.prepare import QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
@@ -113,10 +114,24 @@ def compare_layers(model: QuantModel, inputs: list[torch.Tensor], integer: bool 
     if integer:
         _integer_columns(model, inputs, got, rows)
     for r in rows:
+        m = layers[r["layer"]]
+        r["bias_overflow"] = _bias_overflow(m) if isinstance(m, QConv2d) else 0
+    for r in rows:
         r["flags"] = ([f"range ({r['used_lsb']:.1f} LSB used; try int16)"]
                       if r["used_lsb"] < 8 and r["dtype"] == "int8" else []) + (
-                      [f"clip ({100 * r['clipped']:.2f}% clipped)"] if r["clipped"] > 1e-3 else [])
+                      [f"clip ({100 * r['clipped']:.2f}% clipped)"] if r["clipped"] > 1e-3 else []) + (
+                      [f"bias ({r['bias_overflow']} ch saturate int32)"] if r["bias_overflow"] else [])
     return sorted(rows, key=lambda r: r["sqnr_db"])
+
+
+def _bias_overflow(m: QConv2d) -> int:
+    """Output channels whose int32 bias saturates (the input's scale is tiny next to the bias)."""
+    s_in = m.input_scale()
+    if s_in is None or m.out_fq is None:
+        return 0
+    w, b = m.folded()
+    _, w_scale = fake_quant_weight(w.detach(), "int8", m.pow2)
+    return qspec.bias_overflows(b.detach().cpu().numpy(), float(s_in), w_scale.cpu().numpy())
 
 
 def _integer_columns(model: QuantModel, inputs: list[torch.Tensor],

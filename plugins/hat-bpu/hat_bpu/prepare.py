@@ -148,12 +148,11 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 def fuse(gm: fx.GraphModule, float_names: set[str], config: QConfig, model: nn.Module) -> None:
     """Replace conv → bn → (add) → (relu) chains by :class:`QConv2d` modules, in place.
 
-    A conv called at several places (a head shared across pyramid levels) becomes one fused
-    module called at each place with ``site=k`` (its input scale differs per call); every call
-    must follow the same BN and activation.
+    A conv called at several places (a head shared across pyramid levels, each level with its
+    own BN) becomes one fused module per call, ``name`` then ``name@1``, ``name@2`` ...: they
+    share the conv's weight; each has its BN, activation and output scale.
     """
     erased: set[fx.Node] = set()
-    signature: dict[str, tuple[str | None, str]] = {}
     sites: dict[str, int] = {}
     for node in list(gm.graph.nodes):
         if node in erased or node.op != "call_module" or node.target in float_names:
@@ -179,21 +178,16 @@ def fuse(gm: fx.GraphModule, float_names: set[str], config: QConfig, model: nn.M
         if nxt is not None and _act_of(gm, nxt) is not None and str(nxt.target) not in float_names:
             act = str(_act_of(gm, nxt))
             chain.append(nxt)
-        sig = (str(chain[1].target) if bn is not None else None, act)
         site = sites.get(name, 0)
         sites[name] = site + 1
-        if site == 0:
-            dtype = module_dtype(model, name, config)
-            out_fq = None if dtype == "float" else config.fq(dtype)
-            gm.add_submodule(name, QConv2d(conv, bn, act, res is not None, out_fq, config.pow2,
-                                           config.exact_eval))
-            signature[name] = sig
-        elif signature[name] != sig:
-            raise ValueError(f"conv {name!r} is called at several places followed by different "
-                             f"BN/activation ({signature[name]} vs {sig}); cannot fuse it")
+        target = name if site == 0 else f"{name}@{site}"
+        dtype = module_dtype(model, name, config)
+        out_fq = None if dtype == "float" else config.fq(dtype)
+        gm.add_submodule(target, QConv2d(conv, bn, act, res is not None, out_fq, config.pow2,
+                                         config.exact_eval))
         with gm.graph.inserting_before(chain[-1]):
             args = (node.args[0],) if res is None else (node.args[0], res)
-            new = gm.graph.call_module(name, args, {"site": site} if site else {})
+            new = gm.graph.call_module(target, args)
         chain[-1].replace_all_uses_with(new)
         for n in reversed(chain):
             gm.graph.erase_node(n)

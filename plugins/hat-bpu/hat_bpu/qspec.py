@@ -83,6 +83,17 @@ def quantize_bias(bias: np.ndarray, s_in: float, w_scale: np.ndarray) -> np.ndar
     return np.clip(q, *QRANGE["int32"]).astype(np.int64)
 
 
+def bias_overflows(bias: np.ndarray, s_in: float, w_scale: np.ndarray) -> int:
+    """How many output channels' bias does not fit int32 at ``s_in · s_w[o]`` (then saturated).
+
+    Happens when the input's scale is tiny (a nearly dead tensor at calibration) next to a large
+    bias; the integer model then saturates the bias, as the fake quant does.
+    """
+    acc_scale = np.float32(s_in) * np.asarray(w_scale, np.float32)
+    q = np.abs(np.asarray(bias, np.float32) / acc_scale).astype(np.float64)
+    return int((q > QRANGE["int32"][1]).sum())
+
+
 def requant_params(ratio: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """Integer ``(m, s)`` with ``m / 2**s ≈ ratio`` (per element of ``ratio``), both int64.
 

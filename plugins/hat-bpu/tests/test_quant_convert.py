@@ -218,3 +218,38 @@ def test_layout_ops_keep_the_scale_and_convert() -> None:
     with torch.no_grad():
         ref = q(x)
     assert np.array_equal(run_ir(graph, x.numpy())[0], ref.numpy())
+
+
+class PerLevelBN(torch.nn.Module):
+    """One conv shared by two levels, each level with its own BN (as hat-fcos's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from hatcore.quant import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(1 / 128), DeQuantStub()
+        self.stem = torch.nn.Conv2d(3, 4, 3, 1, 1)
+        self.down = torch.nn.Conv2d(4, 4, 3, 2, 1)
+        self.conv = torch.nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.bns = torch.nn.ModuleList([torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p3 = self.stem(self.quant(x))
+        p4 = self.down(p3)
+        return [self.dequant(F.relu(bn(self.conv(p))))
+                for p, bn in zip((p3, p4), self.bns, strict=True)]
+
+
+def test_shared_conv_with_per_level_bn_fuses_per_call() -> None:
+    torch.manual_seed(0)
+    net = PerLevelBN()
+    net.bns[1].running_var.fill_(4.0)
+    x = yuv(2, 8)
+    q = ready(net, x, QConfig())
+    a, b = q.qgraph.get_submodule("conv"), q.qgraph.get_submodule("conv@1")
+    assert a.conv is b.conv and a.bn is not b.bn  # one weight, two BNs, two output scales
+    graph = convert(q, x[:1])
+    with torch.no_grad():
+        ref = q(x)
+    for r, g in zip(ref, graph.unflatten_outputs(run_ir(graph, x.numpy())), strict=True):
+        assert np.array_equal(g, r.numpy())
