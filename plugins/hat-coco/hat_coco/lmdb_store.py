@@ -37,7 +37,10 @@ def open_readonly(path: str | Path) -> lmdb.Environment:
     handles do not survive a fork, so a DataLoader worker opens its own)."""
     key = str(Path(path).resolve())
     pid, env = _ENVS.get(key, (-1, None))
-    if env is None or pid != os.getpid():
+    if env is not None and pid != os.getpid():
+        env.close()  # inherited through fork: py-lmdb refuses a second open while it exists
+        env = None
+    if env is None:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False,
                         max_readers=256)
         _ENVS[key] = (os.getpid(), env)

@@ -196,17 +196,44 @@ class AugmentHSV:
         return sample
 
 
-# BT.601 full range (JFIF), the BPU's input formula (hat-bpu nv12.py); rounded half up, clamped.
+# BT.601 full range (JFIF), the BPU's input formula (hat-bpu nv12.py): each channel computed in
+# float64 in this order, rounded half up, clamped to 0..255.
+#   Y = 0.299 R + 0.587 G + 0.114 B
+#   U = -0.168736 R - 0.331264 G + 0.5 B + 128
+#   V = 0.5 R - 0.418688 G - 0.081312 B + 128
 _RGB2YUV = np.array([[0.299, 0.587, 0.114],
                      [-0.168736, -0.331264, 0.5],
                      [0.5, -0.418688, -0.081312]])
-_YUV_OFFSET = np.array([0.0, 128.0, 128.0])
+_TABLES = _RGB2YUV[:, :, None] * np.arange(256, dtype=np.float64)  # [3, 3, 256] products
+_M32 = np.hstack([_RGB2YUV, [[0.5], [128.5], [128.5]]]).astype(np.float32)  # + rounding 0.5
+_TIE = 1e-3  # float32 error is < 1e-4 here; closer than this to .5 is redone in float64
+
+
+def _yuv_exact(rgb: np.ndarray) -> np.ndarray:
+    """``uint8[N, 3]`` RGB -> YUV as hat-bpu computes it (float64, same operation order)."""
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    t = _TABLES
+    y = t[0, 0][r] + t[0, 1][g] + t[0, 2][b]
+    u = t[1, 0][r] + t[1, 1][g] + t[1, 2][b] + 128
+    v = t[2, 0][r] + t[2, 1][g] + t[2, 2][b] + 128
+    return np.clip(np.floor(np.stack([y, u, v], 1) + 0.5), 0, 255).astype(np.uint8)
 
 
 def rgb_to_yuv444(img: np.ndarray) -> np.ndarray:
-    """RGB ``np.ndarray[H, W, 3]`` uint8 -> YUV444 uint8, ``floor(v + 0.5)`` clamped to 0..255."""
-    yuv = img.astype(np.float64) @ _RGB2YUV.T + _YUV_OFFSET
-    return np.clip(np.floor(yuv + 0.5), 0, 255).astype(np.uint8)
+    """RGB ``np.ndarray[H, W, 3]`` uint8 -> YUV444 uint8, bit-exact with the BPU's formula.
+
+    float32 through OpenCV for speed; the few pixels whose value lies within ``_TIE`` of a
+    rounding boundary are recomputed in float64 (tested over all 2**24 colours).
+    """
+    val = cv2.transform(img.astype(np.float32), _M32)  # [H, W, 3], all >= 0.5
+    low = np.floor(val)
+    dist = np.abs(np.subtract(val, low + 0.5, out=val), out=val)  # to the nearest tie
+    out = np.minimum(low, 255, out=low).astype(np.uint8)
+    tie = dist > 0.5 - _TIE
+    near = tie[..., 0] | tie[..., 1] | tie[..., 2]
+    if near.any():
+        out[near] = _yuv_exact(img[near])
+    return out
 
 
 class ToTensor:

@@ -113,3 +113,17 @@ def test_order_mistakes_are_user_errors() -> None:
         T.Resize([10, 10])(s)
     with pytest.raises(UserError, match="after `to_tensor`"):
         T.Normalize([0] * 3, [1] * 3)(_sample(20, 20, (1, 1, 9, 9)))
+
+
+def test_fast_yuv_equals_the_float64_formula_on_every_colour() -> None:
+    """The float32 path with its tie fix-up must agree with hat-bpu's float64 formula exactly."""
+    grid = np.arange(256, dtype=np.uint8)
+    for r0 in range(0, 256, 32):  # 32 reds at a time: 2M colours, bounded memory
+        rgb = np.stack(np.meshgrid(grid[r0:r0 + 32], grid, grid, indexing="ij"), -1)
+        rgb = rgb.reshape(2048, 1024, 3)
+        r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+        y = 0.299 * r + 0.587 * g + 0.114 * b
+        u = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+        v = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+        want = np.clip(np.floor(np.stack([y, u, v], -1) + 0.5), 0, 255).astype(np.uint8)
+        assert np.array_equal(T.rgb_to_yuv444(rgb), want), f"reds {r0}..{r0 + 31}"
