@@ -154,3 +154,19 @@ def test_hook_register_commands_adds_pack_coco_and_infer() -> None:
     root = click.Group("hat")
     register_commands(cli=root)
     assert "coco" in root.commands["pack"].commands and "infer" in root.commands
+
+
+def test_lmdb_dataset_reads_in_forked_workers_after_the_main_process(tmp_path: Path,
+                                                                     shapes_root: Path) -> None:
+    import torch
+    from hat_coco import transforms as T
+    from torch.utils.data import DataLoader
+
+    _pack(shapes_root, tmp_path / "val_lmdb")
+    ds = CocoLmdbDataset(tmp_path / "val_lmdb", [T.ToTensor(to_yuv=False)])
+    first = ds[0]["img"]  # the main process holds a handle when the workers fork
+    dl = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=ds.collate_fn,
+                    multiprocessing_context="fork")
+    batches = list(dl)
+    assert sum(len(b["meta"]) for b in batches) == 12
+    assert torch.equal(batches[0]["img"][0, :, :160, :160], first)
