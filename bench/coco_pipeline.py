@@ -68,7 +68,7 @@ def decode_rates(path: Path, reps: int = 200) -> dict[str, float]:
 def train_step_rate(recipe: str, ds: torch.utils.data.Dataset, batch: int, steps: int) -> float:
     from hatcore.pipeline import Pipeline
 
-    pipe = Pipeline.load(recipe, ["model.num_classes=4", "model.backbone.pretrained=false"])
+    pipe = Pipeline.load(recipe, ["model.num_classes=4", "model.backbone.pretrained=\"\""])
     model = pipe.build_model().train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     b = ds.collate_fn([ds[i] for i in range(batch)])
@@ -90,11 +90,12 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=640)
     ap.add_argument("--size", type=int, default=512, help="network input side")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--batches", type=int, default=24)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--train-step", default=None, help="a recipe whose float model is timed")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)  # one thread per process: workers are the only parallelism measured
     root = Path(args.root)
     t0 = time.perf_counter()
     ann = generate(root, "train", args.num_images, args.image_size, 0)

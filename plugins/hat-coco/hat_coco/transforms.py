@@ -280,7 +280,13 @@ def collate(items: list[Sample]) -> dict[str, Any]:
         raise UserError("collate needs tensor images: add `to_tensor` to the dataset's transforms")
     h = max(im.shape[-2] for im in imgs)
     w = max(im.shape[-1] for im in imgs)
-    out = imgs[0].new_zeros((len(imgs), imgs[0].shape[0], h, w))
+    shape = (len(imgs), imgs[0].shape[0], h, w)
+    if torch.utils.data.get_worker_info() is not None:  # straight into shared memory, one copy
+        storage = imgs[0].untyped_storage()._new_shared(  # type: ignore[attr-defined]
+            int(np.prod(shape)) * imgs[0].element_size())
+        out = imgs[0].new(storage).view(shape).zero_()
+    else:
+        out = imgs[0].new_zeros(shape)
     metas = []
     for i, (im, it) in enumerate(zip(imgs, items, strict=True)):
         out[i, :, : im.shape[-2], : im.shape[-1]] = im
