@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import cv2
 import torch
@@ -44,7 +45,7 @@ def infer_image(recipe: Path, image: Path, out: Path, stage: str = "float",
     device = next(model.parameters(), torch.empty(0)).device
     batch = to_device(batch, device)
     with torch.no_grad():
-        dets = model.postprocess(runner(batch), batch)
+        dets = cast(Any, model).postprocess(runner(batch), batch)
     det = {k: v.detach().cpu() for k, v in dets[0].items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), draw(img, det, class_names, score_thr)):

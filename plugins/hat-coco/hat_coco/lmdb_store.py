@@ -146,7 +146,7 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
     with writer.env.begin() as txn:
         done = {k for k, _ in txn.cursor() if k.startswith(b"ann/")}
     todo = [r for r in records if ann_key(r["image_id"]) not in done]
-    meta = {"format": FORMAT, "version": VERSION, "categories": categories, "source": source,
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "categories": categories, "source": source,
             "split": split, "count": len(done), "complete": False, "skipped": []}
     writer.put(META_KEY, msgpack.packb(meta))
     writer.commit()

@@ -55,17 +55,31 @@ def dataset_from_spec(spec: DatasetSpec, split: str, transforms: list[Any]) -> A
     if isinstance(spec, S.CocoLmdbSpec):
         from hat_coco.lmdb_store import CocoLmdbDataset, pack_dataset
 
-        if not Path(spec.path).exists():
-            if spec.source is None:
-                raise UserError(f"{spec.path}: no such LMDB; pack one with `hat pack coco` or "
-                                f"give the coco_lmdb table a `source` to pack from")
-            src = dataset_from_spec(spec.source, split, [])
-            if src is None:
-                raise UserError(f"coco_lmdb.source: type {spec.source.type!r} cannot be packed "
-                                f"(use coco or shapes)")
-            pack_dataset(src, Path(spec.path))
+        path = Path(spec.path)
+        if spec.source is not None:
+            from hat_coco.locking import file_lock
+
+            with file_lock(path.parent / f".{path.name}.lock"):  # one rank packs, others wait
+                if not path.exists() or not _pack_complete(path):
+                    src = dataset_from_spec(spec.source, split, [])
+                    if src is None:
+                        raise UserError(f"coco_lmdb.source: type {spec.source.type!r} cannot be "
+                                        f"packed (use coco or shapes)")
+                    pack_dataset(src, path)
+        elif not path.exists():
+            raise UserError(f"{path}: no such LMDB; pack one with `hat pack coco` or give the "
+                            f"coco_lmdb table a `source` to pack from")
         return CocoLmdbDataset(spec.path, transforms, skip_empty=skip_empty)
     return None
+
+
+def _pack_complete(path: Path) -> bool:
+    from hat_coco.lmdb_store import open_readonly, read_meta
+
+    if not (path / "data.mdb").is_file():
+        return False
+    meta = read_meta(open_readonly(path), path)
+    return bool(meta and meta.get("complete"))
 
 
 @hookimpl

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from hat_coco.locking import file_lock
 from hatcore.errors import UserError
 
 CLASSES = ("circle", "square", "triangle", "cross")
@@ -91,7 +92,7 @@ def draw_image(g: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict
         else:
             continue
         hue = (_HUES[label] + int(g.integers(-12, 13))) % 180
-        hsv = np.uint8([[[hue, int(g.integers(150, 256)), int(g.integers(140, 256))]]])
+        hsv = np.array([[[hue, int(g.integers(150, 256)), int(g.integers(140, 256))]]], np.uint8)
         colour = tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
         cv2.fillPoly(img, [poly], colour, cv2.LINE_AA)
         boxes.append(box)
@@ -113,6 +114,12 @@ def generate(root: str | Path, split: str, num_images: int, image_size: int, see
     :raises UserError: the split exists but was generated with other settings.
     """
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f".{split}.lock"):  # another rank may be generating it right now
+        return _generate(root, split, num_images, image_size, seed)
+
+
+def _generate(root: Path, split: str, num_images: int, image_size: int, seed: int) -> Path:
     params = {"num_images": num_images, "image_size": image_size, "seed": seed, "version": 1}
     ann = ann_path(root, split)
     if ann.is_file():
@@ -124,11 +131,11 @@ def generate(root: str | Path, split: str, num_images: int, image_size: int, see
     if num_images < 1 or image_size < 64:
         raise UserError(f"shapes: num_images must be >= 1 and image_size >= 64, got "
                         f"{num_images} and {image_size}")
-    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=root))
     try:
         (tmp / f"{split}2017").mkdir()
-        images, anns = [], []
+        images: list[dict[str, Any]] = []
+        anns: list[dict[str, Any]] = []
         for i in range(num_images):
             g = np.random.default_rng([seed, _SPLIT_CODE.get(split, 3), i])
             img, objects = draw_image(g, image_size)

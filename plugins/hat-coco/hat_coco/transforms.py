@@ -78,9 +78,10 @@ class Resize:
     def __call__(self, sample: Sample) -> Sample:
         img = _image(sample, "resize")
         h0, w0 = img.shape[:2]
-        th, tw = self.img_scale
+        th, tw = float(self.img_scale[0]), float(self.img_scale[1])
         if self.ratio_range:
-            r = float(rng().uniform(*self.ratio_range))
+            lo, hi = self.ratio_range
+            r = float(rng().uniform(lo, hi))
             th, tw = th * r, tw * r
         if self.keep_ratio:
             s = min(th / h0, tw / w0)
