@@ -96,3 +96,30 @@ def test_ground_truth_as_detections_scores_one_through_the_resize(shapes_root: P
     out = metric.compute(None)
     assert out["bbox"]["AP"] == pytest.approx(1.0)
     assert evaluate(ds.coco_gt(), [], None)["bbox"]["AP"] == 0.0
+
+
+def _rank(rank: int, init: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        metric = build_metric(spec=S.CocoMetricSpec(type="coco"), dataset=_GtOnly())
+        dets, batch = _detections()
+        if rank == 0:
+            metric.update(dets[:1], {"meta": batch["meta"][:1]})
+        else:  # image 12, then image 11 again: a DistributedSampler's padding repeat
+            metric.update([dets[1], dets[0]], {"meta": [batch["meta"][1], batch["meta"][0]]})
+        out = metric.compute(Path(out_dir) / f"rank{rank}" if rank else Path(out_dir))
+        assert out["bbox"]["AP"] == pytest.approx(0.75), out
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_metric_gathers_to_rank0_under_torch_distributed(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_rank, args=(init, str(tmp_path)), nprocs=2, start_method="spawn")
+    results = json.loads((tmp_path / "detections.json").read_text())
+    assert len(results) == 4, "each detection once, the repeated image not counted twice"
+    assert not (tmp_path / "rank1").exists(), "only rank 0 writes"
