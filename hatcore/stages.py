@@ -143,7 +143,8 @@ class StageRunner:
             stage=stage, model=model, cfg=getattr(self.recipe.stages, stage),
             train_loader=self.pipe.loader("train", distributed=dist.world_size() > 1),
             out_dir=self.work / stage, device=self.pipe.device,
-            evaluate=self._evaluator(train_mode), best_key="AP", hook=self.pipe.hook,
+            evaluate=self._evaluator(train_mode) if getattr(self.recipe.stages, stage).val_interval
+            else None, best_key="AP", hook=self.pipe.hook,
             seed=self.recipe.task.seed,
         )
         result: dict[str, Any] = trainer.fit()
@@ -174,14 +175,13 @@ class StageRunner:
         quant.set_mode(model, "observe")
         calibrate(model, self.pipe.loader("train"), batches=cfg.batches, device=self.pipe.device)
         quant.set_mode(model, "fake_quant")
-        metrics = self._evaluator()(model)
         out = self.work / "calibration"
-        if dist.is_main():
+        if dist.is_main():  # scored by `predict calibration`, not twice
             payload = {"model": model.state_dict(), "stage": "calibration", "epoch": 0}
             save_checkpoint(out / "checkpoint-last.pt", payload)
             save_checkpoint(out / "checkpoint-best.pt", payload)
-            write_json(out / "metrics.json", {"best": metrics, "last": metrics})
-        state.finish(metrics=metrics)
+            write_json(out / "metrics.json", {"batches": cfg.batches})
+        state.finish()
 
     def run_qat(self) -> None:
         state = self._state("qat")
