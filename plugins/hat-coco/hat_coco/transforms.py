@@ -71,6 +71,11 @@ class Resize:
 
     def __init__(self, img_scale: Sequence[int], ratio_range: Sequence[float] | None = None,
                  keep_ratio: bool = True) -> None:
+        if len(img_scale) != 2 or min(img_scale) < 1:
+            raise UserError(f"resize: img_scale must be [h, w] (positive), got {list(img_scale)}")
+        if ratio_range and (len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]):
+            raise UserError(f"resize: ratio_range must be [lo, hi] with 0 < lo <= hi, got "
+                            f"{list(ratio_range)}")
         self.img_scale = (int(img_scale[0]), int(img_scale[1]))
         self.ratio_range = tuple(ratio_range) if ratio_range else None
         self.keep_ratio = keep_ratio
@@ -111,6 +116,8 @@ class RandomCrop:
     """A random ``size`` [h, w] window; boxes clipped to it, boxes left empty dropped."""
 
     def __init__(self, size: Sequence[int]) -> None:
+        if len(size) != 2 or min(size) < 1:
+            raise UserError(f"random_crop: size must be [h, w] (positive), got {list(size)}")
         self.size = (int(size[0]), int(size[1]))
 
     def __call__(self, sample: Sample) -> Sample:

@@ -127,3 +127,15 @@ def test_fast_yuv_equals_the_float64_formula_on_every_colour() -> None:
         v = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
         want = np.clip(np.floor(np.stack([y, u, v], -1) + 0.5), 0, 255).astype(np.uint8)
         assert np.array_equal(T.rgb_to_yuv444(rgb), want), f"reds {r0}..{r0 + 31}"
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: T.Resize([512]), "img_scale must be \\[h, w\\]"),
+    (lambda: T.Resize([512, 512], [2.0, 0.5]), "ratio_range must be \\[lo, hi\\]"),
+    (lambda: T.RandomCrop([0, 10]), "size must be \\[h, w\\]"),
+    (lambda: T.Pad(0), "divisor must be >= 1"),
+    (lambda: T.Normalize([128, 128], [128, 128]), "mean and std need 3 values"),
+])
+def test_bad_transform_settings_name_the_key(make, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        make()
