@@ -22,7 +22,11 @@ def decode_distances(bbox: torch.Tensor, stride: torch.Tensor, upscale: bool) ->
 
 
 class FCOSDecoder:
-    """Sigmoid scores, top ``nms_pre`` per level, distance -> box, undo the resize, NMS.
+    """Sigmoid scores (x centerness, sqrt), top ``nms_pre`` points per level, at most
+    ``nms_pre`` (point, class) pairs above ``score_thr``, distance -> box clipped to the resized
+    image, divided by ``meta["scale"]`` (sy, sx) and clipped to ``meta["orig_size"]``, then
+    multiclass greedy NMS keeping ``max_per_img``. ``__call__(raw, batch)`` returns one
+    ``{"boxes" Tensor[N, 4] xyxy, "scores" Tensor[N], "labels" Tensor[N]}`` per image.
 
     :param strides: stride of each level.
     :param upscale_bbox_pred: box outputs are in units of stride.
