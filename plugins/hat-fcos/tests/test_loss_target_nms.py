@@ -8,6 +8,7 @@ import torch
 from hat_fcos.boxes import box_iou, level_points, nms
 from hat_fcos.decoder import FCOSDecoder
 from hat_fcos.target import assign, focal_loss, giou_loss
+from helpers import build
 
 
 def test_focal_loss_matches_the_formula() -> None:
@@ -88,3 +89,39 @@ def test_decoder_maps_boxes_back_to_the_original_image() -> None:
     # input box (12, 4, 36->32 clipped, 16); / (sx=0.25, sy=0.5) -> (48, 8, 128->100, 32)
     torch.testing.assert_close(det["boxes"], torch.tensor([[48.0, 8.0, 100.0, 32.0]]))
     assert math.isclose(float(det["scores"][0]), 1 / (1 + math.exp(-5)), rel_tol=1e-6)
+
+
+def _raw_for(sizes: list[tuple[int, int]], num_classes: int, logit: float,
+             bbox: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+    """Constant class logits, zero centerness logits, per-point ``bbox Tensor[P, 4]``."""
+    cls, box, ctr, start = [], [], [], 0
+    for h, w in sizes:
+        cls.append(torch.full((1, num_classes, h, w), logit))
+        box.append(bbox[start:start + h * w].T.reshape(1, 4, h, w))
+        ctr.append(torch.zeros(1, 1, h, w))
+        start += h * w
+    return cls, box, ctr
+
+
+def test_compute_loss_matches_hand_computed_values(fcos_plugins) -> None:
+    model = build(fcos_plugins, num_classes=2, neck={"stack": 1})
+    strides, logit = [8, 16, 32, 64, 128], -1.0
+    sizes = [(max(64 // s, 1), max(64 // s, 1)) for s in strides]
+    points, stride = level_points(sizes, strides, torch.device("cpu"))
+    p = 1 / (1 + math.exp(-logit))
+    neg = 0.75 * p**2 * -math.log(1 - p)
+    # no GT: only negatives, normalised by max(num_pos, 1) = 1
+    empty = {"gt_boxes": [torch.zeros(0, 4)], "gt_labels": [torch.zeros(0, dtype=torch.long)]}
+    losses = model.compute_loss(_raw_for(sizes, 2, logit, torch.zeros(len(points), 4)), empty)
+    assert math.isclose(float(losses["loss_cls"]), model.loss_w[0] * len(points) * 2 * neg,
+                        rel_tol=1e-5)
+    assert float(losses["loss_bbox"]) == 0 and float(losses["loss_centerness"]) == 0
+    # every point predicts exactly the GT box: GIoU loss 0, centerness target (IoU) 1 for every
+    # positive, so the centerness BCE per positive is ln 2 with a zero logit
+    gt = torch.tensor([[4.0, 6.0, 60.0, 50.0]])
+    dist = torch.cat([points - gt[:, :2], gt[:, 2:] - points], 1) / stride[:, None]
+    batch = {"gt_boxes": [gt], "gt_labels": [torch.tensor([1])]}
+    losses = model.compute_loss(_raw_for(sizes, 2, logit, dist), batch)
+    assert abs(float(losses["loss_bbox"])) < 1e-5
+    assert math.isclose(float(losses["loss_centerness"]), model.loss_w[2] * math.log(2),
+                        rel_tol=1e-5)
