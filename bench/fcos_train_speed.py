@@ -1,17 +1,20 @@
 """Float train-step speed of FCOS-EfficientNet-B0-BiFPN: bare PyTorch loop, NCHW vs channels_last.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/fcos_train_speed.py --size 512 --batch 8 --steps 4
+    OMP_NUM_THREADS=2 .venv/bin/python bench/fcos_train_speed.py --size 512 --batch 8 --steps 3 --rounds 2
 
 Reports img/s per memory format, FLOPs per image (forward, counted by ``hat_fcos.calops``; a
 train step is taken as 3x forward, since ``torch.utils.flop_counter`` overcounts the backward of
 depthwise convs by the group count), achieved GFLOP/s and this machine's fp32 matmul peak
-measured in the same run. ``bare_train_loop`` is reusable (e.g. to compare with the trainer).
+measured in the same run (before and after each round). Formats are interleaved so
+that CPU contention from other processes hits both alike. ``bare_train_loop`` is reusable
+(e.g. to compare with the trainer).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from typing import Any
 
@@ -51,23 +54,24 @@ def synthetic_batch(batch: int, size: int, num_classes: int = 80, seed: int = 0)
 
 
 def bare_train_loop(model: nn.Module, batch: dict[str, Any], steps: int, warmup: int = 1,
-                    channels_last: bool = False, lr: float = 0.01) -> float:
-    """Train ``model`` for ``warmup + steps`` SGD steps on ``batch``; returns img/s of the timed
-    steps (forward, ``compute_loss``, backward, optimizer step).
+                    channels_last: bool = False, lr: float = 0.01) -> list[float]:
+    """Train ``model`` for ``warmup + steps`` SGD steps on ``batch`` (forward, ``compute_loss``,
+    backward, optimizer step); returns the seconds of each timed step.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     img = batch["img"].contiguous(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    t0 = 0.0
+    times = []
     for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
         losses = model.compute_loss(model(img), batch)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
-    return steps * len(img) / (time.perf_counter() - t0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -87,6 +91,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per format")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -98,13 +103,20 @@ def main() -> None:
                               "threads": torch.get_num_threads(),
                               "forward_gflops_per_img": fwd / 1e9,
                               "train_gflops_per_img": 3 * fwd / 1e9}
-    result["matmul_peak_gflops"] = matmul_peak()
-    for name, cl in (("nchw", False), ("channels_last", True)):
-        torch.manual_seed(0)
-        ips = bare_train_loop(build_model(), batch, args.steps, channels_last=cl)
-        result[f"{name}_img_per_s"] = ips
-        result[f"{name}_achieved_gflops"] = ips * 3 * fwd / 1e9
-    result["matmul_peak_gflops_after"] = matmul_peak()
+    peaks = [matmul_peak()]
+    times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+    for _ in range(args.rounds):  # interleaved, so contention hits both formats alike
+        for name in times:
+            torch.manual_seed(0)
+            times[name] += bare_train_loop(build_model(), batch, args.steps,
+                                           channels_last=name == "channels_last")
+        peaks.append(matmul_peak())
+    result["matmul_peak_gflops"] = [round(p, 1) for p in peaks]
+    for name, ts in times.items():
+        ips_median = args.batch / statistics.median(ts)
+        result[f"{name}_img_per_s_median"] = round(ips_median, 3)
+        result[f"{name}_img_per_s_best"] = round(args.batch / min(ts), 3)
+        result[f"{name}_achieved_gflops_median"] = round(ips_median * 3 * fwd / 1e9, 2)
     print(json.dumps(result, indent=2))
 
 
