@@ -95,7 +95,8 @@ def plot_curves(work: Path) -> Path | None:
         if not log.is_file():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        iters = [r for r in rows if "loss" in r and r.get("kind", "iter") == "iter"]
+        iters = [r for r in rows if "loss" in r and r.get("kind") == "iter"]
+        iters = iters or [r for r in rows if "loss" in r]  # short runs log epochs only
         if iters:
             ax_loss.plot([r.get("step", i) for i, r in enumerate(iters)],
                          [r["loss"] for r in iters], label=stage)

@@ -1,0 +1,99 @@
+"""End to end with the real plugins: recipes/demo.toml on a tiny configuration, every stage.
+
+Generated shapes → LMDB → float → calibration → QAT → export (.hbir) → compile (.hbm) → predict
+of all five stages → summary, drawings and `hat info` on the artifacts. Numbers are not checked
+for quality here (a few iterations on 64-pixel images learn little); bench/RESULTS.md holds the
+demo's real figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("hat_fcos")
+pytest.importorskip("hat_coco")
+pytest.importorskip("hat_bpu")
+
+TINY = [
+    "data.train.source.num_images=16", "data.val.source.num_images=8",
+    "data.train.batch_size=4", "data.val.batch_size=4", "data.train.num_workers=0",
+    "data.train.transforms.0.img_scale=[64, 64]", "data.train.transforms.1.size=[64, 64]",
+    "data.train.transforms.2.divisor=64", "data.val.transforms.0.img_scale=[64, 64]",
+    "data.val.transforms.1.divisor=64", "export.input_shape=[1, 3, 64, 64]",
+    "stages.float.epochs=1", "stages.float.max_iters_per_epoch=2",
+    "stages.calibration.batches=1",
+    "stages.qat.epochs=1", "stages.qat.max_iters_per_epoch=1", "predict.vis_images=1",
+]
+
+
+def hat(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hatcore", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    cwd = tmp_path_factory.mktemp("e2e")
+    shutil.copytree(ROOT / "recipes", cwd / "recipes")
+    sets = [a for s in TINY for a in ("--set", s)]
+    proc = hat("run", "recipes/demo.toml", *sets, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return cwd, proc, sets
+
+
+def test_every_stage_leaves_its_artifacts(demo_run) -> None:
+    cwd, _, _ = demo_run
+    work = cwd / "runs" / "demo"
+    for rel in ["recipe.toml", "recipe.resolved.json", "float/checkpoint-best.pt", "float/log.jsonl",
+                "calibration/checkpoint-best.pt", "qat/checkpoint-best.pt", "export/model.hbir",
+                "compile/model.hbm", "compile/perf.json", "compile/perf.html", "summary.md",
+                "vis/curves.png", "vis/qat_0.png"]:
+        assert (work / rel).is_file(), rel
+    assert (cwd / "tmp_data" / "shapes" / "train_lmdb").is_dir()
+    for stage in ("float", "calibration", "qat", "int_infer", "align_bpu"):
+        metrics = json.loads((work / "predict" / stage / "metrics.json").read_text())
+        assert 0.0 <= metrics["bbox"]["AP"] <= 1.0
+        dets = json.loads((work / "predict" / stage / "detections.json").read_text())
+        assert isinstance(dets, list)
+
+
+def test_summary_table_lists_five_stages_and_the_latency(demo_run) -> None:
+    cwd, proc, _ = demo_run
+    summary = json.loads((cwd / "runs" / "demo" / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == [
+        "float", "calibration", "qat", "int_infer", "align_bpu"]
+    assert summary["device"]["march"] == "bayes-e" and summary["device"]["latency_ms"] > 0
+    assert "align_bpu" in proc.stdout and "ms/frame" in proc.stdout
+    perf = json.loads((cwd / "runs" / "demo" / "compile" / "perf.json").read_text())
+    assert perf["input_shape"] == [1, 3, 64, 64]
+
+
+def test_int_infer_and_align_bpu_score_the_same_integer_model(demo_run) -> None:
+    cwd, _, _ = demo_run
+    rows = {r["stage"]: r for r in
+            json.loads((cwd / "runs" / "demo" / "summary.json").read_text())["stages"]}
+    # exact_eval (default): fake quant evaluates with the integer arithmetic of the simulator
+    assert rows["int_infer"]["AP"] == pytest.approx(rows["qat"]["AP"], abs=1e-9)
+
+
+def test_rerun_only_prints_the_summary_and_info_verifies_artifacts(demo_run) -> None:
+    cwd, _, sets = demo_run
+    again = hat("run", "recipes/demo.toml", *sets, cwd=cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("float", "calibration", "qat", "export", "compile"):
+        assert f"{stage}: done, inputs unchanged, skipped" in again.stderr
+    assert "float 1/1" not in again.stderr  # nothing trained
+    work = cwd / "runs" / "demo"
+    for artifact in ("compile/model.hbm", "export/model.hbir", "float/checkpoint-best.pt",
+                     "../../tmp_data/shapes/val_lmdb"):
+        info = hat("info", str(work / artifact), cwd=cwd)
+        assert info.returncode == 0, (artifact, info.stderr)
