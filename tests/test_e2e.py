@@ -97,3 +97,26 @@ def test_rerun_only_prints_the_summary_and_info_verifies_artifacts(demo_run) -> 
                      "../../tmp_data/shapes/val_lmdb"):
         info = hat("info", str(work / artifact), cwd=cwd)
         assert info.returncode == 0, (artifact, info.stderr)
+
+
+@pytest.mark.parametrize("stage", ["float", "int_infer", "align_bpu"])
+def test_infer_draws_one_image_with_each_kind_of_model(demo_run, stage: str) -> None:
+    cwd, _, sets = demo_run
+    image = sorted((cwd / "tmp_data" / "shapes" / "val2017").glob("*.jpg"))[0]
+    out = cwd / f"infer_{stage}.png"
+    proc = hat("infer", "recipes/demo.toml", "--image", str(image), "--out", str(out),
+               "--stage", stage, *sets, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calops_and_perf_and_check_on_the_demo_recipe(demo_run) -> None:
+    cwd, _, sets = demo_run
+    calops = hat("calops", "recipes/demo.toml", "--input-shape", "1,3,64,64", *sets, cwd=cwd)
+    assert calops.returncode == 0, calops.stderr[-3000:]
+    assert "GFLOPs" in calops.stdout or "GFLOP" in calops.stdout
+    perf = hat("perf", "recipes/demo.toml", "--json", cwd=cwd)
+    assert perf.returncode == 0, perf.stderr[-3000:]
+    assert json.loads(perf.stdout)["latency_ms"] > 0
+    check = hat("check", "recipes/demo.toml", cwd=cwd)
+    assert check.returncode == 0, check.stderr[-3000:]
