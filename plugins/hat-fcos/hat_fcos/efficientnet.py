@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,9 +34,9 @@ FEATURE_STAGES = (0, 1, 2, 4, 6)
 
 def round_filters(c: int, width: float, divisor: int = 8) -> int:
     """Scale a channel count by ``width`` and round to a multiple of ``divisor``."""
-    c = c * width
-    new = max(divisor, int(c + divisor / 2) // divisor * divisor)
-    return int(new + divisor) if new < 0.9 * c else int(new)
+    scaled = c * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(new + divisor) if new < 0.9 * scaled else int(new)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -159,9 +160,10 @@ def _map_lite_key(key: str, net: EfficientNet) -> str | None:
 
 def _block_position(net: EfficientNet, idx: int) -> tuple[int, int]:
     for s, stage in enumerate(net.stages):
-        if idx < len(stage):
+        n = len(cast(nn.Sequential, stage))
+        if idx < n:
             return s, idx
-        idx -= len(stage)
+        idx -= n
     raise KeyError(f"block {idx} beyond the network")
 
 

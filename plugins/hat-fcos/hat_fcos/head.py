@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ class Tower(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        for dw, pw, bn in zip(self.dw, self.pw, self.bn[level], strict=True):
+        for dw, pw, bn in zip(self.dw, self.pw, cast(nn.ModuleList, self.bn[level]), strict=True):
             x = self.act(bn(pw(dw(x))))
         return x
 
@@ -61,9 +62,10 @@ class FCOSHead(nn.Module):
             nn.init.normal_(conv.weight, std=0.01)
             if int16_output:
                 set_hint(conv, out_dtype="int16")
-        nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.constant_(self.bbox_out.bias, bbox_init)
-        nn.init.constant_(self.ctr_out.bias, 0.0)
+        biases = (-math.log((1 - prior_prob) / prior_prob), bbox_init, 0.0)
+        for conv, value in zip((self.cls_out, self.bbox_out, self.ctr_out), biases, strict=True):
+            assert conv.bias is not None
+            nn.init.constant_(conv.bias, value)
         self.dequant = nn.ModuleList(DeQuantStub() for _ in range(3 * num_levels))
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:

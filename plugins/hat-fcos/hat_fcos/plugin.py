@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import pluggy
@@ -118,7 +118,7 @@ def build_model(spec: ModelSpec) -> nn.Module | None:
 
 def neck_channels(neck: nn.Module) -> int:
     """A neck's output width (``out_channels`` attribute)."""
-    return int(neck.out_channels)
+    return int(cast(int, neck.out_channels))
 
 
 @hookimpl

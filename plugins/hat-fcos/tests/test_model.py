@@ -123,3 +123,28 @@ def test_unknown_pretrained_weights_are_a_user_error(fcos_plugins) -> None:
         build(fcos_plugins, backbone={"pretrained": "imagenet-b7"})
     with pytest.raises(UserError, match="b0"):
         build(fcos_plugins, backbone={"pretrained": "efficientnet-lite0", "model_type": "b2"})
+
+
+def test_every_registered_fcos_part_builds_a_working_model(fcos_plugins) -> None:
+    reg = fcos_plugins.registry
+    for kind in ("backbone", "neck", "head"):
+        for name in reg.names(kind):
+            table = {"neck": {"type": "bifpn", "stack": 1}, kind: {"type": name}}
+            model = build(fcos_plugins, num_classes=2, **table).eval()
+            cls, bbox, ctr = model(torch.randn(1, 3, 128, 128))
+            assert len(cls) == len(bbox) == len(ctr) == 5, (kind, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_and_postprocess_run_on_cuda(fcos_plugins) -> None:
+    model = build(fcos_plugins, num_classes=2, neck={"stack": 1}).cuda()
+    batch = {"img": torch.randn(2, 3, 128, 128, device="cuda"),
+             "gt_boxes": [torch.tensor([[8.0, 8.0, 60.0, 70.0]], device="cuda"),
+                          torch.zeros(0, 4, device="cuda")],
+             "gt_labels": [torch.tensor([1], device="cuda"),
+                           torch.zeros(0, dtype=torch.long, device="cuda")],
+             "meta": [{"scale": (1.0, 1.0), "orig_size": (128, 128)}] * 2}
+    losses = model.compute_loss(model(batch["img"]), batch)
+    sum(losses.values()).backward()
+    dets = model.eval().postprocess(model(batch["img"]), batch)
+    assert dets[0]["boxes"].device.type == "cuda"
