@@ -90,7 +90,7 @@ class DecoderSpec:
     """``[model.decoder]``: FCOSDecoder."""
 
     score_thr: float = option(0.05, doc="minimum class score kept")
-    nms_pre: int = option(1000, doc="top points per level before NMS")
+    nms_pre: int = option(1000, doc="top points per level, and most (point, class) pairs, into NMS")
     nms_iou: float = option(0.6, doc="IoU threshold of the multiclass NMS")
     max_per_img: int = option(100, doc="detections kept per image")
     nms_use_centerness: bool = option(True, doc="rank by score x centerness")

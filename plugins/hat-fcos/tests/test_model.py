@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.fx
@@ -148,3 +150,15 @@ def test_loss_and_postprocess_run_on_cuda(fcos_plugins) -> None:
     sum(losses.values()).backward()
     dets = model.eval().postprocess(model(batch["img"]), batch)
     assert dets[0]["boxes"].device.type == "cuda"
+
+
+def test_docs_list_every_target_loss_and_decoder_key() -> None:
+    import attrs
+    from hat_fcos.specs import DecoderSpec, LossSpec, TargetSpec
+
+    docs = Path(__file__).resolve().parents[3] / "docs" / "fcos.md"
+    text = docs.read_text()
+    for cls, table in ((TargetSpec, "target"), (LossSpec, "loss"), (DecoderSpec, "decoder")):
+        for f in attrs.fields(cls):
+            assert f"| `{table}.{f.name}` | `{f.default!r}` | {f.metadata['doc']} |" in text, (
+                f"docs/fcos.md lacks or misdocuments {table}.{f.name}")
