@@ -10,6 +10,7 @@ from torch import nn
 from hat_fcos.boxes import distance_to_box, level_points
 from hat_fcos.decoder import FCOSDecoder, decode_distances, flatten_levels
 from hat_fcos.target import assign, focal_loss, giou_loss
+from hatcore.errors import UserError
 from hatcore.quant import QuantStub
 
 
@@ -48,6 +49,7 @@ class FCOS(nn.Module):
     def compute_loss(self, raw: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Focal (cls), GIoU weighted by centerness target (bbox) and BCE (centerness)."""
         cls_l, bbox_l, ctr_l = raw
+        self._check_labels(batch)
         sizes = [tuple(c.shape[-2:]) for c in cls_l]
         points, stride = level_points(sizes, self.strides, cls_l[0].device)
         cls = flatten_levels(cls_l).float()  # [B, P, C]
@@ -77,6 +79,19 @@ class FCOS(nn.Module):
         cw, bw, tw = self.loss_w
         return {"loss_cls": cw * loss_cls, "loss_bbox": bw * loss_bbox,
                 "loss_centerness": tw * loss_ctr}
+
+    def _check_labels(self, batch: dict[str, Any]) -> None:
+        labels = [lb for lb in batch["gt_labels"] if len(lb)]
+        if not labels:
+            return
+        top = int(torch.cat(labels).max())
+        if top >= self.num_classes or int(torch.cat(labels).min()) < 0:
+            bad = next(i for i, lb in enumerate(batch["gt_labels"])
+                       if len(lb) and (int(lb.max()) >= self.num_classes or int(lb.min()) < 0))
+            image_id = (batch.get("meta") or [{}] * (bad + 1))[bad].get("image_id", bad)
+            raise UserError(f"[model] num_classes = {self.num_classes}, but image {image_id} "
+                            f"has labels {batch['gt_labels'][bad].tolist()}; set num_classes "
+                            f"to the dataset's number of classes")
 
     @torch.no_grad()
     def postprocess(self, raw: Any, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:

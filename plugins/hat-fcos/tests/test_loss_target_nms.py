@@ -125,3 +125,18 @@ def test_compute_loss_matches_hand_computed_values(fcos_plugins) -> None:
     assert abs(float(losses["loss_bbox"])) < 1e-5
     assert math.isclose(float(losses["loss_centerness"]), model.loss_w[2] * math.log(2),
                         rel_tol=1e-5)
+
+
+def test_a_label_beyond_num_classes_is_a_user_error(fcos_plugins) -> None:
+    import pytest
+    from helpers import build
+
+    from hatcore.errors import UserError
+
+    model = build(fcos_plugins, num_classes=2, neck={"stack": 1})
+    img = torch.randn(2, 3, 128, 128)
+    batch = {"img": img, "gt_boxes": [torch.tensor([[4.0, 4.0, 50.0, 50.0]])] * 2,
+             "gt_labels": [torch.tensor([1]), torch.tensor([2])],
+             "meta": [{"image_id": 7}, {"image_id": 9}]}
+    with pytest.raises(UserError, match="num_classes = 2, but image 9 has labels \\[2\\]"):
+        model.compute_loss(model(img), batch)
