@@ -185,6 +185,9 @@ class TrainStage:
     amp: bool = option(False, doc="mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA")
     sync_bn: bool = option(False, doc="SyncBatchNorm when training on several processes")
     channels_last: bool = option(True, doc="channels-last memory format (faster on CPU)")
+    frozen_bn: list[str] = option(
+        factory=list, doc='module-name globs whose BatchNorm layers keep their pretrained statistics '
+        '(eval mode) while training, e.g. ["backbone*"]; much faster on CPU')
     val_interval: int = option(1, doc="validate every N epochs and after the last; 0: never "
                                "(the best checkpoint is the last one, scored by `predict`)")
     log_interval: int = option(10, doc="iterations between log.jsonl lines")

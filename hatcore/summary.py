@@ -112,7 +112,8 @@ def plot_curves(work: Path) -> Path | None:
     ax_ap.set(title="validation AP", xlabel="epoch", ylabel="AP (points)")
     for ax in (ax_loss, ax_ap):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     out = work / "vis" / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

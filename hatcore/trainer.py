@@ -10,6 +10,7 @@ exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import random
 import time
@@ -67,6 +68,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["cached"]))
     r = state["random"]
     random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))
+
+
+def freeze_bn(model: nn.Module, patterns: list[str]) -> int:
+    """Put the BatchNorm layers under modules matching ``patterns`` (fnmatch globs on module
+    names, e.g. ``"backbone*"``) in eval mode: running statistics are used and kept, the affine
+    parameters still train. Returns how many layers were frozen."""
+    if not patterns:
+        return 0
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                fnmatch.fnmatchcase(name, p) for p in patterns):
+            module.eval()
+            count += 1
+    return count
 
 
 def _to_memory_format(batch: dict[str, Any], channels_last: bool) -> dict[str, Any]:
@@ -208,6 +224,7 @@ class Trainer:
         if self.before_epoch:
             self.before_epoch(self, epoch)
         self.model.train()
+        freeze_bn(self.raw_model, self.cfg.frozen_bn)
         sums: dict[str, float] = {}
         images, t0 = 0, time.perf_counter()
         bar = tqdm(total=self.iters_per_epoch, desc=f"{self.stage} {epoch + 1}/{cfg.epochs}",

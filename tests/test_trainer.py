@@ -312,3 +312,14 @@ def test_resume_is_exact_with_persistent_loader_workers(tmp_path) -> None:
     for (k, a), b in zip(full.raw_model.state_dict().items(),
                          resumed.raw_model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_frozen_bn_keeps_running_statistics_of_the_matching_modules(tmp_path) -> None:
+    trainer = make(tmp_path, stage(epochs=1, frozen_bn=["body.1"]))
+    frozen = trainer.raw_model.body[1]
+    before = frozen.running_mean.clone()
+    other = trainer.raw_model.body[4].running_mean.clone()
+    trainer.fit()
+    assert torch.equal(frozen.running_mean, before)
+    assert not torch.equal(trainer.raw_model.body[4].running_mean, other)
+    assert frozen.weight.grad is not None  # the affine parameters still train
