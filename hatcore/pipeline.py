@@ -132,7 +132,7 @@ class Pipeline:
             ds, batch_size=spec.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=spec.num_workers, collate_fn=getattr(ds, "collate_fn", None),
             worker_init_fn=_seed_worker, generator=gen, drop_last=split == "train",
-            pin_memory=self.device.type == "cuda", persistent_workers=spec.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
         )
 
     def build_metric(self) -> Any:
