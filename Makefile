@@ -23,11 +23,11 @@ demo: $(STAMP)
 	$(BIN)/hat run recipes/demo.toml
 
 test: $(STAMP)
-	$(BIN)/ruff check hatcore plugins tests
+	$(BIN)/ruff check hatcore plugins tests bench
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check hatcore plugins tests
+	$(BIN)/ruff check hatcore plugins tests bench
 	$(BIN)/mypy hatcore
 
 wheels: $(STAMP)

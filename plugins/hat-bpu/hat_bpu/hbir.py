@@ -169,13 +169,18 @@ def load_hbir(path: Path) -> ir.Graph:
     return graph_from_header(header, body, str(path))
 
 
-def is_hbir(path: Path) -> bool:
-    """True when ``path`` starts with the ``.hbir`` magic."""
+def has_magic(path: Path, magic: bytes) -> bool:
+    """True when ``path`` is a readable file starting with ``magic`` (.hbir and .hbm)."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+            return f.read(len(magic)) == magic
     except OSError:
         return False
+
+
+def is_hbir(path: Path) -> bool:
+    """True when ``path`` starts with the ``.hbir`` magic."""
+    return has_magic(path, MAGIC)
 
 
 def describe_graph(graph: ir.Graph) -> str:

@@ -145,11 +145,7 @@ def load_hbm(path: Path) -> tuple[dict[str, Any], ir.Graph]:
 
 def is_hbm(path: Path) -> bool:
     """True when ``path`` starts with the ``.hbm`` magic."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
+    return hbir.has_magic(path, MAGIC)
 
 
 def describe_hbm(path: Path) -> str:
