@@ -90,7 +90,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ building parts
 
-    def _need(self, result: Any, what: str, type_name: str) -> Any:
+    def need(self, result: Any, what: str, type_name: str) -> Any:
         if result is None:
             raise UserError(f"no installed plugin builds {what} type {type_name!r} "
                             f"(`hat plugins` lists what is installed)")
@@ -98,11 +98,11 @@ class Pipeline:
 
     def build_model(self) -> nn.Module:
         spec = self.recipe.model
-        return self._need(self.hook.build_model(spec=spec), "model", spec.type)
+        return self.need(self.hook.build_model(spec=spec), "model", spec.type)
 
     def build_transforms(self, split: str) -> list[Callable[[dict[str, Any]], dict[str, Any]]]:
         spec = self._data_spec(split)
-        return [self._need(self.hook.build_transform(spec=t), "transform", t.type)
+        return [self.need(self.hook.build_transform(spec=t), "transform", t.type)
                 for t in spec.transforms]
 
     def _data_spec(self, split: str) -> Any:
@@ -116,7 +116,7 @@ class Pipeline:
             spec = self._data_spec(split)
             ds = self.hook.build_dataset(spec=spec, split=split,
                                          transforms=self.build_transforms(split))
-            self._datasets[split] = self._need(ds, "dataset", spec.type)
+            self._datasets[split] = self.need(ds, "dataset", spec.type)
         return self._datasets[split]
 
     def loader(self, split: str, *, distributed: bool = False) -> DataLoader[Any]:
@@ -137,7 +137,7 @@ class Pipeline:
 
     def build_metric(self) -> Any:
         spec = self.section("metric")
-        return self._need(self.hook.build_metric(spec=spec, dataset=self.build_dataset("val")),
+        return self.need(self.hook.build_metric(spec=spec, dataset=self.build_dataset("val")),
                           "metric", spec.type)
 
     def section(self, name: str) -> Any:
@@ -157,7 +157,7 @@ class Pipeline:
         """A freshly built model prepared by the quantizer for ``stage`` (weights not loaded)."""
         spec = self.section("quantize")
         model = self.build_model().eval()
-        return self._need(self.hook.quantize(model=model, spec=spec, stage=stage),
+        return self.need(self.hook.quantize(model=model, spec=spec, stage=stage),
                           "quantizer", spec.type)
 
     def stage_checkpoint(self, stage: str, which: str = "best") -> Path:

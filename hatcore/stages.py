@@ -168,7 +168,7 @@ class StageRunner:
         model = self.pipe.build_model()
         model.load_state_dict(load_checkpoint(self.pipe.stage_checkpoint("float"))["model"])
         spec = self.pipe.section("quantize")
-        model = self.pipe._need(self.pipe.hook.quantize(model=model.eval(), spec=spec,
+        model = self.pipe.need(self.pipe.hook.quantize(model=model.eval(), spec=spec,
                                                         stage="calibration"), "quantizer", spec.type)
         model.to(self.pipe.device).eval()
         echo(f"calibration: observing {cfg.batches} batches")
