@@ -58,14 +58,20 @@ def main() -> None:
         net(x)
         sim.run(x)
         t_float = best(lambda: net(x), args.reps)
+        net_cl = net.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        net_cl(x_cl)
+        t_float_cl = best(lambda: net_cl(x_cl), args.reps)
         t_sim = best(lambda: sim.run(x), args.reps)
     same = all(torch.equal(torch.from_numpy(r), s)
                for r, s in zip(run_ir(graph, x[:1].numpy()), sim.run(x[:1]), strict=True))
     n = args.batch
     print(f"threads {torch.get_num_threads()}, input {n}x3x{args.size}x{args.size}")
-    print(f"float eager (BN unfused): {n / t_float:.2f} img/s")
+    print(f"float eager (BN unfused): {n / t_float:.2f} img/s NCHW, "
+          f"{n / t_float_cl:.2f} img/s channels-last")
     print(f"integer simulator:        {n / t_sim:.2f} img/s  "
-          f"({t_float / t_sim:.2f}x float), bit-exact vs ir_reference: {same}")
+          f"({t_float / t_sim:.2f}x float NCHW, {t_float_cl / t_sim:.2f}x channels-last), "
+          f"bit-exact vs ir_reference: {same}")
     with tempfile.TemporaryDirectory() as d:
         art = Path(d) / "model.hbir"
         hbir.save_hbir(graph, art)

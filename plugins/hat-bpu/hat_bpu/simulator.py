@@ -179,8 +179,8 @@ class Simulator:
         k = int(w.shape[1]) * k_per_ic
         geo = (tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
         int8_in = in_t[0].dtype == "int8"
-        w32 = torch.from_numpy(w.astype(np.float32))
-        w64 = torch.from_numpy(w.astype(np.float64))
+        w32 = torch.from_numpy(w.astype(np.float32)).contiguous(memory_format=torch.channels_last)
+        w64 = torch.from_numpy(w.astype(np.float64)).contiguous(memory_format=torch.channels_last)
         chunks: list[tuple[int, int]] = []
         if int8_in and k > EXACT_F32_TERMS and groups == 1:
             step = max(1, EXACT_F32_TERMS // k_per_ic)
@@ -245,7 +245,9 @@ class Simulator:
         """
         g = self.graph
         env: dict[str, torch.Tensor] = {} if env_out is None else env_out
-        env[g.inputs[0]] = x.detach().cpu().float()
+        # channels-last: oneDNN's faster layout for the many 1x1 and depthwise convs on CPU;
+        # elementwise steps keep it, values are unchanged
+        env[g.inputs[0]] = x.detach().cpu().float().contiguous(memory_format=torch.channels_last)
         keep = set(g.outputs) if env_out is None else set(self.graph.tensors)
         for i, (ins, name, fn) in enumerate(self.steps):
             env[name] = fn([env[t] for t in ins])
