@@ -123,10 +123,8 @@ class Pipeline:
         spec = self._data_spec(split)
         ds = self.build_dataset(split)
         shuffle = spec.shuffle if spec.shuffle is not None else split == "train"
-        sampler: torch.utils.data.Sampler[Any] | None = None
-        if distributed:
-            sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle,
-                                                          seed=self.recipe.task.seed)
+        sampler = dist.train_sampler(ds, shuffle=shuffle, seed=self.recipe.task.seed) \
+            if distributed else None
         gen = torch.Generator().manual_seed(self.recipe.task.seed)
         return DataLoader(
             ds, batch_size=spec.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,

@@ -19,6 +19,7 @@ from hatcore.pipeline import (
     StageState,
     echo,
     flat_metrics,
+    read_json,
     write_json,
 )
 from hatcore.recipe import fingerprint
@@ -165,10 +166,9 @@ class StageRunner:
         if state is None:
             return
         cfg = self.recipe.stages.calibration
-        model = self.pipe.build_model()
-        model.load_state_dict(load_checkpoint(self.pipe.stage_checkpoint("float"))["model"])
+        model = self.pipe.load_stage_model("float")
         spec = self.pipe.section("quantize")
-        model = self.pipe.need(self.pipe.hook.quantize(model=model.eval(), spec=spec,
+        model = self.pipe.need(self.pipe.hook.quantize(model=model, spec=spec,
                                                         stage="calibration"), "quantizer", spec.type)
         model.to(self.pipe.device).eval()
         echo(f"calibration: observing {cfg.batches} batches")
@@ -234,7 +234,7 @@ class StageRunner:
         state = StageState(out, self.fps[key])
         if ckpt is None and state.done():
             echo(f"predict {stage}: done, inputs unchanged, skipped")
-            return load_json_or_empty(out / "metrics.json")
+            return read_json(out / "metrics.json") or {}
         if not dist.is_main():
             return {}
         state.start()
@@ -251,10 +251,3 @@ class StageRunner:
         if ckpt is None:
             state.finish(metrics=flat)
         return result
-
-
-def load_json_or_empty(path: Path) -> dict[str, Any]:
-    from hatcore.pipeline import read_json
-
-    data = read_json(path)
-    return data if isinstance(data, dict) else {}
