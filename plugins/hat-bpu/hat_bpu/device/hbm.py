@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from hat_bpu import hbir, ir, perf
-from hat_bpu.march import get_march
+from hat_bpu.device import perf
+from hat_bpu.device.march import get_march
+from hat_bpu.ir import graph as ir
+from hat_bpu.ir import hbir
 from hatcore.errors import UserError
 
 MAGIC = b"HATHBM\0\0"

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hat_bpu import ir, qspec
+from hat_bpu.ir import graph as ir
+from hat_bpu.quant import qspec
 
 EXACT_F32_TERMS = 1024  # K·128·128 <= 2**24
 F64_EXACT = 2.0**53

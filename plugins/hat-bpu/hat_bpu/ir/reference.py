@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hat_bpu import ir, qspec
+from hat_bpu.ir import graph as ir
+from hat_bpu.quant import qspec
 
 
 def run_ir(graph: ir.Graph, x: np.ndarray, env_out: dict[str, np.ndarray] | None = None

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from hat_bpu import ir
-from hat_bpu.march import March
+from hat_bpu.device.march import March
+from hat_bpu.ir import graph as ir
 
 VECTOR_FRACTION = 1 / 16
 SPATIAL_FILL = 256
