@@ -109,3 +109,27 @@ def test_perf_monotone_in_input_size_and_channels() -> None:
     assert lat[(32, 64)]["ops_per_frame"] > lat[(16, 64)]["ops_per_frame"]
     assert lat[(16, 64)]["ddr_bytes_per_frame"] >= lat[(16, 32)]["ddr_bytes_per_frame"]
     assert "modelled device" in perf.table(lat[(16, 32)])
+
+
+def test_op_table_march_rule_refuses_a_conv_beyond_the_kernel_limit() -> None:
+    """The compiler reads the op table's rules: 3x3 convs and pools on a march limited to 1x1
+    are refused, naming the node and the limit; the same graph passes the real march."""
+    import dataclasses
+
+    from hat_bpu.device.hbm import compile_graph
+    from hat_bpu.ir.ops import OPS, check_graph
+
+    q, x = small_model(width=8)
+    graph = convert(q, x[:1], march="bayes-e")
+    march = get_march("bayes-e")
+    assert check_graph(graph, march, march.ops) == []
+    tiny = dataclasses.replace(march, max_kernel=1)
+    problems = check_graph(graph, tiny, tiny.ops)
+    convs = {n.name for n in graph.nodes if n.op == "conv2d" and n.params["weight"].shape[-1] > 1}
+    pools = {n.name for n in graph.nodes if n.op == "maxpool" and max(n.attrs["kernel"]) > 1}
+    assert convs and pools and {p.split(":")[0] for p in problems} == convs | pools
+    assert all("kernel 3x3 > 1" in p for p in problems if p.split(":")[0] in convs)
+    used = sorted({n.op for n in graph.nodes} - {"conv2d", "quantize", "dequantize"})
+    lacking = dataclasses.replace(march, ops=tuple(o for o in OPS if o != used[0]))
+    assert any(f"op {used[0]!r} is not run" in p for p in check_graph(graph, lacking, lacking.ops))
+    compile_graph(graph, "bayes-e")  # the real march compiles it

@@ -99,143 +99,9 @@ class Simulator:
         self._last_use = {t: i for i, (ins, _, _) in enumerate(self.steps) for t in ins}
 
     def _build(self, n: ir.Node) -> OpFn:
-        t = self.graph.tensors
-        out, a, p = t[n.outputs[0]], n.attrs, n.params
-        in_t = [t[i] for i in n.inputs]
-        if n.op == "quantize":
-            inv = torch.tensor(np.float32(1.0) / np.float32(out.scale or 1.0))
-            lo, hi = qspec.qrange(out.dtype)
-            return lambda xs: torch.round(xs[0].float() * inv).clamp_(lo, hi)
-        if n.op == "dequantize":
-            sc = float(in_t[0].scale or 1.0)
-            return lambda xs: (xs[0].double() * sc).float()
-        if n.op == "conv2d":
-            return self._conv(n, in_t, out)
-        if n.op == "add":
-            _, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
-            ms = [int(v) for v in p["m"]]
-            bound = sum(_QMAX_ABS[x.dtype] * abs(mi) for x, mi in zip(in_t, ms, strict=True))
-            rs = [float(r) for r in _ratio(p["m"], p["shift"][0])]
+        from hat_bpu.ir.ops import op_def
 
-            def add_f64(xs: list[torch.Tensor]) -> torch.Tensor:
-                v = xs[0].double() * rs[0]
-                for x, r in zip(xs[1:], rs[1:], strict=True):
-                    v.add_(x.double(), alpha=r)
-                return _finish_f64(v, out, a.get("clip"))
-            if bound < F64_EXACT:
-                return add_f64
-
-            def add(xs: list[torch.Tensor]) -> torch.Tensor:
-                v = xs[0].long() * ms[0]
-                for x, mi in zip(xs[1:], ms[1:], strict=True):
-                    v += x.long() * mi
-                return _finish(round_shift(v, s, b, o), out, a.get("clip"))
-            return add
-        if n.op == "concat":
-            consts = [_rq_consts(p["m"][i:i + 1], p["shift"][i:i + 1], ())
-                      for i in range(len(n.inputs))]
-
-            rs = [float(r) for r in _ratio(p["m"], p["shift"])]
-            if all(_QMAX_ABS[x.dtype] * abs(int(mi)) < F64_EXACT for x, mi in zip(in_t, p["m"],
-                                                                             strict=True)):
-                return lambda xs: torch.cat([_finish_f64(x.double() * r, out, None)
-                                             for x, r in zip(xs, rs, strict=True)], a["axis"])
-
-            def concat(xs: list[torch.Tensor]) -> torch.Tensor:
-                parts = [_finish(round_shift(x.long() * c[0], c[1], c[2], c[3]), out, None)
-                         for x, c in zip(xs, consts, strict=True)]
-                return torch.cat(parts, a["axis"])
-            return concat
-        if n.op == "requantize":
-            m, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
-            r = float(_ratio(p["m"][:1], p["shift"][:1])[0])
-            if _QMAX_ABS[in_t[0].dtype] * abs(int(p["m"][0])) < F64_EXACT:
-                return lambda xs: _finish_f64(xs[0].double() * r, out, a.get("clip"))
-            return lambda xs: _finish(round_shift(xs[0].long() * m, s, b, o), out, a.get("clip"))
-        if n.op == "maxpool":
-            return lambda xs: F.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
-                                           ceil_mode=a["ceil_mode"])
-        if n.op == "upsample_nearest":
-            fh, fw = a["scale"]
-
-            def up(xs: list[torch.Tensor]) -> torch.Tensor:
-                x = xs[0]
-                nb, c, h, w = x.shape
-                return x[:, :, :, None, :, None].expand(nb, c, h, fh, w, fw).reshape(
-                    nb, c, h * fh, w * fw)
-            return up
-        if n.op == "relu":
-            return lambda xs: xs[0].clamp(min=0)
-        if n.op == "reshape":
-            return lambda xs: xs[0].reshape(xs[0].shape[0], *a["shape"])
-        if n.op == "permute":
-            return lambda xs: xs[0].permute(*a["dims"]).contiguous()
-        raise ValueError(f"node {n.name!r}: unknown op {n.op!r}")
-
-    def _conv(self, n: ir.Node, in_t: list[ir.Tensor], out: ir.Tensor) -> OpFn:
-        a, p = n.attrs, n.params
-        w = p["weight"]
-        groups = int(a["groups"])
-        k_per_ic = int(w.shape[2] * w.shape[3])
-        k = int(w.shape[1]) * k_per_ic
-        geo = (tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
-        int8_in = in_t[0].dtype == "int8"
-        w32 = torch.from_numpy(w.astype(np.float32)).contiguous(memory_format=torch.channels_last)
-        w64 = torch.from_numpy(w.astype(np.float64)).contiguous(memory_format=torch.channels_last)
-        chunks: list[tuple[int, int]] = []
-        if int8_in and k > EXACT_F32_TERMS and groups == 1:
-            step = max(1, EXACT_F32_TERMS // k_per_ic)
-            chunks = [(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
-        bias = torch.from_numpy(p["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
-        # static bounds from the weights: |acc[o]| <= xmax·Σ|w[o]| (+ |bias[o]|), any partial sum too
-        x_max = float(_QMAX_ABS[in_t[0].dtype])
-        w_sum = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1).sum(1) * x_max
-        acc_bound = w_sum + np.abs(p["bias"].astype(np.float64))
-        fast32 = in_t[0].dtype in ("int8", "int16") and (
-            (int8_in and k <= EXACT_F32_TERMS) or float(w_sum.max()) <= 2**24)
-        bias_in_conv = fast32 and float(acc_bound.max()) <= 2**24
-        chunks = [] if fast32 else chunks
-        self.conv_paths[n.name] = "f32" if fast32 else "f32-chunks" if chunks else "f64"
-        b32 = torch.from_numpy(p["bias"].astype(np.float32)) if bias_in_conv else None
-        b64 = bias.double()
-        m, s, rb, odd = _rq_consts(p["m"], p["shift"], (1, -1, 1, 1))
-        m_abs = float(np.abs(p["m"]).max())
-        static_f64 = float((acc_bound * np.abs(p["m"].astype(np.float64))).max())
-        r = torch.from_numpy(_ratio(p["m"], p["shift"])).reshape(1, -1, 1, 1)
-        m_res = (torch.from_numpy(p["m_res"].astype(np.int64)).reshape(1, -1, 1, 1)
-                 if "m_res" in p else None)
-        res_bound = (_QMAX_ABS[in_t[1].dtype] * float(np.abs(p["m_res"]).max())
-                     if m_res is not None else 0.0)
-        r_res = (torch.from_numpy(_ratio(p["m_res"], p["shift"])).reshape(1, -1, 1, 1)
-                 if m_res is not None else None)
-        clip = a.get("clip")
-
-        def conv(xs: list[torch.Tensor]) -> torch.Tensor:
-            x = xs[0]
-            if fast32:
-                acc = F.conv2d(x.float(), w32, b32, *geo, groups)
-            elif chunks:
-                acc = sum(F.conv2d(x[:, c0:c1].float(), w32[:, c0:c1], None, *geo, 1).double()
-                          for c0, c1 in chunks)
-            else:
-                acc = F.conv2d(x.double(), w64, None, *geo, groups)
-            assert isinstance(acc, torch.Tensor)
-            if b32 is None:
-                acc = torch.add(acc, b64)  # promotes to float64 in the same pass (exact)
-            exact = static_f64 + res_bound < F64_EXACT
-            if not exact:  # the weight bound is too loose: measure this call's accumulators
-                lo, hi = torch.aminmax(acc)
-                exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
-            if exact:  # every product and sum below is exact in float64
-                v = acc.mul_(r) if acc.dtype == torch.float64 else torch.mul(acc, r)
-                if r_res is not None:
-                    v.addcmul_(xs[1].double(), r_res)
-                return _finish_f64(v, out, clip)
-            v = acc.long() * m
-            if m_res is not None:
-                v += xs[1].long() * m_res
-            return _finish(round_shift(v, s, rb, odd), out, clip)
-        return conv
+        return op_def(n.op, n.name).simulate(n, self.graph.tensors, self)
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, env_out: dict[str, torch.Tensor] | None = None
@@ -261,3 +127,163 @@ class Simulator:
     def __call__(self, x: torch.Tensor) -> Any:
         """The model's output structure (``graph.meta["output_tree"]``) of float32 tensors."""
         return self.graph.unflatten_outputs(self.run(x))
+
+
+def _clip(n: ir.Node) -> Any:
+    return n.attrs.get("clip")
+
+
+def sim_quantize(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    out = t[n.outputs[0]]
+    inv = torch.tensor(np.float32(1.0) / np.float32(out.scale or 1.0))
+    lo, hi = qspec.qrange(out.dtype)
+    return lambda xs: torch.round(xs[0].float() * inv).clamp_(lo, hi)
+
+
+def sim_dequantize(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    sc = float(t[n.inputs[0]].scale or 1.0)
+    return lambda xs: (xs[0].double() * sc).float()
+
+
+def sim_add(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    out, p, in_t = t[n.outputs[0]], n.params, [t[i] for i in n.inputs]
+    _, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
+    ms = [int(v) for v in p["m"]]
+    bound = sum(_QMAX_ABS[x.dtype] * abs(mi) for x, mi in zip(in_t, ms, strict=True))
+    rs = [float(r) for r in _ratio(p["m"], p["shift"][0])]
+
+    def add_f64(xs: list[torch.Tensor]) -> torch.Tensor:
+        v = xs[0].double() * rs[0]
+        for x, r in zip(xs[1:], rs[1:], strict=True):
+            v.add_(x.double(), alpha=r)
+        return _finish_f64(v, out, _clip(n))
+    if bound < F64_EXACT:
+        return add_f64
+
+    def add(xs: list[torch.Tensor]) -> torch.Tensor:
+        v = xs[0].long() * ms[0]
+        for x, mi in zip(xs[1:], ms[1:], strict=True):
+            v += x.long() * mi
+        return _finish(round_shift(v, s, b, o), out, _clip(n))
+    return add
+
+
+def sim_concat(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    out, p, a, in_t = t[n.outputs[0]], n.params, n.attrs, [t[i] for i in n.inputs]
+    consts = [_rq_consts(p["m"][i:i + 1], p["shift"][i:i + 1], ()) for i in range(len(n.inputs))]
+    rs = [float(r) for r in _ratio(p["m"], p["shift"])]
+    if all(_QMAX_ABS[x.dtype] * abs(int(mi)) < F64_EXACT for x, mi in zip(in_t, p["m"], strict=True)):
+        return lambda xs: torch.cat([_finish_f64(x.double() * r, out, None)
+                                     for x, r in zip(xs, rs, strict=True)], a["axis"])
+
+    def concat(xs: list[torch.Tensor]) -> torch.Tensor:
+        parts = [_finish(round_shift(x.long() * c[0], c[1], c[2], c[3]), out, None)
+                 for x, c in zip(xs, consts, strict=True)]
+        return torch.cat(parts, a["axis"])
+    return concat
+
+
+def sim_requantize(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    out, p, in_t = t[n.outputs[0]], n.params, t[n.inputs[0]]
+    m, s, b, o = _rq_consts(p["m"][:1], p["shift"][:1], ())
+    r = float(_ratio(p["m"][:1], p["shift"][:1])[0])
+    if _QMAX_ABS[in_t.dtype] * abs(int(p["m"][0])) < F64_EXACT:
+        return lambda xs: _finish_f64(xs[0].double() * r, out, _clip(n))
+    return lambda xs: _finish(round_shift(xs[0].long() * m, s, b, o), out, _clip(n))
+
+
+def sim_maxpool(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    a = n.attrs
+    return lambda xs: F.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
+                                   ceil_mode=a["ceil_mode"])
+
+
+def sim_upsample_nearest(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    fh, fw = n.attrs["scale"]
+
+    def up(xs: list[torch.Tensor]) -> torch.Tensor:
+        x = xs[0]
+        nb, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(nb, c, h, fh, w, fw).reshape(nb, c, h * fh, w * fw)
+    return up
+
+
+def sim_relu(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    return lambda xs: xs[0].clamp(min=0)
+
+
+def sim_reshape(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    shape = n.attrs["shape"]
+    return lambda xs: xs[0].reshape(xs[0].shape[0], *shape)
+
+
+def sim_permute(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    dims = n.attrs["dims"]
+    return lambda xs: xs[0].permute(*dims).contiguous()
+
+
+def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
+    a, p = n.attrs, n.params
+    in_t, out = [t[i] for i in n.inputs], t[n.outputs[0]]
+    w = p["weight"]
+    groups = int(a["groups"])
+    k_per_ic = int(w.shape[2] * w.shape[3])
+    k = int(w.shape[1]) * k_per_ic
+    geo = (tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
+    int8_in = in_t[0].dtype == "int8"
+    w32 = torch.from_numpy(w.astype(np.float32)).contiguous(memory_format=torch.channels_last)
+    w64 = torch.from_numpy(w.astype(np.float64)).contiguous(memory_format=torch.channels_last)
+    chunks: list[tuple[int, int]] = []
+    if int8_in and k > EXACT_F32_TERMS and groups == 1:
+        step = max(1, EXACT_F32_TERMS // k_per_ic)
+        chunks = [(c, min(c + step, w.shape[1])) for c in range(0, w.shape[1], step)]
+    bias = torch.from_numpy(p["bias"].astype(np.int64)).reshape(1, -1, 1, 1)
+    # static bounds from the weights: |acc[o]| <= xmax·Σ|w[o]| (+ |bias[o]|), any partial sum too
+    x_max = float(_QMAX_ABS[in_t[0].dtype])
+    w_sum = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1).sum(1) * x_max
+    acc_bound = w_sum + np.abs(p["bias"].astype(np.float64))
+    fast32 = in_t[0].dtype in ("int8", "int16") and (
+        (int8_in and k <= EXACT_F32_TERMS) or float(w_sum.max()) <= 2**24)
+    bias_in_conv = fast32 and float(acc_bound.max()) <= 2**24
+    chunks = [] if fast32 else chunks
+    sim.conv_paths[n.name] = "f32" if fast32 else "f32-chunks" if chunks else "f64"
+    b32 = torch.from_numpy(p["bias"].astype(np.float32)) if bias_in_conv else None
+    b64 = bias.double()
+    m, s, rb, odd = _rq_consts(p["m"], p["shift"], (1, -1, 1, 1))
+    m_abs = float(np.abs(p["m"]).max())
+    static_f64 = float((acc_bound * np.abs(p["m"].astype(np.float64))).max())
+    r = torch.from_numpy(_ratio(p["m"], p["shift"])).reshape(1, -1, 1, 1)
+    m_res = (torch.from_numpy(p["m_res"].astype(np.int64)).reshape(1, -1, 1, 1)
+             if "m_res" in p else None)
+    res_bound = (_QMAX_ABS[in_t[1].dtype] * float(np.abs(p["m_res"]).max())
+                 if m_res is not None else 0.0)
+    r_res = (torch.from_numpy(_ratio(p["m_res"], p["shift"])).reshape(1, -1, 1, 1)
+             if m_res is not None else None)
+    clip = a.get("clip")
+
+    def conv(xs: list[torch.Tensor]) -> torch.Tensor:
+        x = xs[0]
+        if fast32:
+            acc = F.conv2d(x.float(), w32, b32, *geo, groups)
+        elif chunks:
+            acc = sum(F.conv2d(x[:, c0:c1].float(), w32[:, c0:c1], None, *geo, 1).double()
+                      for c0, c1 in chunks)
+        else:
+            acc = F.conv2d(x.double(), w64, None, *geo, groups)
+        assert isinstance(acc, torch.Tensor)
+        if b32 is None:
+            acc = torch.add(acc, b64)  # promotes to float64 in the same pass (exact)
+        exact = static_f64 + res_bound < F64_EXACT
+        if not exact:  # the weight bound is too loose: measure this call's accumulators
+            lo, hi = torch.aminmax(acc)
+            exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
+        if exact:  # every product and sum below is exact in float64
+            v = acc.mul_(r) if acc.dtype == torch.float64 else torch.mul(acc, r)
+            if r_res is not None:
+                v.addcmul_(xs[1].double(), r_res)
+            return _finish_f64(v, out, clip)
+        v = acc.long() * m
+        if m_res is not None:
+            v += xs[1].long() * m_res
+        return _finish(round_shift(v, s, rb, odd), out, clip)
+    return conv
