@@ -32,8 +32,9 @@ DTYPE_CHOICES = ("int8", "int16", "float")
 class HorizonQuantizeSpec(QuantizeSpec):
     """``[quantize]`` with ``type = "horizon"`` (the default quantizer)."""
 
-    march: str = option("bayes-e", doc="BPU architecture whose scale policy applies "
-                        "(bernoulli2: power-of-two scales)")
+    march: str = option("bayes-e", doc="BPU architecture whose integer arithmetic fake quant "
+                        "models: scale policy (bernoulli: power-of-two scales) and add rule "
+                        "(docs/bpu.md)")
     observer: Literal["minmax", "ma_minmax", "percentile", "mse", "kl", "auto"] = option(
         "auto", doc="activation range observer; auto keeps, per tensor, the candidate of "
         "minmax/percentile/mse/kl with the best SQNR on the calibration histogram")
@@ -52,9 +53,11 @@ class HorizonQuantizeSpec(QuantizeSpec):
                                          "frozen and BN is folded as deployed (0: from the start)")
     freeze_observer_epoch: int | None = option(None, doc="QAT: from this epoch on, activation "
                                                "scales stop following the data")
-    exact_eval: bool = option(True, doc="in eval, run requantizing ops in integer arithmetic: "
-                              "the fake-quant model's outputs equal the integer model's bit for "
-                              "bit (false: float fake quant, faster, within 1 LSB)")
+    exact_eval: bool = option(False, doc="evaluate the fake-quant model with float64 "
+                              "accumulation where float32 could round: its outputs then equal "
+                              "the integer model's bit for bit, and its calibration/qat rows are "
+                              "labelled integer (false: fake quant as trained; measured agreement "
+                              "in docs/quantization.md)")
 
 
 def march_pow2(march: str) -> bool:
@@ -78,7 +81,7 @@ def qconfig_from_spec(qspec: HorizonQuantizeSpec) -> QConfig:
     return QConfig(observer=qspec.observer, pow2=pow2, overrides=dict(qspec.overrides),
                    type_overrides=dict(qspec.type_overrides), percentile=qspec.percentile,
                    averaging_constant=qspec.averaging_constant, qat_averaging=qspec.qat_averaging,
-                   lsq=qspec.lsq, exact_eval=qspec.exact_eval)
+                   lsq=qspec.lsq, exact_eval=qspec.exact_eval, march=qspec.march)
 
 
 def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str) -> QuantModel:

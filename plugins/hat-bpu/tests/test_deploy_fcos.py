@@ -58,13 +58,29 @@ def lsb_errors(q: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, Simulator]:
 
 
 @pytest.mark.skipif(not RECIPE.is_file(), reason="the FCOS recipe is not in this checkout")
-def test_fcos_simulator_matches_fake_quant() -> None:
-    # The quantizer's default exact eval runs the integer rules in fake quant: bit for bit.
-    # (With exact_eval = false, float fake quant drifts from the integer model layer by layer;
-    # at FCOS's int16 outputs that is tens of int16 LSBs end to end, so it is not tested here.)
+def test_fcos_simulator_matches_fake_quant_exact_eval() -> None:
+    # exact_eval = true: float64 accumulation where float32 could round: bit for bit.
     q, x = fcos_model(exact=True)
     err, _ = lsb_errors(q, x)
     assert err.max() == 0
+
+
+@pytest.mark.skipif(not RECIPE.is_file(), reason="the FCOS recipe is not in this checkout")
+def test_fcos_fake_quant_as_trained_agrees_with_the_integer_model() -> None:
+    """exact_eval = false (the default, what QAT trains): every quantized tensor of FCOS-B0
+    against the int64 reference executing the integer graph, and the model outputs against
+    the simulator. The documented bound: int8 tensors >= 99.9 % identical and <= 1 LSB; the
+    int16 head outputs are held to the same bound here (measured: bit for bit)."""
+    from hat_bpu.quant.debug import compare_layers
+
+    q, x = fcos_model(exact=False)
+    rows = compare_layers(q, [x[:1]], integer=True)
+    checked = [r for r in rows if "int_identical" in r]
+    assert len(checked) >= 50, len(checked)
+    for r in checked:
+        assert r["int_identical"] >= 0.999 and r["int_max_err_lsb"] <= 1.0, r
+    err, _ = lsb_errors(q, x)
+    assert (err < 0.5).mean() >= 0.999 and err.max() <= 1.0, (float((err < 0.5).mean()), err.max())
 
 
 @pytest.mark.skipif(not RECIPE.is_file(), reason="the FCOS recipe is not in this checkout")

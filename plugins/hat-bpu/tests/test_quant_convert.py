@@ -56,11 +56,9 @@ def test_integer_graph_matches_fake_quant(pow2: bool, exact: bool) -> None:
     got = run_ir(graph, x.numpy())
     for r, g, name in zip(ref, got, graph.outputs, strict=True):
         t = graph.tensors[graph.producer(name).inputs[0]]
-        if exact or pow2:  # exact eval: the integer model's outputs, bit for bit
-            assert np.array_equal(g, r.numpy())
-        elif t.dtype == "int8":  # float fake quant: float32 sums may tip a rounding
-            lsb = np.abs(g - r.numpy()) / t.scale
-            assert (lsb < 0.5).mean() >= 0.99 and lsb.max() <= 1.0 + 1e-3
+        # fake quant computes the device's integers (exact_eval or not: every reduction here
+        # is short enough for float32 to be exact), so the outputs are equal bit for bit
+        assert np.array_equal(g, r.numpy()), (name, t.dtype)
     assert graph.tensors[graph.producer(graph.outputs[1]).inputs[0]].dtype == "int16"
     if pow2:
         assert all(qspec.is_pow2(t.scale) for t in graph.tensors.values() if t.scale)

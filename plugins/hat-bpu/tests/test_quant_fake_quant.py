@@ -10,6 +10,7 @@ from hat_bpu.quant import qspec
 from hat_bpu.quant.fake_quant import ActFQ, QConv2d, fake_quant_weight
 from hat_bpu.quant.prepare import prepare
 from torch import nn
+from torch.nn import functional as F
 
 from hatcore import quant
 from hatcore.errors import UserError
@@ -50,12 +51,14 @@ def test_straight_through_gradients() -> None:
     assert torch.equal(x.grad, inside.float())
 
 
-def test_pow2_scales_on_bernoulli2() -> None:
+def test_pow2_scales_only_on_bernoulli() -> None:
+    # Horizon's pow_quantization() is true only for March.BERNOULLI (X2/J2)
     from hat_bpu.plugin import HorizonQuantizeSpec, qconfig_from_spec
 
-    cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernoulli2"))
-    assert cfg.pow2
-    assert not qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bayes-e")).pow2
+    cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernoulli"))
+    assert cfg.pow2 and cfg.march == "bernoulli"
+    for march in ("bernoulli2", "bayes", "bayes-e"):
+        assert not qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march=march)).pow2
     with pytest.raises(UserError, match="bernoulli2"):
         qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernouli2"))
     torch.manual_seed(0)
@@ -125,3 +128,48 @@ def test_torch_round_shift_equals_numpy_rule() -> None:
     s = rng.integers(0, 40, size=20000)
     got = qspec.round_shift_torch(torch.from_numpy(v), torch.from_numpy(s)).numpy()
     assert np.array_equal(got, qspec.round_shift(v, s))
+
+
+def test_integer_conv_gradients_are_straight_through() -> None:
+    """QAT with BN folded runs the device's integer conv; its gradients equal those of torch's
+    float fake quant with the ReLU fused as ``quant_min = 0`` (``fq_out(conv(x, fq_w(w)) + b)``,
+    as ActFQ does it), computed here with torch's own
+    fake-quant ops), and its values agree with it (they differ only at rounding near-ties)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    out_fq = ActFQ("int8", fixed_scale=0.05)
+    mod = QConv2d(conv, None, "relu", False, out_fq)
+    in_fq = ActFQ("int8", fixed_scale=1 / 64)
+    mod.in_fq = [in_fq]
+    for m in (mod, out_fq, in_fq):
+        m.hat_set_mode("qat")
+    x = torch.fake_quantize_per_tensor_affine(torch.randn(2, 4, 8, 8), 1 / 64, 0, -128, 127)
+    x.requires_grad_(True)
+    g = torch.randn(2, 6, 8, 8)
+    (mod(x) * g).sum().backward()
+    got_w, got_x, got_b = conv.weight.grad.clone(), x.grad.clone(), conv.bias.grad.clone()
+    conv.weight.grad = conv.bias.grad = x.grad = None
+
+    w = conv.weight
+    s_w = (w.detach().abs().flatten(1).amax(1) / 127)
+    wq = torch.fake_quantize_per_channel_affine(w, s_w, torch.zeros(6, dtype=torch.int32), 0,
+                                                -128, 127)
+    y = F.conv2d(x, wq, conv.bias, padding=1)
+    ref = torch.fake_quantize_per_tensor_affine(y, 0.05, 0, 0, 127)  # relu fused: quant_min 0
+    (ref * g).sum().backward()
+    with torch.no_grad():
+        diff = (mod(x) - ref).abs() / 0.05
+    assert float((diff < 0.5).float().mean()) > 0.99 and float(diff.max()) <= 1.0 + 1e-4
+    assert torch.allclose(got_w, conv.weight.grad, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(got_x, x.grad, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(got_b, conv.bias.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_exact_eval_is_opt_in_and_labels_the_model() -> None:
+    from hat_bpu.plugin import HorizonQuantizeSpec, quantize_model
+
+    assert HorizonQuantizeSpec(type="horizon").exact_eval is False
+    net = SmallNet().eval()
+    plain = quantize_model(net, HorizonQuantizeSpec(type="horizon"), "calibration")
+    exact = quantize_model(net, HorizonQuantizeSpec(type="horizon", exact_eval=True), "qat")
+    assert plain.hat_arithmetic == "fake quant" and exact.hat_arithmetic == "integer"

@@ -36,7 +36,8 @@ class March:
     :param max_stride: largest conv stride.
     :param max_channels: largest conv input/output channel count.
     :param max_tensor_bytes: largest single feature map (int8 bytes).
-    :param pow2_scales: the march requantizes by shifts only: power-of-two scales.
+    :param pow2_scales: the march requantizes by shifts only: power-of-two scales (only
+        ``bernoulli``, as Horizon's ``pow_quantization()``).
     :param layer_overhead_us: fixed cost per layer (scheduling, descriptor fetch).
     :param frame_overhead_us: fixed cost per frame (input DMA setup, interrupt, output).
     :param peak_utilisation: best MAC utilisation reached by a well-aligned 3×3 conv.
@@ -71,11 +72,31 @@ class March:
 
 
 _MARCHES: dict[str, March] = {
+    "bernoulli": March(
+        name="bernoulli", device="Sunrise 2 / Journey 2 (X2/J2)",
+        peak_tops_int8=4.0, ddr_gbps=12.8, sram_kib=1024, clock_mhz=1000,
+        mac_align=(8, 8), max_kernel=7, max_stride=2, max_channels=2048,
+        max_tensor_bytes=16 << 20, pow2_scales=True,
+        layer_overhead_us=20.0, frame_overhead_us=300.0,
+        peak_utilisation=0.5, depthwise_efficiency=0.15,
+        sources={
+            "pow2_scales": "public: horizon_plugin_pytorch qat_mode helpers, "
+                           "pow_quantization() is march == March.BERNOULLI",
+            "peak_tops_int8": "public: Horizon Robotics Journey 2 / Sunrise 2 announcements "
+                              "(4 TOPS equivalent, Bernoulli BPU)",
+            "ddr_gbps": "ASSUMPTION (as bernoulli2)",
+            "clock_mhz": "ASSUMPTION",
+            "sram_kib": "ASSUMPTION",
+            "mac_align": "ASSUMPTION",
+            "limits": "ASSUMPTION (as bernoulli2)",
+            "overheads": "ASSUMPTION",
+            "utilisation": "ASSUMPTION",
+        }),
     "bernoulli2": March(
         name="bernoulli2", device="Sunrise X3 / Journey 3 (RDK X3)",
         peak_tops_int8=5.0, ddr_gbps=12.8, sram_kib=1024, clock_mhz=1000,
         mac_align=(8, 8), max_kernel=7, max_stride=2, max_channels=2048,
-        max_tensor_bytes=16 << 20, pow2_scales=True,
+        max_tensor_bytes=16 << 20, pow2_scales=False,
         layer_overhead_us=15.0, frame_overhead_us=300.0,
         peak_utilisation=0.55, depthwise_efficiency=0.15,
         sources={
@@ -83,7 +104,9 @@ _MARCHES: dict[str, March] = {
                               "RDK X3 spec sheet (5 TOPS equivalent, dual-core Bernoulli 2.0 BPU)",
             "ddr_gbps": "public: RDK X3 spec (LPDDR4 3200 MT/s, 32-bit) → 12.8 GB/s theoretical",
             "clock_mhz": "public: RDK X3 docs (BPU 1.0 GHz)",
-            "pow2_scales": "public: Horizon OpenExplorer docs (Bernoulli2 requantizes by shifts)",
+            "pow2_scales": "public: horizon_plugin_pytorch pow_quantization() is true only for "
+                           "March.BERNOULLI; bernoulli2 requantizes with multipliers "
+                           "(functional_impl._add bernoulli2 branch: int8 / 15-bit weights)",
             "sram_kib": "ASSUMPTION",
             "mac_align": "ASSUMPTION",
             "limits": "ASSUMPTION (modelled on OpenExplorer's X3 operator constraints list)",

@@ -158,7 +158,11 @@ class _Converter:
             return
         attrs = {"act": mod.act, "clip": list(qspec.act_clip(mod.act, s_out, dtype) or []) or None}
         if isinstance(mod, QAdd):
-            ms, s = qspec.shared_requant_params(ratios)
+            want = self.meta.get("march")
+            if mod.march is not None and want is not None and mod.march != want:
+                raise UserError(f"{name!r} was quantized for march {mod.march!r}, exported for "
+                                f"{want!r}: state the march once ([quantize] and [export] march)")
+            ms, s = qspec.add_params([float(x.scale) for x in xs], s_out, mod.march)
             self.add("add", node, xs, dtype, s_out, name, attrs,
                      {"m": np.concatenate(ms), "shift": s})
         else:

@@ -4,12 +4,16 @@ Modes (``hatcore.quant.set_mode``): ``float`` (fresh, identity), ``observe`` (ob
 ranges, outputs stay float), ``fake_quant`` (scales fixed) and ``qat`` (fake quant; activation
 ranges follow a moving average of batch maxima until frozen, or are learned with LSQ).
 Gradients are straight-through inside the range and zero outside (torch's fake-quant kernels).
-All rounding is half to even, as in :mod:`hat_bpu.qspec`.
+All rounding is half to even, as in :mod:`hat_bpu.quant.qspec`.
 
-Exact evaluation (``exact_eval``, on by default): in eval, ops with a requantization (fused
-conv, add, concat, requantize, constant multiply) run their integer form (:mod:`hat_bpu.intmath`)
-instead of float fake quant, so the model's outputs are bit-identical to the integer model's.
-Training (QAT) always uses the float fake quant with straight-through gradients.
+The ops that requantize (fused conv, add, concat, standalone activation, constant multiply)
+compute what the device computes, in training and in eval (:mod:`hat_bpu.quant.intmath`): the
+integer accumulator, the device's multiplier and shift ``m / 2**s``, round half to even, with
+straight-through gradients — so QAT trains against the integer model's arithmetic. The one
+approximation left is a float32 accumulation where float32 is not provably exact (int8 inputs
+with reductions ``K·128·127 >= 2**24``); ``exact_eval`` (off by default) removes it in eval, so
+the outputs equal the integer model's bit for bit. QAT with live BN statistics (before
+``freeze_bn_epoch``) trains with float fake quant (torch.ao's recipe); LSQ too (learned scales).
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class ActFQ(nn.Module):
         self.qat_averaging = qat_averaging
         self.qmin, self.qmax = qrange(dtype)
         self.observer = None if self.fixed else Observer(observer, dtype, averaging_constant,
-                                                         percentile)
+                                                         percentile, pow2)
         init = torch.tensor(float(fixed_scale) if self.fixed else 1.0)
         if lsq and not self.fixed:
             self.scale = nn.Parameter(init)
@@ -149,6 +153,16 @@ class ActFQ(nn.Module):
         self.qat_amax.mul_(1 - c).add_(c * amax.float())
         self.scale.copy_(scale_from_amax(self.qat_amax, self.dtype, self.pow2))
 
+    def tracks(self) -> bool:
+        """True when this call should move the QAT range (training, averaging, not frozen)."""
+        return (self.mode == "qat" and self.training and not self.fixed and not self.lsq
+                and not self.observer_frozen and self.qat_averaging > 0)
+
+    def track(self, x: torch.Tensor, act: str = "none") -> None:
+        """QAT: move the range towards ``act(x)``'s (the integer ops call this before they
+        requantize with the new scale)."""
+        self._qat_update(x, act)
+
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         """Fake-quantize ``x`` (any shape), fusing ``act`` (``relu``: ``quant_min = 0``;
         ``relu6``: also ``quant_max = round(6 / scale)``): the same values and gradients as
@@ -166,8 +180,7 @@ class ActFQ(nn.Module):
             return torch._fake_quantize_learnable_per_tensor_affine(
                 x, self.scale.reshape(1), self.zero_point.float().reshape(1), qmin, self.qmax,
                 grad_factor)
-        if (self.mode == "qat" and self.training and not self.fixed and not self.observer_frozen
-                and self.qat_averaging > 0):
+        if self.tracks():
             self._qat_update(x, act)
         qmax = self.qmax
         if act == "relu6":
@@ -191,7 +204,7 @@ class QConv2d(nn.Module):
     bn_frozen_flag: torch.Tensor
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: str, residual: bool,
-                 out_fq: ActFQ | None, pow2: bool = False, exact: bool = True) -> None:
+                 out_fq: ActFQ | None, pow2: bool = False, exact: bool = False) -> None:
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"unknown activation {act!r}")
@@ -244,27 +257,31 @@ class QConv2d(nn.Module):
         c = self.conv
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
-    def _exact_inputs(self, res: torch.Tensor | None, site: int) -> tuple[float, float | None] | None:
-        if not (self.exact and not self.training and self.out_fq is not None
-                and self.mode in ("fake_quant", "qat")):
+    def _int_inputs(self, res: torch.Tensor | None, site: int
+                    ) -> tuple[float, float | None, str] | None:
+        """(s_in, s_res, input dtype) when this call runs the integer form: fake quant or QAT
+        with BN folded (eval, or frozen), scales known, not LSQ; else None."""
+        if self.out_fq is None or self.mode not in ("fake_quant", "qat") or self.out_fq.lsq:
             return None
+        if self.bn is not None and self.bn.training:
+            return None  # QAT with live BN statistics: torch.ao's float recipe below
         fq = self.in_fq[site] if site < len(self.in_fq) else None
         rq = self.res_fq[site] if site < len(self.res_fq) else None
         if fq is None or (res is not None and rq is None):
             return None
-        return float(fq.scale), (float(rq.scale) if res is not None and rq is not None else None)
+        return float(fq.scale), (float(rq.scale) if res is not None and rq is not None
+                                 else None), fq.dtype
 
     def forward(self, x: torch.Tensor, res: torch.Tensor | None = None,
                 site: int = 0) -> torch.Tensor:
-        scales = self._exact_inputs(res, site)
-        if scales is not None and self.out_fq is not None:
-            s_in, s_res = scales
-            s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+        ints = self._int_inputs(res, site)
+        if ints is not None and self.out_fq is not None:
+            s_in, s_res, in_dtype = ints
             w, b = self.folded()
-            p = intmath.conv_params(w, b, self.pow2, s_in, s_out, s_res)
-            in_dtype = self.in_fq[site].dtype  # type: ignore[union-attr]
-            return intmath.int_conv(x, res, p, self.conv, s_in, s_res, s_out, dtype,
-                                    act_clip(self.act, s_out, dtype), in_dtype)
+            dtype, act = self.out_fq.dtype, self.act
+            return intmath.int_conv(x, res, w, b, self.conv, s_in, s_res, self.out_fq,
+                                    lambda s_out: act_clip(act, s_out, dtype), self.pow2,
+                                    in_dtype, self.exact and not self.training, act)
         if self.mode in ("float", "observe") or self.out_fq is None:
             y = self.conv(x)
             if self.bn is not None:
@@ -294,29 +311,35 @@ class QConv2d(nn.Module):
         return self.out_fq(y, self.act)
 
 
-def _exact_scales(mod: nn.Module) -> list[float] | None:
-    """Input scales when ``mod`` should run its integer form now (eval, fake quant), else None."""
+def _int_scales(mod: nn.Module, float_out: Any) -> list[float] | None:
+    """Input scales when ``mod`` runs its integer form (fake quant / QAT, inputs quantized, not
+    LSQ), else None. In QAT the output range first follows ``float_out()`` (a float tensor)."""
     fq: ActFQ = mod.out_fq  # type: ignore[assignment]
     ins: list[ActFQ | None] = getattr(mod, "in_fqs", [])
-    if not (getattr(mod, "exact", False) and not mod.training and fq.mode in ("fake_quant", "qat")
-            and ins and all(q is not None for q in ins)):
+    if fq.mode not in ("fake_quant", "qat") or fq.lsq or not ins or any(q is None for q in ins):
         return None
+    if fq.tracks():
+        with torch.no_grad():
+            fq.track(float_out(), getattr(mod, "act", "none"))
     return [float(q.scale) for q in ins if q is not None]
 
 
 class QAdd(nn.Module):
-    """Elementwise sum of quantized tensors (+ relu), fake-quantized at its own scale."""
+    """Elementwise sum of quantized tensors (+ relu), fake-quantized at its own scale, with the
+    march's add arithmetic (``march``: :func:`hat_bpu.quant.qspec.add_params`)."""
 
-    def __init__(self, out_fq: ActFQ, act: str = "none", exact: bool = True) -> None:
+    def __init__(self, out_fq: ActFQ, act: str = "none", exact: bool = False,
+                 march: str | None = None) -> None:
         super().__init__()
-        self.out_fq, self.act, self.exact = out_fq, act, exact
+        self.out_fq, self.act, self.exact, self.march = out_fq, act, exact, march
         self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        scales = _exact_scales(self)
+        scales = _int_scales(self, lambda: sum(x.detach() for x in xs))
         if scales is not None:
             s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
-            return intmath.int_sum(list(xs), scales, s_out, dtype, act_clip(self.act, s_out, dtype))
+            return intmath.int_sum(list(xs), scales, s_out, dtype,
+                                   act_clip(self.act, s_out, dtype), self.march)
         y = xs[0]
         for x in xs[1:]:
             y = y + x
@@ -326,13 +349,13 @@ class QAdd(nn.Module):
 class QCat(nn.Module):
     """Concatenation of quantized tensors along ``dim``, requantized to one scale."""
 
-    def __init__(self, out_fq: ActFQ, dim: int = 1, exact: bool = True) -> None:
+    def __init__(self, out_fq: ActFQ, dim: int = 1, exact: bool = False) -> None:
         super().__init__()
         self.out_fq, self.dim, self.exact = out_fq, dim, exact
         self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        scales = _exact_scales(self)
+        scales = _int_scales(self, lambda: torch.cat([x.detach() for x in xs], self.dim))
         if scales is not None:
             s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
             return torch.cat([intmath.int_requant(x, si / s_out, si, s_out, dtype, None)
@@ -343,13 +366,13 @@ class QCat(nn.Module):
 class QAct(nn.Module):
     """A standalone activation requantized to its own scale (IR ``requantize`` with a clip)."""
 
-    def __init__(self, out_fq: ActFQ, act: str, exact: bool = True) -> None:
+    def __init__(self, out_fq: ActFQ, act: str, exact: bool = False) -> None:
         super().__init__()
         self.out_fq, self.act, self.exact = out_fq, act, exact
         self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales = _exact_scales(self)
+        scales = _int_scales(self, lambda: x.detach())
         if scales is not None:
             s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
             return intmath.int_requant(x, scales[0] / s_out, scales[0], s_out, dtype,
@@ -366,15 +389,18 @@ class QScale(nn.Module):
     """
 
     def __init__(self, out_fq: ActFQ, const: float | None = None, divide: bool = False,
-                 exact: bool = True) -> None:
+                 exact: bool = False) -> None:
         super().__init__()
         self.out_fq, self.const, self.divide, self.exact = out_fq, const, divide, exact
         self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | float | None = None) -> torch.Tensor:
         c = self.const if c is None else c
-        scales = _exact_scales(self)
-        if scales is not None and c is not None:
+        assert c is not None
+        learned = isinstance(c, torch.Tensor) and c.requires_grad and self.training
+        scales = None if learned else _int_scales(
+            self, lambda: x.detach() / c if self.divide else x.detach() * c)
+        if scales is not None:  # (a learned constant keeps float fake quant while it trains)
             s_in, s_out, cv = scales[0], float(self.out_fq.scale), float(c)
             ratio = s_in / (cv * s_out) if self.divide else cv * s_in / s_out
             return intmath.int_requant(x, ratio, s_in, s_out, self.out_fq.dtype, None)

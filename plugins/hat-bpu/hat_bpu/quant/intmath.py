@@ -1,12 +1,12 @@
-"""Integer forms of the fake-quant ops: shared by conversion and by the exact evaluation.
+"""Integer forms of the fake-quant ops — what fake quant computes, in training and in eval.
 
-``conv_params`` turns a fused conv's float state into the integers of :mod:`hat_bpu.ir`
+``conv_params`` turns a fused conv's float state into the integers of :mod:`hat_bpu.ir.graph`
 (int8 weights, int32 bias, multipliers and shifts); :func:`int_conv`, :func:`int_sum`,
-:func:`int_requant` run those integers with torch: convolutions in float32 where provably exact,
-else float64; the requantization ``round_shift(acc·m, s)`` as ``round_half_even(acc·(m/2**s))``
-in float64 (see :func:`_finish` for why that equals the integer rule). In eval, the fake-quant
-modules use them (``exact_eval``), so the fake-quant model and the integer simulator agree bit
-for bit; training keeps the fast float fake quant.
+:func:`int_requant` run those same integers with torch, differentiably (straight-through
+rounding): the accumulator as an integer (float32 where exact, else float64), then the device's
+requantization ``round_shift(acc·m, s)`` as ``round_half_even(acc·(m/2**s))`` in float64 (see
+:func:`_finish` for why that equals the integer rule). So QAT trains against the arithmetic
+the integer model runs; ``exact_eval`` only adds float64 accumulation where float32 could round.
 """
 
 from __future__ import annotations
@@ -72,9 +72,43 @@ def conv_params(w: torch.Tensor, b: torch.Tensor, pow2: bool, s_in: float, s_out
     return params
 
 
+class _RoundSTE(torch.autograd.Function):
+    """``round_half_even(x)`` forward, identity gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _ClampRoundSTE(torch.autograd.Function):
+    """``clamp(round_half_even(v), lo, hi)`` forward; gradient 1 where ``round(v)`` is inside
+    ``[lo, hi]``, 0 outside (the mask of ``torch.fake_quantize_per_tensor_affine``)."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        r = torch.round(v)
+        q = r.clamp(lo, hi)
+        ctx.save_for_backward(r == q)
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even with a straight-through gradient."""
+    return _RoundSTE.apply(x)
+
+
 def to_int(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """The integers of a fake-quantized tensor (int64): ``round(x / scale)``."""
-    return torch.round(x.double() / scale).long()
+    """The integers of a fake-quantized tensor as float64: ``round(x / scale)`` (STE gradient)."""
+    return ste_round(x.double() / scale)
 
 
 def to_float(q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -93,48 +127,79 @@ def _mult(m: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def _finish(v: torch.Tensor, dtype: str, clip: tuple[int, int] | None, s_out: float
             ) -> torch.Tensor:
-    """``sat(clip(round_half_even(v)))`` of float64 ``v = Σ x·m / 2**s``, dequantized to float32.
+    """``sat(clip(round_half_even(v)))`` of float64 ``v = Σ x·m / 2**s``, dequantized to float32
+    (gradient straight through inside the range).
 
     Equal to the int64 ``round_shift`` (qspec) unless a value lies within ~2**-46 of a rounding
     tie without being one (exact ties are representable, so they round the same): ~1e-13.
     """
-    y = torch.round(v)
     lo, hi = qspec.qrange(dtype)
     if clip is not None:
         lo, hi = max(lo, clip[0]), min(hi, clip[1])
-    return to_float(y.clamp_(lo, hi), s_out)
+    return to_float(_ClampRoundSTE.apply(v, lo, hi), s_out)
 
 
-def int_conv(x: torch.Tensor, res: torch.Tensor | None, p: dict[str, np.ndarray],
-             conv: Any, s_in: float, s_res: float | None, s_out: float, dtype: str,
-             clip: tuple[int, int] | None, in_dtype: str = "int8") -> torch.Tensor:
-    """ir ``conv2d`` on fake-quantized float inputs; returns the fake-quantized float output.
+def int_weight(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 weight as float (STE gradient ``1/s_w``) and its per-channel scale ``s_w[O]``:
+    the integers :func:`conv_params` stores."""
+    amax = w.detach().abs().flatten(1).amax(1)
+    scale = qspec.scale_from_amax(amax, "int8", pow2)
+    inv = (1.0 / scale.float()).reshape(-1, *([1] * (w.dim() - 1)))
+    return _ClampRoundSTE.apply(w * inv, -128, 127), scale
 
-    The integer convolution runs in float32 when provably exact (int8 input and reduction length
-    ``K·128·127 < 2**24``), else in float64 (exact for int8/int16 operands).
+
+def int_conv(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor,
+             conv: Any, s_in: float, s_res: float | None, out_fq: Any, clip_of: Any, pow2: bool,
+             in_dtype: str = "int8", exact: bool = False, act: str = "none") -> torch.Tensor:
+    """ir ``conv2d`` on fake-quantized float inputs, differentiable: the fake-quant output.
+
+    The integers are those of :func:`conv_params` (int8 weight, int32 bias, ``m / 2**s``); the
+    accumulation runs in float32 (exact for an int8 input while ``K·128·127 < 2**24``), or in
+    float64 when ``exact`` or for an int16 input. The requantization is the device's
+    ``round(acc·m / 2**s)`` in float64. Gradients are straight through (``w`` and ``x`` get the
+    gradient of ``conv(x, w_fq)``). ``out_fq`` (the output quantizer) may update its QAT range
+    from the float pre-activation first; ``clip_of(s_out)`` gives the activation's integer clip.
     """
-    w = p["weight"]
+    wi, w_scale = int_weight(w, pow2)
     k = int(np.prod(w.shape[1:]))
-    exact32 = in_dtype == "int8" and k * 128 * 127 < 2**24
-    ftype = torch.float32 if exact32 else torch.float64
-    xq = torch.round(x.to(ftype) / s_in) if exact32 else to_int(x, s_in).double()
-    acc = F.conv2d(xq, torch.from_numpy(w).to(x.device, ftype), None, conv.stride, conv.padding,
-                   conv.dilation, conv.groups).double()
-    acc = acc + _t(p["bias"].astype(np.float64), acc)
-    v = acc * _t(_mult(p["m"], p["shift"]), acc)
-    if res is not None and s_res is not None:
-        v = v + to_int(res, s_res).double() * _t(_mult(p["m_res"], p["shift"]), acc)
-    return _finish(v, dtype, clip, s_out)
+    f64 = in_dtype != "int8" or (exact and k * 128 * 127 >= 2**24)
+    ftype = torch.float64 if f64 else torch.float32
+    xi = ste_round(x.to(ftype) / s_in)
+    acc = F.conv2d(xi, wi.to(ftype), None, conv.stride, conv.padding, conv.dilation,
+                   conv.groups).double()
+    acc_scale = torch.tensor(s_in, dtype=torch.float32, device=w.device) * w_scale.float()
+    bi = ste_round(b.float() / acc_scale).clamp(*qspec.QRANGE["int32"]).double()
+    acc = acc + bi.reshape(1, -1, 1, 1)
+    ri = to_int(res, s_res) if res is not None and s_res is not None else None
+    if out_fq.tracks():  # QAT: the output range follows the float pre-activation
+        y = acc.detach() * (acc_scale.double().reshape(1, -1, 1, 1))
+        out_fq.track(y if ri is None else y + ri.detach() * s_res, act)
+    s_out = float(out_fq.scale)
+    ratio = (np.float32(s_in) * w_scale.detach().cpu().numpy()).astype(np.float64) / s_out
+    if ri is None:
+        m, s = qspec.requant_params(ratio)
+        v = acc * _t(_mult(m, s), acc)
+    else:
+        (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
+        v = acc * _t(_mult(m, s), acc) + ri * _t(_mult(m_res, s), acc)
+    return _finish(v, out_fq.dtype, clip_of(s_out), s_out)
 
 
 def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: str,
-            clip: tuple[int, int] | None) -> torch.Tensor:
-    """ir ``add``: ``sat(clip(round_shift(Σ x_i · m_i, s)))``, fake-quantized float output."""
-    ms, s = qspec.shared_requant_params([np.array([si / s_out]) for si in scales])
-    v = sum(to_int(x, si).double() * float(_mult(m, s)[0])
-            for x, si, m in zip(xs, scales, ms, strict=True))
+            clip: tuple[int, int] | None, march: str | None = None) -> torch.Tensor:
+    """ir ``add`` with the march's multipliers (:func:`qspec.add_params`), fake-quantized float
+    output: values from the int64 ``sat(clip(round_shift(Σ x_i · m_i, s)))`` (the multipliers
+    may exceed float64's exact range), gradients straight through the float64 form."""
+    ms, s = qspec.add_params(list(scales), s_out, march)
+    xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
+    v = sum(x * float(_mult(m, s)[0]) for x, m in zip(xi, ms, strict=True))
     assert isinstance(v, torch.Tensor)
-    return _finish(v, dtype, clip, s_out)
+    y = _finish(v, dtype, clip, s_out)
+    with torch.no_grad():
+        acc = sum(x.detach().long() * int(m[0]) for x, m in zip(xi, ms, strict=True))
+        assert isinstance(acc, torch.Tensor)
+        q = qspec.requantize_torch(acc, torch.full_like(acc, int(s[0])), dtype, clip)
+    return y + (to_float(q, s_out) - y).detach()
 
 
 def int_requant(x: torch.Tensor, ratio: float, s_in: float, s_out: float, dtype: str,
@@ -142,4 +207,4 @@ def int_requant(x: torch.Tensor, ratio: float, s_in: float, s_out: float, dtype:
     """ir ``requantize`` (``m`` negative for a negative ``ratio``), fake-quantized float output."""
     m, s = qspec.requant_params(abs(ratio))
     mult = float(_mult(m, s)[0]) * (1.0 if ratio > 0 else -1.0)
-    return _finish(to_int(x, s_in).double() * mult, dtype, clip, s_out)
+    return _finish(to_int(x, s_in) * mult, dtype, clip, s_out)

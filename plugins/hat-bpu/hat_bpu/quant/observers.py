@@ -4,13 +4,16 @@
 * ``ma_minmax``: moving average of each batch's ``|x|`` maximum (``averaging_constant`` c:
   ``amax ← (1 - c) * amax + c * batch_amax``; the first batch sets it).
 * ``percentile``: the ``percentile`` of ``|x|`` (from a histogram).
-* ``mse``: the clipping value minimising the expected squared quantization error (rounding
-  noise ``scale² / 12`` inside, clipping error outside) over a histogram of ``|x|``.
-* ``kl``: TensorRT's entropy calibration: the clipping value minimising the KL divergence
-  between the histogram and its quantized version.
+* ``mse``: the clipping value minimising the real fake-quant error: for each candidate, the
+  scale the march would use (power of two where it asks), then the squared error of
+  ``clamp(round(x / scale)) · scale`` over the histogram of the calibration data.
+* ``kl``: TensorRT's entropy calibration: every threshold from ``qmax + 1`` bins to the last,
+  the bin-0 (zero) spike replaced by bin 1 as TensorRT does, never above the data's maximum.
+  int8 only: a ``BINS``-bin histogram cannot resolve int16's 32768 levels, so ``kl`` on an
+  int16 tensor is refused (``auto`` skips it there).
 * ``auto``: computes the candidates of all the above on the same histogram and keeps, per
-  tensor, the one with the best **SQNR** (signal power / quantization noise power, measured on
-  the histogram of the calibration data). The chosen method is recorded in ``choice``.
+  tensor, the one with the least measured fake-quant error (as ``mse`` measures it) on the
+  calibration data. The chosen method is recorded in ``choice``.
 
 The histogram (``BINS`` bins of ``|x|`` over ``[0, hist_max]``) grows by merging bins when a
 larger value arrives, so its buffers keep a fixed shape (state_dict round-trips).
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
-from hat_bpu.quant.qspec import qrange
+from hat_bpu.quant.qspec import qrange, scale_from_amax
 
 OBSERVERS = ("minmax", "ma_minmax", "percentile", "mse", "kl", "auto")
 HIST_OBSERVERS = ("percentile", "mse", "kl", "auto")
@@ -42,11 +46,15 @@ class Observer(nn.Module):
     choice_idx: torch.Tensor
 
     def __init__(self, method: str = "minmax", dtype: str = "int8", averaging_constant: float = 0.1,
-                 percentile: float = 99.99) -> None:
+                 percentile: float = 99.99, pow2: bool = False) -> None:
         super().__init__()
         if method not in OBSERVERS:
             raise ValueError(f"unknown observer {method!r}; expected one of {', '.join(OBSERVERS)}")
-        self.method, self.dtype = method, dtype
+        if method == "kl" and dtype != "int8":
+            raise ValueError(f"observer 'kl' calibrates int8 only ({BINS}-bin histogram, "
+                             f"{dtype} has {qrange(dtype)[1] + 1} levels); use mse, percentile "
+                             "or auto for int16 tensors (e.g. an override of the head)")
+        self.method, self.dtype, self.pow2 = method, dtype, pow2
         self.averaging_constant, self.percentile = averaging_constant, percentile
         self.register_buffer("max_abs", torch.tensor(0.0))  # minmax
         self.register_buffer("ma_abs", torch.tensor(0.0))  # moving average
@@ -112,29 +120,27 @@ class Observer(nn.Module):
             return self.ma_abs.clone()
         if int(self.count) == 0 or float(self.hist_max) <= 0:
             return self.max_abs.clone()
-        cands = self.candidates()
-        if self.method == "auto":
-            hist = self.hist.detach().cpu()
-            best = max(cands, key=lambda k: sqnr_from_hist(
-                hist, float(self.hist_max), cands[k], qrange(self.dtype)[1]))
-            self.choice_idx.fill_(CHOICES.index(best))
-            return torch.tensor(cands[best])
-        return torch.tensor(cands[self.method])
+        if self.method != "auto":
+            return torch.tensor(self.candidates([self.method])[self.method])
+        cands = self.candidates(list(CHOICES) if self.dtype == "int8" else
+                                [c for c in CHOICES if c != "kl"])
+        hist, hmax = self.hist.detach().cpu(), float(self.hist_max)
+        errs = {k: fq_error(hist, hmax, v, self.dtype, self.pow2) for k, v in cands.items()}
+        best = min(errs, key=lambda k: (errs[k], CHOICES.index(k)))
+        self.choice_idx.fill_(CHOICES.index(best))
+        return torch.tensor(cands[best])
 
-    def candidates(self) -> dict[str, float]:
-        """Every histogram method's clipping value (``minmax`` included)."""
+    def candidates(self, methods: list[str]) -> dict[str, float]:
+        """The clipping value of each of ``methods`` (of :data:`CHOICES`), none above the max."""
         hist, hmax, qmax = self.hist.detach().cpu(), float(self.hist_max), qrange(self.dtype)[1]
-        return {
-            "minmax": float(self.max_abs),
-            "percentile": percentile_from_hist(hist, hmax, self.percentile),
-            "mse": mse_from_hist(hist, hmax, qmax),
-            "kl": kl_from_hist(hist, hmax, qmax),
+        top = float(self.max_abs)
+        fns = {
+            "minmax": lambda: top,
+            "percentile": lambda: percentile_from_hist(hist, hmax, self.percentile),
+            "mse": lambda: mse_from_hist(hist, hmax, self.dtype, self.pow2, top),
+            "kl": lambda: kl_from_hist(hist, hmax, qmax),
         }
-
-
-def _centers(hist: torch.Tensor, hmax: float) -> torch.Tensor:
-    width = hmax / hist.numel()
-    return (torch.arange(hist.numel(), dtype=torch.float64) + 0.5) * width
+        return {k: min(float(fns[k]()), top) for k in methods}
 
 
 def percentile_from_hist(hist: torch.Tensor, hmax: float, pct: float) -> float:
@@ -144,47 +150,77 @@ def percentile_from_hist(hist: torch.Tensor, hmax: float, pct: float) -> float:
     return hmax * min(idx + 1, hist.numel()) / hist.numel()
 
 
-def quant_mse(hist: torch.Tensor, hmax: float, amax: float, qmax: int) -> float:
-    """Expected squared error of quantizing the histogram's data with range ``amax``."""
-    c = _centers(hist, hmax)
-    scale = amax / qmax
-    inside = c <= amax
-    err = torch.where(inside, torch.full_like(c, scale * scale / 12.0), (c - amax) ** 2)
-    return float((hist * err).sum() / hist.sum().clamp(min=1))
+def _points(hist: torch.Tensor, hmax: float, sub: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``sub`` evenly spread points per bin and their weights (the bin's count / sub)."""
+    n = hist.numel()
+    width = hmax / n
+    offs = (np.arange(sub) + 0.5) / sub
+    x = ((np.arange(n)[:, None] + offs[None, :]) * width).ravel()
+    w = np.repeat(hist.numpy().astype(np.float64) / sub, sub)
+    keep = w > 0
+    return x[keep], w[keep]
 
 
-def sqnr_from_hist(hist: torch.Tensor, hmax: float, amax: float, qmax: int) -> float:
-    """SQNR in dB of quantizing the histogram's data with range ``amax``."""
-    c = _centers(hist, hmax)
-    power = float((hist * c * c).sum() / hist.sum().clamp(min=1))
-    noise = quant_mse(hist, hmax, max(amax, 1e-12), qmax)
-    return 10 * math.log10(max(power, 1e-30) / max(noise, 1e-30))
+def _scale(amax: float, dtype: str, pow2: bool) -> float:
+    return float(scale_from_amax(torch.tensor(max(amax, 0.0)), dtype, pow2))
 
 
-def mse_from_hist(hist: torch.Tensor, hmax: float, qmax: int, steps: int = 128) -> float:
-    """The clipping value (searched over ``steps`` fractions of ``hmax``) with the least MSE."""
-    cands = [hmax * (i + 1) / steps for i in range(steps)]
-    return min(cands, key=lambda a: quant_mse(hist, hmax, a, qmax))
+def fq_error(hist: torch.Tensor, hmax: float, amax: float, dtype: str, pow2: bool) -> float:
+    """Mean squared error of fake-quantizing the histogram's data (``|x|``) with range
+    ``amax``: the march's scale (:func:`qspec.scale_from_amax`), round half to even, clamp."""
+    x, w = _points(hist, hmax)
+    s = _scale(amax, dtype, pow2)
+    q = np.clip(np.rint(x / s), 0, qrange(dtype)[1]) * s
+    return float((w * (x - q) ** 2).sum() / max(w.sum(), 1e-30))
+
+
+def mse_from_hist(hist: torch.Tensor, hmax: float, dtype: str, pow2: bool, top: float,
+                  steps: int = 256) -> float:
+    """The clipping value with the least :func:`fq_error`, searched over ``steps`` fractions of
+    the data max ``top`` (on a power-of-two march, candidates that give the same scale tie and
+    the smallest is kept)."""
+    x, w = _points(hist, hmax)
+    cands = top * (np.arange(1, steps + 1) / steps)
+    qmax = qrange(dtype)[1]
+    best, best_err = top, float("inf")
+    for a in cands:
+        s = _scale(float(a), dtype, pow2)
+        q = np.clip(np.rint(x / s), 0, qmax) * s
+        err = float((w * (x - q) ** 2).sum())
+        if err < best_err * (1 - 1e-12):
+            best, best_err = float(a), err
+    return best
 
 
 def kl_from_hist(hist: torch.Tensor, hmax: float, qmax: int) -> float:
-    """TensorRT-style entropy calibration over the histogram of ``|x|``."""
-    nbins, levels = hist.numel(), qmax + 1
-    h = hist.double()
+    """TensorRT's entropy calibration over the histogram of ``|x|`` (int8: 128 levels).
+
+    For every threshold bin ``i`` from 128 to the last: the reference ``P`` is the first ``i``
+    bins with the outliers folded into bin ``i - 1``; ``Q`` merges those ``i`` bins into 128
+    levels and spreads each level back evenly over its non-empty bins; the ``i`` with the least
+    ``KL(P || Q)`` wins, its upper edge is the range. Bin 0 (the zeros of a ReLU) is replaced
+    by bin 1's count first, as TensorRT does, so the spike does not dominate the divergence.
+    """
+    levels = qmax + 1
+    h = hist.numpy().astype(np.float64).copy()
+    nbins = h.size
+    if nbins > 1:
+        h[0] = h[1]
     best, best_i = float("inf"), nbins
-    for i in range(levels, nbins + 1, max(1, (nbins - levels) // 64)):
-        p = h[:i].clone()
-        p[i - 1] += h[i:].sum()
-        # quantize the first i bins into `levels` groups, spread back over non-empty bins
-        group = torch.arange(i) * levels // i
+    tail = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # tail[i] = sum(h[i:])
+    for i in range(levels, nbins + 1):
+        p = h[:i].copy()
+        p[i - 1] += tail[i]
         seg = h[:i]
-        nz = (seg > 0).double()
-        sums = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, seg)
-        cnts = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, nz)
-        q = nz * (sums / cnts.clamp(min=1))[group]
-        ps, qs = p / p.sum().clamp(min=1e-30), q / q.sum().clamp(min=1e-30)
-        mask = ps > 0
-        kl = float((ps[mask] * torch.log(ps[mask] / qs[mask].clamp(min=1e-12))).sum())
+        group = np.arange(i) * levels // i
+        nz = seg > 0
+        sums = np.bincount(group, seg, levels)
+        cnts = np.bincount(group, nz.astype(np.float64), levels)
+        q = np.where(nz, sums[group] / np.maximum(cnts[group], 1), 0.0)
+        ps, qs = p / max(p.sum(), 1e-30), q / max(q.sum(), 1e-30)
+        m = ps > 0
+        with np.errstate(divide="ignore"):
+            kl = float((ps[m] * np.log(ps[m] / np.maximum(qs[m], 1e-12))).sum())
         if kl < best:
             best, best_i = kl, i
     return hmax * best_i / nbins

@@ -47,8 +47,10 @@ class QConfig:
     :param pow2: power-of-two scales (the march's scale policy).
     :param overrides: module-name glob → ``int8``/``int16``/``float`` (first match wins).
     :param type_overrides: module class name → ``int8``/``int16``/``float``.
-    :param exact_eval: in eval, run requantizing ops in their integer form (bit-exact with the
-        integer model; see :mod:`hat_bpu.intmath`).
+    :param march: the march whose add arithmetic fake quant and conversion use (None: the
+        generic shared-shift add).
+    :param exact_eval: in eval, accumulate in float64 where float32 could round: outputs
+        bit-exact with the integer model (see :mod:`hat_bpu.quant.intmath`).
     """
 
     observer: str = "minmax"
@@ -59,7 +61,8 @@ class QConfig:
     averaging_constant: float = 0.1
     qat_averaging: float = 0.01
     lsq: bool = False
-    exact_eval: bool = True
+    exact_eval: bool = False
+    march: str | None = None
 
     def fq(self, dtype: str = "int8", fixed_scale: float | None = None) -> ActFQ:
         return ActFQ(dtype, self.observer, self.pow2, fixed_scale, self.qat_averaging, self.lsq,
@@ -261,6 +264,12 @@ class QuantModel(nn.Module):
     def hat_set_mode(self, mode: str) -> None:
         """Nothing of its own: ``hatcore.quant.set_mode`` reaches every fake-quant module."""
 
+    @property
+    def hat_arithmetic(self) -> str:
+        """What this model's eval computes, for labelling its predict row: ``integer`` with
+        ``exact_eval`` (bit-exact with the integer model), else ``fake quant`` (as trained)."""
+        return "integer" if getattr(self, "exact_eval", False) else "fake quant"
+
     def float_model(self) -> nn.Module:
         """The original float model (its weights are shared where not fused)."""
         return self._hat_original
@@ -345,7 +354,7 @@ def place_fake_quant(gm: fx.GraphModule, config: QConfig, model: nn.Module) -> d
             name = f"{Q}.{node.name}"
             module: QAdd | QAct | QCat
             if _is_add(node):
-                module = QAdd(fq, exact=config.exact_eval)
+                module = QAdd(fq, exact=config.exact_eval, march=config.march)
                 new = _insert(gm, node, name, module, tuple(node.args))
             elif _act_of(gm, node) == "relu6":
                 module = QAct(fq, "relu6", exact=config.exact_eval)
@@ -427,4 +436,5 @@ def prepare(model: nn.Module, config: QConfig) -> QuantModel:
     fuse(gm, float_names, config, model)
     place_fake_quant(gm, config, model)
     qm = QuantModel(gm, model)
+    qm.exact_eval = config.exact_eval
     return qm.train(model.training)

@@ -36,7 +36,8 @@ QRANGE: dict[str, tuple[int, int]] = {
     "int16": (-32768, 32767),
     "int32": (-(2**31), 2**31 - 1),
 }
-MULT_BITS = 31  # requant multipliers are < 2**MULT_BITS; normalised ones are >= 2**(MULT_BITS-1)
+#: ASSUMPTION (docs/bpu.md): requant multipliers are < 2**MULT_BITS, normalised >= 2**(MULT_BITS-1)
+MULT_BITS = 31
 MAX_SHIFT = 62
 MIN_SCALE = 1e-12  # scales of all-zero tensors
 
@@ -214,3 +215,65 @@ def act_clip(act: str, out_scale: float, dtype: str) -> tuple[int, int] | None:
 def is_pow2(x: float) -> bool:
     """True when ``x`` is an exact power of two."""
     return x > 0 and math.frexp(x)[0] == 0.5
+
+
+# --- per-march rules (docs/bpu.md, "Integer semantics per march") ------------------------------
+
+#: the scale policy: power-of-two scales only where Horizon's ``pow_quantization()`` is true
+#: (horizon_plugin_pytorch ``qat_mode`` helpers: ``march == March.BERNOULLI``).
+POW2_MARCHES = ("bernoulli",)
+#: bayes family add: both inputs are brought to ``max(s_a, s_b) / 2**14`` before the sum
+#: (horizon_plugin_pytorch ``functional_impl._add``: ``shift = 14``).
+ADD_ALIGN_SHIFT = 14
+#: bernoulli2 add: the smaller-scale input is weighted by an int8, the other by a 15-bit
+#: multiplier (``qm < 2**15`` with a left shift), at ``max(s_f / 127, s_s / 2**25)``
+#: (``functional_impl._add``, ``march == "bernoulli2"`` branch).
+B2_FEATURE_QMAX, B2_SUMIN_BITS, B2_SUMIN_DIV = 127, 15, 2**25
+
+
+def add_rule(march: str | None) -> str:
+    """``align14`` (bayes, bayes-e), ``bernoulli2`` or ``shared`` (bernoulli, and no march:
+    one shared shift, the generic rule) — the add of :func:`add_params`."""
+    if march in ("bayes", "bayes-e"):
+        return "align14"
+    if march == "bernoulli2":
+        return "bernoulli2"
+    return "shared"
+
+
+def _int_weights(scales: list[float], march: str | None) -> tuple[list[int], float]:
+    """Integer weights ``a_i`` and the intermediate scale ``s_int`` of a march's add:
+    ``acc = Σ x_i · a_i`` is the sum at scale ``s_int`` (``a_i ≈ s_i / s_int``)."""
+    rule = add_rule(march)
+    if rule == "align14":
+        s_int = max(scales) / 2**ADD_ALIGN_SHIFT
+        return [int(np.rint(s / s_int)) for s in scales], s_int
+    if rule == "bernoulli2":
+        if len(scales) != 2:
+            raise ValueError(f"bernoulli2 adds two tensors, got {len(scales)}")
+        f, s = (0, 1) if scales[0] <= scales[1] else (1, 0)  # feature: the smaller scale
+        s_int = max(scales[f] / B2_FEATURE_QMAX, scales[s] / B2_SUMIN_DIV)
+        a = [0, 0]
+        a[f] = int(np.clip(np.rint(scales[f] / s_int), -128, 127))
+        sw = float(np.rint(scales[s] / s_int))
+        mant, exp = math.frexp(sw)  # sw = mant · 2**exp, mant in [0.5, 1)
+        qm = min(int(mant * 2 ** min(exp, B2_SUMIN_BITS)), 2**B2_SUMIN_BITS - 1)
+        a[s] = qm << max(exp - B2_SUMIN_BITS, 0)
+        return a, s_int
+    raise ValueError(f"no integer-weight add on march {march!r}")
+
+
+def add_params(scales: list[float], s_out: float, march: str | None
+               ) -> tuple[list[np.ndarray], np.ndarray]:
+    """``([m_i], s)`` of an add on ``march``: ``y = sat(round_shift(Σ x_i · m_i, s))``.
+
+    ``shared``: :func:`shared_requant_params` of ``s_i / s_out``. ``align14`` / ``bernoulli2``:
+    the march's integer weights ``a_i`` (:func:`_int_weights`), then one requantization of
+    the intermediate sum ``(m, s) = requant_params(s_int / s_out)``, folded as ``m_i = a_i · m``
+    (exact: integer products distribute; ``|Σ x_i a_i| < 2**31`` for int8/int16 inputs).
+    """
+    if add_rule(march) == "shared":
+        return shared_requant_params([np.array([si / s_out]) for si in scales])
+    a, s_int = _int_weights(scales, march)
+    m, s = requant_params(s_int / s_out)
+    return [np.array([ai * int(m[0])], np.int64) for ai in a], s
