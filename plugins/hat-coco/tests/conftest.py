@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from hat_coco.shapes import generate
 
 
@@ -47,3 +48,13 @@ def jpeg_with_orientation(img_rgb: np.ndarray, orientation: int | None,
 def exif_jpeg() -> Callable[..., bytes]:
     """``jpeg_with_orientation``: an RGB array as JPEG bytes carrying an EXIF orientation."""
     return jpeg_with_orientation
+
+
+@pytest.fixture
+def hat() -> Callable[..., Result]:
+    """Run ``hat ARGS...`` in-process (core and plugin commands); returns click's Result."""
+    import hatcore.commands  # noqa: F401  (the core's commands register on import)
+    from hatcore.cli import _add_plugin_commands, cli
+
+    _add_plugin_commands()
+    return lambda *args: CliRunner().invoke(cli, [str(a) for a in args])
