@@ -85,7 +85,7 @@ def qconfig_from_spec(qspec: HorizonQuantizeSpec) -> QConfig:
 
 
 def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str) -> QuantModel:
-    """Prepare ``model`` for ``calibration`` or ``qat`` (see :func:`hat_bpu.prepare.prepare`)."""
+    """Prepare ``model`` for ``calibration`` or ``qat`` (see :func:`hat_bpu.quant.prepare.prepare`)."""
     if stage not in ("calibration", "qat"):
         raise ValueError(f"quantize stage must be calibration or qat, got {stage!r}")
     config = qconfig_from_spec(qspec)

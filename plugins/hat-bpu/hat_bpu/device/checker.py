@@ -3,7 +3,7 @@
 The model is traced with torch.fx (QuantStub/DeQuantStub kept as leaves) and run once on the
 example input to record shapes. Every op between a QuantStub and a DeQuantStub is listed as
 ``BPU`` or ``NOT SUPPORTED`` with the reason (op type, kernel, stride, channels, tensor size),
-against the limits in :mod:`hat_bpu.march`. Ops outside that region run on the host (float).
+against the limits in :mod:`hat_bpu.device.march`. Ops outside that region run on the host (float).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 It loads and verifies the file, rebuilds the program with the march-laid-out weights cut back to
 their logical shapes, and executes the instructions with the simulator's exact integer kernels,
 so its raw outputs are bit-identical to ``int_infer`` on the same input tensor (tested).
-``board_runner`` adds the board's input path (:func:`hat_bpu.nv12.board_input`) and runs one
+``board_runner`` adds the board's input path (:func:`hat_bpu.device.nv12.board_input`) and runs one
 image at a time, as the device does.
 """
 

@@ -1,9 +1,9 @@
-"""The in-memory integer graph that :func:`hat_bpu.convert.convert` produces.
+"""The in-memory integer graph that :func:`hat_bpu.quant.convert.convert` produces.
 
 The exporter serialises it (``.hbir``), the simulator and compiled runtime execute it. Nodes are
 in topological order; tensors are NCHW. A quantized tensor holds integers ``q`` with
 ``real = q * scale`` (symmetric, per tensor); the rules and the reference requantization are in
-:mod:`hat_bpu.qspec` (rounding: half to even). All arithmetic below is exact integer arithmetic
+:mod:`hat_bpu.quant.qspec` (rounding: half to even). All arithmetic below is exact integer arithmetic
 (int64 in the reference), ``sat`` clamps to the output tensor's dtype range.
 
 What each op computes — and its kernels, march rule and cost — is the op table

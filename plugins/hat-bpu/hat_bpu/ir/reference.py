@@ -1,4 +1,4 @@
-"""A slow, literal executor of :mod:`hat_bpu.ir` — the op semantics of its docstring as code.
+"""A slow, literal int64 executor of :mod:`hat_bpu.ir.graph` — the op table's semantics as code.
 
 It exists to test the quantizer's conversion (fake quant vs integers) and as a reference the
 fast simulator can be checked against; it is not the simulator.

@@ -1,6 +1,6 @@
 """The integer simulator (``int_infer``): executes :class:`hat_bpu.ir.Graph` exactly, fast.
 
-Bit-identical to the literal reference :func:`hat_bpu.ir_reference.run_ir` (tested), with
+Bit-identical to the literal reference :func:`hat_bpu.ir.reference.run_ir` (tested), with
 integer arithmetic only, where float is used only when provably exact:
 
 * int8/int16 activations are held in float32 tensors (integers below 2**24 are exact);
@@ -17,7 +17,7 @@ integer arithmetic only, where float is used only when provably exact:
   static for add/concat/requantize (int8/int16 inputs: ``|x| <= 2**15``, ``m < 2**31``) and
   checked per call for a convolution (``max|acc + bias|`` measured). Otherwise int64 with
   ``round_half_even(v / 2**s) = (v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s`` for ``s > 0``
-  (``v`` for ``s = 0``), equal to :func:`hat_bpu.qspec.round_shift`.
+  (``v`` for ``s = 0``), equal to :func:`hat_bpu.quant.qspec.round_shift`.
 * The static bound ``|acc[o]| <= x_max·Σ|w[o]| + |bias[o]|`` (``x_max`` = 128 for int8) also
   lets a convolution run in float32 when ``x_max·Σ|w[o]| <= 2**24`` whatever ``K`` is, and adds
   the bias inside the float32 conv when the whole bound is ``<= 2**24``.
@@ -87,7 +87,7 @@ def _finish(y: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
 class Simulator:
     """A compiled-once executor of one graph: ``Simulator(graph)(x) -> flat float32 outputs``.
 
-    :param graph: the integer graph (e.g. from :func:`hat_bpu.hbir.load_hbir`).
+    :param graph: the integer graph (e.g. from :func:`hat_bpu.ir.hbir.load_hbir`).
     """
 
     def __init__(self, graph: ir.Graph) -> None:

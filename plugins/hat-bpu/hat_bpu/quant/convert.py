@@ -1,7 +1,7 @@
 """Integer conversion: a prepared (calibrated / QAT) model → :class:`hat_bpu.ir.Graph`.
 
 BN is folded, weights become int8 per output channel, biases int32 at ``s_in * s_w``, and every
-requantization an integer multiplier and shift (:mod:`hat_bpu.qspec`). The values are computed
+requantization an integer multiplier and shift (:mod:`hat_bpu.quant.qspec`). The values are computed
 with the same float32 torch expressions the fake-quant forward uses, so both sides hold the
 same integers.
 """
@@ -248,7 +248,7 @@ class _Record(fx.Interpreter):
 def convert(model: nn.Module, example_input: torch.Tensor, march: str | None = None) -> ir.Graph:
     """The integer graph of a prepared model (as returned by the ``quantize`` hook).
 
-    :param model: a :class:`hat_bpu.prepare.QuantModel`, calibrated or QAT-trained.
+    :param model: a :class:`hat_bpu.quant.prepare.QuantModel`, calibrated or QAT-trained.
     :param example_input: ``Tensor[1, 3, H, W]`` of the deployed shape (shapes are recorded).
     :param march: recorded in ``graph.meta``.
     :raises UserError: a layer kept in float, an unsupported op in the quantized part, an output

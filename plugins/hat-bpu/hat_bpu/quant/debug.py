@@ -76,7 +76,7 @@ def compare_layers(model: QuantModel, inputs: list[torch.Tensor], integer: bool 
     :param model: a calibrated / QAT model from the ``quantize`` hook (left in fake_quant mode).
     :param inputs: model inputs, e.g. ``Tensor[N, 3, H, W]`` batches.
     :param integer: also convert the model and run its integer graph
-        (:mod:`hat_bpu.ir_reference`): ``int_max_err_lsb`` and ``int_identical`` compare each
+        (:mod:`hat_bpu.ir.reference`): ``int_max_err_lsb`` and ``int_identical`` compare each
         layer's integer output with its fake-quant output.
     """
     was_training = model.training

@@ -83,7 +83,7 @@ class ActFQ(nn.Module):
     """Per-tensor symmetric activation fake quantizer with its observer.
 
     :param dtype: ``int8`` or ``int16``.
-    :param observer: observer method (``hat_bpu.observers.OBSERVERS``); ignored with ``fixed_scale``.
+    :param observer: observer method (``hat_bpu.quant.observers.OBSERVERS``); ignored with ``fixed_scale``.
     :param pow2: power-of-two scales.
     :param fixed_scale: a scale that never changes (the model input: 1/128).
     :param qat_averaging: QAT moving-average constant for the range (0: scales stay fixed).

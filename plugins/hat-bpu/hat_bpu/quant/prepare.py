@@ -43,7 +43,7 @@ Q = "_hat_q"  # container for fake-quant modules of functional ops
 class QConfig:
     """Typed quantizer settings (the plugin turns the recipe's ``[quantize]`` into this).
 
-    :param observer: activation observer (``hat_bpu.observers.OBSERVERS``).
+    :param observer: activation observer (``hat_bpu.quant.observers.OBSERVERS``).
     :param pow2: power-of-two scales (the march's scale policy).
     :param overrides: module-name glob → ``int8``/``int16``/``float`` (first match wins).
     :param type_overrides: module class name → ``int8``/``int16``/``float``.
