@@ -127,8 +127,9 @@ def time_steps(model: nn.Module, x: torch.Tensor, iters: int, warmup: int) -> fl
     return statistics.median(times)
 
 
-def calibrated_hat(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    spec = HorizonQuantizeSpec(type="horizon", observer="minmax")
+def calibrated_hat(model: nn.Module, x: torch.Tensor, frozen_bn: bool = False) -> nn.Module:
+    spec = HorizonQuantizeSpec(type="horizon", observer="minmax",
+                               freeze_bn_epoch=0 if frozen_bn else None)
     q = quantize(model=copy.deepcopy(model).eval(), spec=spec, stage="qat")
     quant.set_mode(q, "observe")
     with torch.no_grad():
@@ -158,6 +159,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--frozen-bn", action="store_true",
+                    help="HAT QAT with BN folded from the start (freeze_bn_epoch = 0): the "
+                         "integer requantization path; default: live BN (float fake quant)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -166,7 +170,8 @@ def main() -> None:
     result: dict[str, Any] = {"model": args.model, "input": list(x.shape),
                               "threads": args.threads}
     t_float = time_steps(model, x, args.iters, args.warmup)
-    t_hat = time_steps(calibrated_hat(model, x), x, args.iters, args.warmup)
+    t_hat = time_steps(calibrated_hat(model, x, args.frozen_bn), x, args.iters, args.warmup)
+    result["frozen_bn"] = args.frozen_bn
     result.update(float_ms=1e3 * t_float, hat_qat_ms=1e3 * t_hat, hat_ratio=t_hat / t_float)
     ao = torch_ao_qat(model, x)
     if ao is not None:

@@ -173,3 +173,20 @@ def test_exact_eval_is_opt_in_and_labels_the_model() -> None:
     plain = quantize_model(net, HorizonQuantizeSpec(type="horizon"), "calibration")
     exact = quantize_model(net, HorizonQuantizeSpec(type="horizon", exact_eval=True), "qat")
     assert plain.hat_arithmetic == "fake quant" and exact.hat_arithmetic == "integer"
+
+
+def test_a_dead_channel_keeps_its_bias_instead_of_saturating() -> None:
+    """Weights ~0 next to a live bias used to give s_w = 1e-12 and an int32 bias clipped at
+    2**31 - 1 (the seed's 29 saturated convs); the weight scale is raised so the bias fits."""
+    from hat_bpu.quant import intmath
+
+    w = torch.zeros(2, 3, 1, 1)
+    w[1] = 0.25
+    b = torch.tensor([5.0, -1.0])
+    s_in, s_out = 1 / 128, 0.05
+    p = intmath.conv_params(w, b, False, s_in, s_out, None)
+    assert qspec.bias_overflows(b.numpy(), s_in, p["w_scale"]) == 0
+    acc_scale = np.float32(s_in) * p["w_scale"].astype(np.float32)
+    assert abs(float(p["bias"][0]) * float(acc_scale[0]) - 5.0) < 1e-6  # the bias survives
+    assert p["w_scale"][1] == np.float32(0.25 / 127)  # a live channel keeps max|w| / 127
+    assert int(np.abs(p["weight"][0]).max()) == 0

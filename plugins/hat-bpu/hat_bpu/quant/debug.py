@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hat_bpu.quant import qspec
-from hat_bpu.quant.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale, fake_quant_weight
+from hat_bpu.quant.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
 from hat_bpu.quant.prepare import QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
@@ -130,7 +130,7 @@ def _bias_overflow(m: QConv2d) -> int:
     if s_in is None or m.out_fq is None:
         return 0
     w, b = m.folded()
-    _, w_scale = fake_quant_weight(w.detach(), "int8", m.pow2)
+    w_scale = qspec.weight_scale(w.detach(), b.detach(), float(s_in), m.pow2)
     return qspec.bias_overflows(b.detach().cpu().numpy(), float(s_in), w_scale.cpu().numpy())
 
 

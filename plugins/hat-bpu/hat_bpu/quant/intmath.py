@@ -57,8 +57,8 @@ def conv_params(w: torch.Tensor, b: torch.Tensor, pow2: bool, s_in: float, s_out
     """
     with torch.no_grad():
         w, b = w.detach().float().cpu(), b.detach().float().cpu()
-        wfq, w_scale = fake_quant_weight(w, "int8", pow2)
-        wq = torch.round(wfq / w_scale.reshape(-1, 1, 1, 1)).to(torch.int8)
+        wi, w_scale = int_weight(w, pow2, b, s_in)
+        wq = wi.to(torch.int8)
     bq = qspec.quantize_bias(b.numpy(), s_in, w_scale.numpy())
     ratio = (np.float32(s_in) * w_scale.numpy()).astype(np.float64) / s_out
     params = {"weight": wq.numpy(), "bias": bq.astype(np.int32),
@@ -139,11 +139,12 @@ def _finish(v: torch.Tensor, dtype: str, clip: tuple[int, int] | None, s_out: fl
     return to_float(_ClampRoundSTE.apply(v, lo, hi), s_out)
 
 
-def int_weight(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 weight as float (STE gradient ``1/s_w``) and its per-channel scale ``s_w[O]``:
-    the integers :func:`conv_params` stores."""
-    amax = w.detach().abs().flatten(1).amax(1)
-    scale = qspec.scale_from_amax(amax, "int8", pow2)
+def int_weight(w: torch.Tensor, pow2: bool, b: torch.Tensor | None = None,
+               s_in: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 weight as float (STE gradient ``1/s_w``) and its per-channel scale ``s_w[O]``
+    (:func:`qspec.weight_scale`: raised where the bias would saturate): the integers
+    :func:`conv_params` stores."""
+    scale = qspec.weight_scale(w, b, s_in, pow2)
     inv = (1.0 / scale.float()).reshape(-1, *([1] * (w.dim() - 1)))
     return _ClampRoundSTE.apply(w * inv, -128, 127), scale
 
@@ -160,7 +161,7 @@ def int_conv(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torc
     gradient of ``conv(x, w_fq)``). ``out_fq`` (the output quantizer) may update its QAT range
     from the float pre-activation first; ``clip_of(s_out)`` gives the activation's integer clip.
     """
-    wi, w_scale = int_weight(w, pow2)
+    wi, w_scale = int_weight(w, pow2, b, s_in)
     k = int(np.prod(w.shape[1:]))
     f64 = in_dtype != "int8" or (exact and k * 128 * 127 >= 2**24)
     ftype = torch.float64 if f64 else torch.float32

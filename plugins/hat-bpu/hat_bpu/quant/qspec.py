@@ -62,6 +62,21 @@ def scale_from_amax(amax: torch.Tensor, dtype: str, pow2: bool) -> torch.Tensor:
     return scale
 
 
+def weight_scale(w: torch.Tensor, bias: torch.Tensor | None, s_in: float | None, pow2: bool
+                 ) -> torch.Tensor:
+    """Per-output-channel int8 weight scale of ``w`` (Tensor[O, ...]): ``max|w[o]| / 127``,
+    raised where the int32 bias ``round(b / (s_in · s_w))`` would saturate, to the smallest
+    scale at which it fits (a dead channel — weights ~0 next to a live bias — keeps its bias
+    instead of clipping it); then the march's power-of-two rounding. Without ``bias``/``s_in``:
+    ``max|w[o]| / 127`` alone."""
+    amax = w.detach().abs().flatten(1).amax(1).float()
+    scale = amax / 127
+    if bias is not None and s_in is not None:
+        floor = bias.detach().abs().float() / (float(np.float32(s_in)) * (2**31 - 1) * (1 - 2**-20))
+        scale = torch.maximum(scale, floor.to(scale.device))
+    return scale_from_amax(scale * 127, "int8", pow2)
+
+
 def quantize_np(x: np.ndarray, scale: float | np.ndarray, dtype: str) -> np.ndarray:
     """Float → integer: ``clamp(rint(x · (1/scale)), qmin, qmax)`` as int64.
 
