@@ -55,9 +55,9 @@ class HorizonQuantizeSpec(QuantizeSpec):
                                                "scales stop following the data")
     exact_eval: bool = option(False, doc="evaluate the fake-quant model with float64 "
                               "accumulation where float32 could round: its outputs then equal "
-                              "the integer model's bit for bit, and its calibration/qat rows are "
-                              "labelled integer (false: fake quant as trained; measured agreement "
-                              "in docs/quantization.md)")
+                              "the integer model's bit for bit, and the model reports "
+                              "hat_arithmetic = 'integer' for its rows' label (false: fake quant "
+                              "as trained; measured agreement in bench/RESULTS-quant.md)")
 
 
 def march_pow2(march: str) -> bool:
