@@ -127,7 +127,7 @@ scale = st.floats(1e-4, 1.0, allow_nan=False, allow_infinity=False)
 
 @pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("dtype", ["int8", "int16"])
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(data=st.data(), s_a=scale, s_b=scale, s_out=scale)
 def test_add_matches_reference(march: str, dtype: str, data: st.DataObject, s_a: float,
                                s_b: float, s_out: float) -> None:
@@ -145,7 +145,7 @@ def test_add_matches_reference(march: str, dtype: str, data: st.DataObject, s_a:
 
 @pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("dtype", ["int8", "int16"])
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(data=st.data(), s_in=scale, s_out=scale)
 def test_conv_requant_matches_reference(march: str, dtype: str, data: st.DataObject,
                                         s_in: float, s_out: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hat_bpu.quant.observers import Observer
 
-N = 200_000
+N = 100_000
 
 
 def dist(name: str) -> torch.Tensor:
