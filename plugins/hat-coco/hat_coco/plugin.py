@@ -49,7 +49,8 @@ def dataset_from_spec(spec: DatasetSpec, split: str, transforms: list[Any]) -> A
     if isinstance(spec, S.ShapesSpec):
         from hat_coco.shapes import generate
 
-        ann = generate(spec.root, split, spec.num_images, spec.image_size, spec.seed)
+        ann = generate(spec.root, split, spec.num_images, spec.image_size, spec.seed,
+                       spec.preset)
         return CocoDataset(ann, Path(spec.root) / f"{split}2017", transforms,
                            skip_empty=skip_empty)
     if isinstance(spec, S.CocoLmdbSpec):
