@@ -187,3 +187,18 @@ def test_check_flags_a_json_that_has_the_unrotated_size(tmp_path: Path, exif_jpe
     rep = check_json(_rotated_set(tmp_path, (40, 100), exif_jpeg), tmp_path / "img").as_dict()
     mismatch = rep["errors"]["size_mismatch"]
     assert mismatch["count"] == 1 and "unrotated" in mismatch["examples"][0]
+
+
+def test_pack_refuses_mixed_or_missing_input_options(hat, tmp_path: Path, shapes_root: Path) -> None:
+    ann = shapes_root / "annotations" / "instances_val2017.json"
+    common = ["--target-data-dir", tmp_path, "--split-name", "val"]
+    res = hat("pack", "coco", "--src-data-dir", shapes_root, "--ann-file", ann, *common)
+    assert res.exit_code == 2 and "not both" in res.stderr
+    res = hat("pack", "coco", "--ann-file", ann, *common)
+    assert res.exit_code == 2 and "give --ann-file and --img-dir" in res.stderr
+    res = hat("pack", "coco", "--ann-file", ann, "--img-dir", tmp_path / "nope", *common)
+    assert res.exit_code == 2 and f"{tmp_path / 'nope'}: --img-dir is not a folder" in res.stderr
+    res = hat("pack", "coco", "--src-data-dir", shapes_root, "--target-data-dir", tmp_path,
+              "--split-name", "test")
+    assert res.exit_code == 2 and "test2017: image folder not found" in res.stderr
+    assert not list(tmp_path.glob("*_lmdb"))
