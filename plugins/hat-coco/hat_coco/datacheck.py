@@ -20,6 +20,8 @@ ERRORS = {
     **DROP_REASONS,
     "bad_annotation": "it is not a COCO annotation (needs id, image_id, category_id and a "
                       "4-number bbox)",
+    "bad_image": "it is not a COCO image entry (needs id, file_name and positive integer "
+                 "height and width); its annotations count as orphans",
     "orphan_annotation": "its image_id is not in `images`",
     "duplicate_image_id": "the image id appears more than once in `images`",
     "duplicate_ann_id": "the annotation id appears more than once",
@@ -75,6 +77,10 @@ def check_coco(data: dict[str, Any], source: str,
     images: dict[Any, dict[str, Any]] = {}
     names: set[str] = set()
     for im in data.get("images", []):
+        if not (isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)
+                and all(isinstance(im.get(k), int) and im[k] > 0 for k in ("height", "width"))):
+            rep.add("bad_image", str(im)[:160])
+            continue
         if im.get("id") in images:
             rep.add("duplicate_image_id", f"image id {im.get('id')}: "
                                           f"{images[im['id']].get('file_name')}, {im.get('file_name')}")

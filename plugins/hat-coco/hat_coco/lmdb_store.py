@@ -167,7 +167,8 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
     writer.commit()
     skipped: list[str] = []
     bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="img",
-               desc=f"pack {target.name}", disable=not progress, dynamic_ncols=True)
+               desc=f"pack {target.name}", disable=not (progress and sys.stderr.isatty()),
+               dynamic_ncols=True)  # a log file gets the summary lines, not bar frames
     for line in describe_drops(drops):
         bar.write(line, file=sys.stderr)
     try:

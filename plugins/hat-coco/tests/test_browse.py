@@ -94,3 +94,23 @@ def test_cli_browse_and_check_a_recipe(hat, tmp_path: Path, shapes_root: Path) -
     assert "[data.train]: " in res.stdout and "[data.val]: " in res.stdout
     res = hat("data", "browse", recipe, "--split", "test", "--out", tmp_path / "t")
     assert res.exit_code == 2 and "--split 'test'" in res.stderr
+
+
+def test_compare_stages_puts_ground_truth_and_each_stage_side_by_side(tmp_path: Path) -> None:
+    from hat_coco.compare import GAP, compare_stages
+
+    ds = _one_image_set(tmp_path)
+    dets = {"float": [{"image_id": 7, "category_id": 3, "bbox": [40, 30, 100, 60], "score": 0.9}],
+            "align_bpu": [{"image_id": 7, "category_id": 5, "bbox": [10, 10, 20, 20],
+                           "score": 0.8},
+                          {"image_id": 7, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.1}]}
+    (path,) = compare_stages(ds, dets, tmp_path / "cmp")
+    img = cv2.imread(str(path))
+    title = img.shape[0] - 100
+    assert img.shape[1] == 3 * 200 + 2 * GAP and title > 0
+    panel = [img[title:, k * (200 + GAP):k * (200 + GAP) + 200] for k in range(3)]
+    a, b = _colour(0), _colour(1)
+    assert tuple(panel[0][90, 90]) == a and tuple(panel[1][90, 90]) == a  # GT and float's box
+    assert tuple(panel[2][30, 20]) == b, "align_bpu's box of class b at (10, 10, 30, 30)"
+    assert (panel[2][60:, :] == 0).all(), "its other box is under the score threshold"
+    assert (img[title:, 200:200 + GAP] == 255).all()

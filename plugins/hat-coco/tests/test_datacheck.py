@@ -60,14 +60,16 @@ def _write(tmp_path: Path, data: dict) -> Path:
 def test_check_counts_every_kind_of_problem(tmp_path: Path) -> None:
     data = _coco(tmp_path)
     data["images"].append({"id": 1, "file_name": "again.png", "height": 5, "width": 5})
+    data["images"].append({"id": 5, "file_name": "nosize.png"})
     data["annotations"] += [
+        {"id": 13, "image_id": 5, "bbox": [1, 1, 2, 2], "category_id": 1},  # on a bad image
         {"id": 1, "image_id": 2, "bbox": [1, 1, 2, 2], "category_id": 1},   # duplicate ann id
         {"id": 11, "image_id": 99, "bbox": [1, 1, 2, 2], "category_id": 1},  # no such image
         {"id": 12, "image_id": 2, "bbox": [1, 2], "category_id": 1}]         # not 4 numbers
     rep = check_json(_write(tmp_path, data), tmp_path / "images").as_dict()
     errors = {k: v["count"] for k, v in rep["errors"].items()}
-    assert errors == {"unknown_category": 1, "empty_box": 2, "outside_image": 2,
-                      "bad_annotation": 1, "orphan_annotation": 1, "duplicate_image_id": 1,
+    assert errors == {"unknown_category": 1, "empty_box": 2, "outside_image": 2, "bad_image": 1,
+                      "bad_annotation": 1, "orphan_annotation": 2, "duplicate_image_id": 1,
                       "duplicate_ann_id": 1, "missing_image": 1, "corrupt_image": 1,
                       "size_mismatch": 1}
     assert {k: v["count"] for k, v in rep["warnings"].items()} == {"partly_outside": 1}
@@ -185,3 +187,18 @@ def test_check_flags_a_json_that_has_the_unrotated_size(tmp_path: Path, exif_jpe
     rep = check_json(_rotated_set(tmp_path, (40, 100), exif_jpeg), tmp_path / "img").as_dict()
     mismatch = rep["errors"]["size_mismatch"]
     assert mismatch["count"] == 1 and "unrotated" in mismatch["examples"][0]
+
+
+def test_pack_refuses_mixed_or_missing_input_options(hat, tmp_path: Path, shapes_root: Path) -> None:
+    ann = shapes_root / "annotations" / "instances_val2017.json"
+    common = ["--target-data-dir", tmp_path, "--split-name", "val"]
+    res = hat("pack", "coco", "--src-data-dir", shapes_root, "--ann-file", ann, *common)
+    assert res.exit_code == 2 and "not both" in res.stderr
+    res = hat("pack", "coco", "--ann-file", ann, *common)
+    assert res.exit_code == 2 and "give --ann-file and --img-dir" in res.stderr
+    res = hat("pack", "coco", "--ann-file", ann, "--img-dir", tmp_path / "nope", *common)
+    assert res.exit_code == 2 and f"{tmp_path / 'nope'}: --img-dir is not a folder" in res.stderr
+    res = hat("pack", "coco", "--src-data-dir", shapes_root, "--target-data-dir", tmp_path,
+              "--split-name", "test")
+    assert res.exit_code == 2 and "test2017: image folder not found" in res.stderr
+    assert not list(tmp_path.glob("*_lmdb"))
