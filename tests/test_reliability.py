@@ -321,3 +321,14 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_to_the_same_weights(tmp_path
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_every_test_named_in_docs_reliability_exists() -> None:
+    import re
+
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`([\w/.-]+\.py)::(\w+)`", text)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "::" in line]
+    assert len(rows) >= 15 and len(named) >= len(rows)
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), (path, name)
