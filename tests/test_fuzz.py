@@ -183,6 +183,31 @@ def rewrite_header(data: bytes, header: dict[str, Any]) -> bytes:
     return PREFIX.pack(magic, version, len(head)) + head + body
 
 
+def rewrite_program(data: bytes, header: dict[str, Any], program: Any) -> bytes:
+    """An .hbm whose ``program`` section (docs/formats.md) is ``program``; the other sections
+    move to the next 64-byte boundary after it, the header follows them."""
+    magic, version, head_len = PREFIX.unpack_from(data)
+    body = data[PREFIX.size + head_len:]
+    prog = json.dumps(program).encode()
+    prog += b"\0" * (-len(prog) % 64)
+    sections, chunks = [], [prog]
+    pos = len(prog)
+    for sec in header["sections"]:
+        if sec["name"] == "program":
+            sections.append({**sec, "offset": 0, "length": len(json.dumps(program).encode())})
+            continue
+        chunk = body[sec["offset"]:sec["offset"] + sec["length"]]
+        chunk += b"\0" * (-len(chunk) % 64)
+        sections.append({**sec, "offset": pos})
+        chunks.append(chunk)
+        pos += len(chunk)
+    new_body = b"".join(chunks)
+    new_head = dict(header, sections=sections)
+    return rewrite_header(PREFIX.pack(magic, version, head_len) + data[PREFIX.size:PREFIX.size
+                                                                         + head_len] + new_body,
+                          new_head)
+
+
 def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Every path to a value inside a JSON header."""
     out = [prefix]
@@ -213,7 +238,8 @@ def test_fuzz_hbir_and_hbm_readers_fail_only_with_user_error(deployed, tmp_path_
     good = files[kind]
     magic, version, head_len = PREFIX.unpack_from(good)
     header = json.loads(good[PREFIX.size:PREFIX.size + head_len])
-    how = data.draw(st.sampled_from(["bytes", "flip", "truncate", "header", "prefix"]))
+    how = data.draw(st.sampled_from(["bytes", "flip", "truncate", "header", "prefix"]
+                                    + (["program", "program"] if kind == "hbm" else [])))
     if how == "bytes":
         blob = data.draw(st.sampled_from([b"", magic])) + data.draw(st.binary(max_size=200))
     elif how == "flip":
@@ -226,6 +252,12 @@ def test_fuzz_hbir_and_hbm_readers_fail_only_with_user_error(deployed, tmp_path_
     elif how == "prefix":  # version and header length fields
         blob = PREFIX.pack(magic, data.draw(st.integers(0, 2**32 - 1)),
                            data.draw(st.integers(0, 2**64 - 1))) + good[PREFIX.size:]
+    elif how == "program":  # a well-formed .hbm whose program section says something else
+        prog_sec = next(x for x in header["sections"] if x["name"] == "program")
+        body = good[PREFIX.size + head_len:]
+        program = json.loads(body[prog_sec["offset"]:prog_sec["offset"] + prog_sec["length"]])
+        where = data.draw(st.sampled_from(paths(program)))
+        blob = rewrite_program(good, header, replaced(program, where, data.draw(json_values)))
     else:  # a well-formed container whose header says something else
         where = data.draw(st.sampled_from(paths(header)))
         blob = rewrite_header(good, replaced(header, where, data.draw(json_values)))
@@ -308,3 +340,24 @@ def test_fuzz_lmdb_records_fail_only_with_user_error(packed, how: str, data: Any
             txn.put(b"img/" + key[4:], old["img"])
             txn.put(b"__meta__", old["meta"])
         env.close()
+
+
+def test_the_rewriters_keep_an_unchanged_file_valid(deployed, tmp_path) -> None:
+    """The header/program rewriting above reaches the readers past the checksum: rewritten
+    without a change, the files are still read as valid."""
+    plugins, files = deployed
+    for kind, good in files.items():
+        _, _, head_len = PREFIX.unpack_from(good)
+        header = json.loads(good[PREFIX.size:PREFIX.size + head_len])
+        blobs = [rewrite_header(good, header)]
+        if kind == "hbm":
+            sec = next(x for x in header["sections"] if x["name"] == "program")
+            body = good[PREFIX.size + head_len:]
+            blobs.append(rewrite_program(good, header, json.loads(
+                body[sec["offset"]:sec["offset"] + sec["length"]])))
+        for i, blob in enumerate(blobs):
+            path = tmp_path / f"{i}.{kind}"
+            path.write_bytes(blob)
+            assert "checksum ok" in plugins.hook.describe_file(path=path)
+            assert plugins.hook.load_deployed(path=path, stage="int_infer" if kind == "hbir"
+                                              else "align_bpu") is not None
