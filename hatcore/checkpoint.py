@@ -133,7 +133,9 @@ def describe_checkpoint(path: Path) -> str:
         f"{path}: HAT checkpoint, format version {data.get('version')}, "
         + ("crc32 verified" if verified else "no checksum (written by an older HAT)"),
         f"  stage: {data.get('stage', '?')}  epoch: {data.get('epoch', '?')}  "
-        f"step: {data.get('step', '?')}",
+        f"step: {data.get('step', '?')}" + (
+            f"  (mid-epoch: {data['mid_epoch']['iter']} iterations into the next epoch)"
+            if isinstance(data.get("mid_epoch"), dict) else ""),
         f"  model: {len(model)} tensors, {n_params:,} values",
         f"  contents: {keys}",
     ]
