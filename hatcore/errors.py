@@ -8,7 +8,19 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake the user can fix. ``str(err)`` is the whole message shown to them."""
+    """A mistake the user can fix. ``str(err)`` is the whole message shown to them.
+
+    Raised in a DataLoader worker, it reaches the main process re-made from the worker's
+    traceback text; ``str`` gives back the original message alone (no traceback for the user).
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text and marker in text:
+            where = text.split("\n", 1)[0].removeprefix(f"Caught {type(self).__name__} ").rstrip(".")
+            return f"{text.rsplit(marker, 1)[1].strip()} ({where})"
+        return text
 
 
 class RecipeError(UserError):

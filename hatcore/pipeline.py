@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hatcore import distributed as dist
 from hatcore import quant
-from hatcore.checkpoint import load_checkpoint
+from hatcore.checkpoint import load_checkpoint, load_model_state
 from hatcore.data import to_device
 from hatcore.errors import RecipeError, UserError
 from hatcore.plugins import Plugins, get_plugins
@@ -169,8 +169,8 @@ class Pipeline:
     def load_stage_model(self, stage: str, ckpt: Path | None = None) -> nn.Module:
         """The model of a trained stage (float, calibration, qat), best weights, eval mode."""
         model = self.build_model() if stage == "float" else self.quantized_model(stage)
-        state = load_checkpoint(ckpt or self.stage_checkpoint(stage))
-        model.load_state_dict(state["model"])
+        path = ckpt or self.stage_checkpoint(stage)
+        load_model_state(model, load_checkpoint(path)["model"], path)
         if stage != "float":
             quant.set_mode(model, "fake_quant")
         return model.eval()

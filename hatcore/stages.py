@@ -10,7 +10,7 @@ import torch
 
 from hatcore import distributed as dist
 from hatcore import quant
-from hatcore.checkpoint import load_checkpoint, save_checkpoint
+from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from hatcore.errors import UserError
 from hatcore.pipeline import (
     ALL_STAGES,
@@ -191,7 +191,8 @@ class StageRunner:
         if state is None:
             return
         model = self.pipe.quantized_model("qat")
-        model.load_state_dict(load_checkpoint(self.pipe.stage_checkpoint("calibration"))["model"])
+        path = self.pipe.stage_checkpoint("calibration")
+        load_model_state(model, load_checkpoint(path)["model"], path)
         quant.set_mode(model, "qat")
         echo("qat: quantization-aware fine-tuning")
         metrics = self._train("qat", model, "qat")

@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hatcore import distributed as dist
-from hatcore.checkpoint import load_checkpoint, save_checkpoint
+from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from hatcore.data import to_device
 from hatcore.errors import UserError
 from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
 from hatcore.recipe import TrainStage
 
-__all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "configure_determinism",
-           "rng_state", "seed_everything", "set_rng_state"]
+__all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "check_finite_loss",
+           "configure_determinism", "rng_state", "seed_everything", "set_rng_state"]
 
 
 def seed_everything(seed: int) -> None:
@@ -192,7 +192,7 @@ class Trainer:
         if not path.is_file():
             return
         state = load_checkpoint(path, map_location=self.device)
-        self.raw_model.load_state_dict(state["model"])
+        load_model_state(self.raw_model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
@@ -342,6 +342,7 @@ class Trainer:
             raw = self.model(batch["img"])
             losses = cast(Any, dist.unwrap(self.model)).compute_loss(raw, batch)
         total = sum(losses.values())
+        check_finite_loss(self, losses, total)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(total).backward()
@@ -360,6 +361,25 @@ class Trainer:
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["loss"] = float(total.detach())
         return out
+
+
+def check_finite_loss(trainer: Trainer, losses: dict[str, torch.Tensor], total: Any) -> None:
+    """Stop the stage on a NaN/Inf loss, before it reaches the weights.
+
+    :raises UserError: naming the stage, the step, the non-finite terms and the checkpoint that
+        still holds the last good state (nothing is written after a non-finite loss).
+    """
+    if bool(torch.isfinite(total.detach())):
+        return
+    bad = ", ".join(f"{k}={float(v.detach())}" for k, v in losses.items()
+                    if not bool(torch.isfinite(v.detach()).all()))
+    last = trainer.out_dir / "checkpoint-last.pt"
+    kept = (f"{last} still holds the last good state" if last.is_file()
+            else "no checkpoint had been written yet")
+    raise UserError(f"{trainer.stage}: the loss is {float(total.detach())} at step "
+                    f"{trainer.step + 1} (epoch {trainer.epoch + 1}): {bad}; training stopped "
+                    f"before the weights were updated and {kept}. Lower the learning rate, set "
+                    "grad_clip, or check the data, then run again to resume")
 
 
 @torch.no_grad()

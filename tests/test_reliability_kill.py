@@ -119,3 +119,44 @@ def test_kill_9_in_every_stage_resumes_or_redoes_only_that_stage(reference, tmp_
     qat = torch.load(work / "qat" / "checkpoint-last.pt", weights_only=True)["model"]
     frozen = [bool(v) for k, v in qat.items() if k.endswith("bn_frozen_flag")]
     assert frozen and all(frozen)  # freeze_bn_epoch = 1 reached the resumed run
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tampered"])
+@pytest.mark.parametrize("artifact", ["float/checkpoint-last.pt", "export/model.hbir",
+                                      "compile/model.hbm"])
+def test_a_tampered_or_truncated_artifact_is_refused_by_hat_info_and_its_loader(
+        reference, tmp_path, artifact: str, damage: str) -> None:
+    from hatcore.errors import UserError
+    from hatcore.plugins import make_plugin_manager
+
+    plugins = make_plugin_manager()
+    good = reference / artifact
+    assert plugins.hook.describe_file(path=good)  # the undamaged file is described
+    data = bytearray(good.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    elif good.suffix == ".pt":  # one byte of the largest weight tensor (not zip padding)
+        big = max(model_tensors(good).values(), key=lambda t: t.numel()).contiguous()
+        at = bytes(data).find(big.view(-1).view(torch.uint8).numpy().tobytes()[:256])
+        assert at > 0
+        data[at + 100] ^= 0x10
+    else:  # one byte in the middle: the weights section of .hbir and .hbm
+        data[len(data) // 2] ^= 0x10
+    bad = tmp_path / good.name
+    bad.write_bytes(bytes(data))
+    expected = {("truncated", ".pt"): "not a readable checkpoint",
+                ("tampered", ".pt"): "checkpoint fails its crc32 check",
+                ("truncated", ".hbir"): "truncated", ("tampered", ".hbir"): "checksum mismatch",
+                ("truncated", ".hbm"): "truncated", ("tampered", ".hbm"): "checksum mismatch"}
+    message = expected[(damage, bad.suffix)]
+    with pytest.raises(UserError, match=message) as err:
+        plugins.hook.describe_file(path=bad)
+    assert str(err.value).startswith(str(bad))
+    with pytest.raises(UserError, match=message):  # what predict / resume would do with it
+        if bad.suffix == ".pt":
+            from hatcore.checkpoint import load_checkpoint
+
+            load_checkpoint(bad)
+        else:
+            plugins.hook.load_deployed(path=bad, stage="int_infer" if bad.suffix == ".hbir"
+                                       else "align_bpu")

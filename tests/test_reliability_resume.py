@@ -146,6 +146,10 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, capsys, num_worke
         _mid_epoch_run(tmp_path / "cut", num_workers, stop_at=7)
     saved = load_checkpoint(tmp_path / "cut" / "checkpoint-last.pt")
     assert saved["step"] == 6 and saved["epoch"] == 0 and saved["mid_epoch"]["iter"] == 2
+    from hatcore.checkpoint import describe_checkpoint
+
+    assert "step: 6  (mid-epoch: 2 iterations into the next epoch)" in describe_checkpoint(
+        tmp_path / "cut" / "checkpoint-last.pt")
     capsys.readouterr()
     resumed = _mid_epoch_run(tmp_path / "cut", num_workers)
     assert "resuming float in epoch 2/2 after iteration 2/4" in capsys.readouterr().out

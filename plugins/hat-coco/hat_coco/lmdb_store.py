@@ -131,7 +131,59 @@ def read_meta(env: lmdb.Environment, path: Path | str) -> dict[str, Any] | None:
         raise UserError(f"{path}: corrupt record '__meta__' ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: record '__meta__' is not a {FORMAT} meta record")
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{path}: corrupt record '__meta__' ({problem})")
     return meta
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _meta_problem(meta: dict[str, Any]) -> str:
+    """What is wrong with a meta record's fields ('' when nothing); found by tests/test_fuzz.py."""
+    cats = meta.get("categories")
+    if not isinstance(cats, list) or not all(
+            isinstance(c, dict) and _is_int(c.get("id")) and isinstance(c.get("name"), str)
+            for c in cats):
+        return "categories: expected a list of {id, name}"
+    for key, ok in (("version", _is_int), ("count", _is_int),
+                    ("complete", lambda v: isinstance(v, bool)),
+                    ("skipped", lambda v: isinstance(v, list)),
+                    ("split", lambda v: isinstance(v, str)), ("source", lambda v: isinstance(v, str))):
+        if not ok(meta.get(key)):
+            return f"{key}: unexpected value {meta.get(key)!r}"
+    dropped, mismatch = meta.get("dropped"), meta.get("size_mismatch")
+    if dropped is not None and not (isinstance(dropped, dict) and isinstance(
+            dropped.get("counts"), dict) and all(_is_int(v) for v in dropped["counts"].values())):
+        return "dropped: expected {counts: {reason: n}}"
+    if mismatch is not None and not (isinstance(mismatch, dict) and _is_int(mismatch.get("count"))):
+        return "size_mismatch: expected {count: n, examples: [...]}"
+    return ""
+
+
+def _record_problem(rec: dict[str, Any]) -> str:
+    """What is wrong with an annotation record's fields ('' when nothing)."""
+    for key, ok in (("image_id", _is_int), ("crc32", _is_int), ("height", _is_num),
+                    ("width", _is_num)):
+        if not ok(rec[key]):
+            return f"{key}: expected a number, got {rec[key]!r}"
+    if not isinstance(rec["file_name"], str):
+        return f"file_name: expected a string, got {rec['file_name']!r}"
+    lists = ("ann_ids", "bboxes", "category_ids", "iscrowd", "areas")
+    if not all(isinstance(rec[k], list) for k in lists) or len({len(rec[k]) for k in lists}) != 1:
+        return f"{', '.join(lists)}: expected lists of one length"
+    if not (all(_is_int(v) for k in ("ann_ids", "category_ids", "iscrowd") for v in rec[k])
+            and all(_is_num(v) for v in rec["areas"])
+            and all(isinstance(b, list) and len(b) == 4 and all(_is_num(v) for v in b)
+                    for b in rec["bboxes"])):
+        return "annotations: expected integer ids and [x, y, w, h] number boxes"
+    return ""
 
 
 def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_dir: str | Path,
@@ -228,6 +280,9 @@ def unpack_record(raw: bytes | None, key: bytes, path: Path | str) -> dict[str, 
     if not isinstance(rec, dict) or any(f not in rec for f in _RECORD_FIELDS):
         raise UserError(f"{path}: corrupt record {name!r} (expected the fields "
                         f"{', '.join(_RECORD_FIELDS)})")
+    problem = _record_problem(rec)
+    if problem:
+        raise UserError(f"{path}: corrupt record {name!r} ({problem})")
     return rec
 
 

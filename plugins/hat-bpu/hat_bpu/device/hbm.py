@@ -127,6 +127,13 @@ def load_hbm(path: Path) -> tuple[dict[str, Any], ir.Graph]:
     where = str(path)
     _, header, body = hbir.read_container(Path(path), MAGIC, (HBM_VERSION,))
     try:
+        return header, _program(header, body, where)
+    except hbir.MALFORMED as exc:
+        raise UserError(f"{where}: malformed program ({exc!r} missing or wrong)") from None
+
+
+def _program(header: dict[str, Any], body: bytes, where: str) -> ir.Graph:
+    try:
         prog = json.loads(_section(header, body, "program", where))
     except ValueError:
         raise UserError(f"{where}: program section is not valid JSON") from None
@@ -144,7 +151,7 @@ def load_hbm(path: Path) -> tuple[dict[str, Any], ir.Graph]:
         {k: v for k, v in nd.items() if k != "_arrays"} for nd in nodes]}, b"", where)
     for node, nd in zip(graph.nodes, nodes, strict=True):
         node.params = nd["_arrays"]
-    return header, graph
+    return graph
 
 
 def is_hbm(path: Path) -> bool:
@@ -155,7 +162,10 @@ def is_hbm(path: Path) -> bool:
 def describe_hbm(path: Path) -> str:
     """``hat info model.hbm``: header, sections and the program summary (verifies the file)."""
     header, graph = load_hbm(path)
-    secs = ", ".join(f"{s['name']} {s['length']} B" for s in header["sections"])
-    return (f"{path}: HBM v{HBM_VERSION} program for march {header['march']} (checksum ok)\n"
-            f"opt_level {header['opt_level']}, input {header['input_shape']} "
-            f"({header['input_layout']}), sections: {secs}\n" + hbir.describe_graph(graph))
+    try:
+        secs = ", ".join(f"{s['name']} {s['length']} B" for s in header["sections"])
+        return (f"{path}: HBM v{HBM_VERSION} program for march {header['march']} (checksum ok)\n"
+                f"opt_level {header['opt_level']}, input {header['input_shape']} "
+                f"({header['input_layout']}), sections: {secs}\n" + hbir.describe_graph(graph))
+    except hbir.MALFORMED as exc:
+        raise UserError(f"{path}: malformed header ({exc!r} missing or wrong)") from None

@@ -61,6 +61,10 @@ def array_at(body: bytes, dtype: str, shape: list[int], offset: int, where: str)
     return np.frombuffer(body, dt, n, offset).astype(dtype).reshape(shape)
 
 
+# what reading a header of the right shape but wrong content can raise (found by tests/test_fuzz.py)
+MALFORMED = (KeyError, TypeError, ValueError, OverflowError, AttributeError, IndexError)
+
+
 def write_container(path: Path, magic: bytes, version: int, header: dict[str, Any],
                     body: bytes) -> None:
     """Write ``magic | version | head_len | JSON header | body`` (header gains the body hash)."""
@@ -94,6 +98,8 @@ def read_container(path: Path, magic: bytes, versions: tuple[int, ...]
         header = json.loads(data[_PREFIX.size:end])
     except ValueError:
         raise UserError(f"{path}: header is not valid JSON (damaged file)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: header is not a JSON object (damaged file)")
     body = data[end:]
     if len(body) != header.get("body_len"):
         raise UserError(f"{path}: file is truncated or padded: body is {len(body)} bytes, "
@@ -142,11 +148,11 @@ def graph_from_header(header: dict[str, Any], body: bytes, where: str) -> ir.Gra
                  for nd in header["nodes"]]
         graph = ir.Graph(tensors, nodes, list(header["inputs"]), list(header["outputs"]),
                          dict(header["meta"]))
-    except (KeyError, TypeError) as exc:
+    except MALFORMED as exc:
         raise UserError(f"{where}: malformed header ({exc!r} missing or wrong)") from None
     try:
         graph.validate()
-    except ValueError as exc:
+    except MALFORMED as exc:
         raise UserError(f"{where}: invalid graph: {exc}") from None
     return graph
 
