@@ -29,7 +29,9 @@ from hatcore.checkpoint import load_checkpoint, save_checkpoint
 from hatcore.data import to_device
 from hatcore.errors import UserError
 from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
+from hatcore.protocols import task_model
 from hatcore.recipe import TrainStage
+from hatcore.workdir import METRICS, write_metrics
 
 __all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "rng_state",
            "seed_everything", "set_rng_state"]
@@ -196,10 +198,10 @@ class Trainer:
             self.epoch += 1
         if self.evaluate is None or not (self.out_dir / "checkpoint-best.pt").is_file():
             self._save_best(metrics)  # nothing scored: the best weights are the last ones
-        summary = {"stage": self.stage, "epochs": self.epoch, "best": self._best_record(),
-                   "last": metrics, "time": round(self.elapsed, 3)}
-        if dist.is_main():
-            (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        train = {"epochs": self.epoch, "best": self._best_record(), "last": metrics,
+                 "time": round(self.elapsed, 3)}
+        if dist.is_main():  # the one metrics.json schema (hatcore.workdir, docs/formats.md)
+            write_metrics(self.out_dir / METRICS, self.stage, train=train)
         return metrics
 
     def _best_record(self) -> dict[str, Any]:
@@ -289,8 +291,8 @@ class Trainer:
         batch = _to_memory_format(to_device(batch, self.device), cfg.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
             raw = self.model(batch["img"])
-            losses = cast(Any, dist.unwrap(self.model)).compute_loss(raw, batch)
-        total = sum(losses.values())
+            losses = task_model(dist.unwrap(self.model)).compute_loss(raw, batch)
+        total = cast(torch.Tensor, sum(losses.values()))  # sum() is typed Tensor | Literal[0]
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(total).backward()

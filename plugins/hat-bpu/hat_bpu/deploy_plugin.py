@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import click
 import torch
@@ -22,6 +22,8 @@ from hatcore.registry import Register
 class HbirExportSpec(ExportSpec):
     """``[export]`` with ``type = "hbir"`` (the default exporter)."""
 
+    artifact: ClassVar[str] = "model.hbir"
+
     march: str = option("bayes-e", doc=f"BPU architecture recorded in the file ({', '.join(MARCHES)})")
     input_layout: Literal["yuv444", "nv12"] = option(
         "nv12", doc="the board's input: nv12 (the camera path; align_bpu converts as the device "
@@ -31,6 +33,10 @@ class HbirExportSpec(ExportSpec):
 @spec
 class HbmCompileSpec(CompileSpec):
     """``[compile]`` with ``type = "hbm"`` (the default compiler)."""
+
+    artifact: ClassVar[str] = "model.hbm"
+
+    march: str = option("bayes-e", doc=f"BPU architecture ({', '.join(MARCHES)})")
 
     opt_level: int = option(2, doc="0: no layout work; 1: channel padding; 2: + fusion of "
                             "requantize/relu into the producing conv where the IR allows")
@@ -42,9 +48,9 @@ class HbmCompileSpec(CompileSpec):
 def hat_components(register: Register) -> None:
     register("exporter", "hbir", HbirExportSpec,
              "integer graph of the quantized model as a versioned .hbir (graph, weights, "
-             "quant params)")
+             "quant params)", default=True)
     register("compiler", "hbm", HbmCompileSpec,
-             "modelled BPU compiler: .hbm program + per-layer performance estimate")
+             "modelled BPU compiler: .hbm program + per-layer performance estimate", default=True)
 
 
 @hookimpl
@@ -67,7 +73,7 @@ def check_model(model: nn.Module, spec: CompileSpec, example_input: torch.Tensor
         return None
     from hat_bpu.checker import check
 
-    return check(model, get_march(spec.march), example_input[:1])
+    return {"target": spec.march, **check(model, get_march(spec.march), example_input[:1])}
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from torch import nn
 from hat_bpu.observers import OBSERVERS
 from hat_bpu.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
 from hatcore.recipe import QuantizeSpec, option, spec
 from hatcore.registry import Register
@@ -100,7 +101,8 @@ def apply_freezes(model: nn.Module, epoch: int) -> list[str]:
 @hookimpl
 def hat_components(register: Register) -> None:
     register("quantizer", "horizon", HorizonQuantizeSpec,
-             "Horizon-style symmetric int8/int16 quantizer: fusion, observers, calibration, QAT")
+             "Horizon-style symmetric int8/int16 quantizer: fusion, observers, calibration, QAT",
+             default=True)
 
 
 @hookimpl
@@ -127,9 +129,10 @@ def register_commands(cli: click.Group) -> None:
                   help="output folder (default: WORK_DIR/quant_debug/STAGE)")
     @click.option("--integer", is_flag=True, help="also compare the integer model per layer")
     @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
-    def quant_debug_cmd(recipe: Path, stage: str, batches: int, out: Path | None, integer: bool,
-                        overrides: tuple[str, ...]) -> None:
+    @pass_hat
+    def quant_debug_cmd(hat: HatContext, recipe: Path, stage: str, batches: int,
+                        out: Path | None, integer: bool, overrides: tuple[str, ...]) -> None:
         """Per-layer float vs fake-quant similarity (cosine, SQNR, max error in LSB)."""
         from hat_bpu.debug import debug_recipe
 
-        click.echo(debug_recipe(recipe, stage, batches, out, overrides, integer))
+        click.echo(debug_recipe(hat.load(recipe, overrides), stage, batches, out, integer))

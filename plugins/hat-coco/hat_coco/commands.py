@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
 
 
@@ -50,10 +51,11 @@ def pack_coco(src_data_dir: Path, target_data_dir: Path, split_name: str, pack_t
 @click.option("--score-thr", default=0.3, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value (TOML syntax; repeatable).")
-def infer_cmd(recipe: Path, image: Path, out: Path, stage: str, score_thr: float,
-              overrides: tuple[str, ...]) -> None:
+@pass_hat
+def infer_cmd(hat: HatContext, recipe: Path, image: Path, out: Path, stage: str,
+              score_thr: float, overrides: tuple[str, ...]) -> None:
     """Detect objects in one image with a trained stage and draw them into a PNG."""
     from hat_coco.infer import infer_image
 
-    n = infer_image(recipe, image, out, stage, score_thr, overrides)
+    n = infer_image(hat.load(recipe, overrides), image, out, stage, score_thr)
     click.echo(f"{out}: {n} detections drawn")
