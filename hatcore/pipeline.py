@@ -32,6 +32,7 @@ from hatcore.plugins import Plugins, get_plugins
 from hatcore.protocols import Metric, Runner, metric, task_model
 from hatcore.recipe import SECTION_KINDS, Recipe, fingerprint, load_recipe, resolved
 from hatcore.stages import Stage
+from hatcore.trainer import configure_determinism, seed_everything
 from hatcore.workdir import STAGE_STATE, WorkDir, flat_scores, read_json, write_json, write_metrics
 
 RECIPE_SECTIONS = SECTION_KINDS
@@ -68,6 +69,7 @@ class Pipeline:
         self.table = plugins.stage_table()
         self._settle_predict_rows()
         self.device = self._device(recipe.task.device)
+        configure_determinism(recipe.task.deterministic)
         self._datasets: dict[str, Dataset[Any]] = {}
         self.resolved = resolved(recipe, plugins.registry)
         self.fps = self._fingerprints()
@@ -361,6 +363,7 @@ class Pipeline:
             return
         if state.start():
             echo(f"{stage.name}: continuing an interrupted run")
+        seed_everything(self.recipe.task.seed)  # a redone stage builds and draws the same
         self.ran.append(stage.name)
         state.finish(**(stage.run(self, stage) or {}))
 

@@ -56,6 +56,7 @@ class Plugins:
 
         The registry is the one source of truth for who builds a type: the other plugins'
         implementations are not called, so an implementation need not re-check the spec's class.
+        Wrappers (``@hookimpl(wrapper=True)``: tracing, fault injection) still wrap the call.
 
         :param required: raise when the owner returns None (else return None).
         :raises UserError: the type is unknown, or its owner returned nothing.
@@ -64,7 +65,8 @@ class Plugins:
         if comp is None:
             raise UserError(self.registry.unknown_message(kind, spec.type))
         owner = self.pm.get_plugin(comp.plugin)
-        others = [p for p in self.pm.get_plugins() if p is not owner]
+        others = [i.plugin for i in getattr(self.pm.hook, hook).get_hookimpls()
+                  if i.plugin is not owner and not (i.wrapper or i.hookwrapper)]
         result = self.pm.subset_hook_caller(hook, remove_plugins=others)(spec=spec, **kwargs)
         if result is None and required:
             raise UserError(f"plugin {comp.plugin!r} provides {kind} type {spec.type!r}, but its "
@@ -141,7 +143,7 @@ def make_plugin_manager(
         plugin = pm.get_plugin(name)
         pi.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
 
-    registry = Registry()
+    registry = Registry({pi.distribution for pi in info.values()})
     for impl in pm.hook.hat_components.get_hookimpls():
         dist = info[impl.plugin_name].distribution if impl.plugin_name in info else "?"
         impl.function(register=partial(registry.register, plugin=impl.plugin_name,

@@ -203,6 +203,9 @@ class TrainStage:
                                "(the best checkpoint is the last one, scored by `predict`)")
     log_interval: int = option(10, doc="iterations between log.jsonl lines")
     max_iters_per_epoch: int | None = option(None, doc="cap on iterations per epoch (smoke runs)")
+    checkpoint_every_iters: int = option(
+        0, doc="also write checkpoint-last.pt every N iterations inside an epoch (0: only at "
+        "epoch ends), for long epochs; a resumed run continues from there exactly")
 
 
 @spec
@@ -440,7 +443,7 @@ def load_recipe(
         raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from None
     for item in overrides:
         apply_override(data, *parse_override(item))
-    check_requires(path, data)
+    check_requires(path, data, registry.distributions)
     for section, kind in SECTION_KINDS.items():
         # structured eagerly: an absent section is its kind's default type, when one is installed
         if section not in data and registry.default(kind) is not None:
@@ -458,8 +461,9 @@ SECTION_KINDS = {"metric": "metric", "quantize": "quantizer", "export": "exporte
 """The recipe's plugin-chosen sections and the registry kind each one's ``type`` names."""
 
 
-def check_requires(path: Path, data: dict[str, Any]) -> None:
-    """Each distribution of ``task.requires`` is installed (and its version fits), else say which."""
+def check_requires(path: Path, data: dict[str, Any], loaded: set[str] | None = None) -> None:
+    """Each distribution of ``task.requires`` is installed (its version fits) and, when
+    ``loaded`` (the loaded plugins' distributions) is given, loaded; else say which."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.requirements import InvalidRequirement, Requirement
@@ -486,8 +490,15 @@ def check_requires(path: Path, data: dict[str, Any]) -> None:
         if req.specifier and not req.specifier.contains(have, prereleases=True):
             problems.append(f"$.task.requires[{i}]: the recipe needs {item}, installed is "
                             f"{req.name} {have} (pip install {item!r})")
+        elif loaded is not None and _canon(req.name) not in {_canon(d) for d in loaded}:
+            problems.append(f"$.task.requires[{i}]: {req.name} is installed but not loaded "
+                            "(left out by HAT_LOAD_PLUGINS, or it failed to load: `hat plugins`)")
     if problems:
         raise RecipeError(str(path), problems)
+
+
+def _canon(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def resolved(recipe: Recipe, registry: Registry) -> dict[str, Any]:

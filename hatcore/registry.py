@@ -37,8 +37,10 @@ class DuplicateComponentError(Exception):
 class Registry:
     """``(kind, name) -> Component``, filled by plugins, read by recipes and the CLI."""
 
-    def __init__(self) -> None:
+    def __init__(self, distributions: set[str] | None = None) -> None:
         self._items: dict[tuple[str, str], Component] = {}
+        self.distributions = distributions
+        """The distributions of the loaded plugins (None: unknown, e.g. a bare registry)."""
 
     def register(self, kind: str, name: str, spec_cls: type, doc: str = "", *,
                  default: bool = False, plugin: str, distribution: str = "?") -> None:

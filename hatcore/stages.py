@@ -158,7 +158,8 @@ def run_calibration(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     model.to(pipe.device).eval()
     pipe.echo(f"calibration: observing {cfg.batches} batches")
     quant.set_mode(model, "observe")
-    calibrate(model, pipe.loader("train"), batches=cfg.batches, device=pipe.device)
+    calibrate(model, pipe.loader("train"), batches=cfg.batches, device=pipe.device,
+              seed=pipe.recipe.task.seed)
     quant.set_mode(model, "fake_quant")
     if dist.is_main():  # scored by `predict calibration`, not twice
         payload = {"model": model.state_dict(), "stage": "calibration", "epoch": 0}

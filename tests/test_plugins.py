@@ -177,12 +177,20 @@ def test_hook_build_model_is_called_only_on_the_owner_of_the_type() -> None:
             called.append("bystander")
             return torch.nn.Identity()
 
-    plugins = make_plugin_manager(entrypoints=False, extra=[("owner", Owner()),
-                                                            ("bystander", Bystander())])
+    class Wrapper:  # cross-cutting (tracing, fault injection): still wraps the owner's call
+        @hookimpl(wrapper=True)
+        def build_model(self, spec):  # type: ignore[no-untyped-def]
+            called.append("wrapper in")
+            model = yield
+            called.append(f"wrapper out {type(model).__name__}")
+            return model
+
+    plugins = make_plugin_manager(entrypoints=False, extra=[
+        ("owner", Owner()), ("bystander", Bystander()), ("wrapper", Wrapper())])
     model = plugins.call_owner("build_model", "model", _TinySpec(type="tiny", width=3),
                                plugins=plugins)
     assert isinstance(model, torch.nn.Linear) and model.in_features == 3
-    assert called == ["owner"]
+    assert called == ["wrapper in", "owner", "wrapper out Linear"]
     from hatcore.errors import UserError
 
     with pytest.raises(UserError, match="unknown model type 'nope'"):
@@ -211,3 +219,17 @@ def test_defaults_come_from_the_plugins_and_an_ambiguous_one_is_none() -> None:
     assert both.registry.kind_hint("metric") == (
         "several plugins declare a default metric: a (tests.test_plugins), b (tests.test_plugins); "
         "name one with `type`")
+
+
+def test_the_core_names_no_backend() -> None:
+    """Defaults, file names and distributions come from the plugins: hatcore's code names none."""
+    import re
+    from pathlib import Path
+
+    import hatcore
+
+    banned = re.compile(r"horizon|\bhbir\b|\.hbir|\bhbm\b|\.hbm|bayes|bernoulli|hat[-_]bpu",
+                        re.IGNORECASE)
+    hits = [f"{p.name}:{i}: {line.strip()}" for p in Path(hatcore.__file__).parent.glob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if banned.search(line)]
+    assert hits == []

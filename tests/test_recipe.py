@@ -102,6 +102,12 @@ def test_task_requires_names_the_missing_distribution_first(tmp_path, toy_plugin
         "$.task.requires[0]: the recipe needs hat-toy>=9, installed is hat-toy 0.0.1 "
         "(pip install 'hat-toy>=9')"
     ]
+    pytest.importorskip("hat_coco")
+    text = GOOD.replace('work_dir = "runs/toy"', 'work_dir = "runs/toy"\nrequires = ["hat-coco"]')
+    assert errors(tmp_path, text, toy_plugins.registry) == [  # installed, not in this manager
+        "$.task.requires[0]: hat-coco is installed but not loaded (left out by HAT_LOAD_PLUGINS, "
+        "or it failed to load: `hat plugins`)"
+    ]
     ok = GOOD.replace('work_dir = "runs/toy"', 'work_dir = "runs/toy"\nrequires = ["hat-toy>=0.0.1"]')
     recipe, _ = load_recipe(write(tmp_path, ok), toy_plugins.registry)
     assert recipe.task.requires == ["hat-toy>=0.0.1"]

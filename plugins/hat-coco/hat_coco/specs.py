@@ -18,12 +18,17 @@ class CocoSpec(DatasetSpec):
 
 @spec
 class ShapesSpec(DatasetSpec):
-    """``type = "shapes"``: a generated COCO-format set of coloured shapes (the demo data)."""
+    """``type = "shapes"``: a generated COCO-format set of coloured shapes (the demo data, or
+    the harder ``preset = "dense"`` benchmark set)."""
 
     root: str = option("tmp_data/shapes", doc="where {split}2017/ and annotations/ are written")
     num_images: int = option(512, doc="images generated for this split")
     image_size: int = option(320, doc="side of the square images in pixels")
     seed: int = option(0, doc="generator seed (the split is mixed in)")
+    preset: Literal["demo", "dense"] = option(
+        "demo", doc='"demo": 1-5 large distinct objects per image; "dense": 10-60 objects of '
+        "8-48 px, occluding each other, among clutter on a busier texture (a set that is not "
+        "saturated, for benchmarks)")
     filter_empty: bool = option(True, doc="train split: skip images without boxes")
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from hat_fcos.boxes import distance_to_box, level_points
 from hat_fcos.decoder import FCOSDecoder, decode_distances, flatten_levels
-from hat_fcos.target import assign, focal_loss, giou_loss
+from hat_fcos.target import assign, centerness_target, focal_loss, giou_loss
 from hatcore.errors import UserError
 from hatcore.quant import QuantStub
 
@@ -47,7 +47,7 @@ class FCOS(nn.Module):
         return self.head(self.neck(self.backbone(self.quant(img))))
 
     def compute_loss(self, raw: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Focal (cls), GIoU weighted by centerness target (bbox) and BCE (centerness)."""
+        """Focal (cls), GIoU weighted by the target's geometric centerness (bbox), BCE (centerness)."""
         cls_l, bbox_l, ctr_l = raw
         self._check_labels(batch)
         sizes = [tuple(c.shape[-2:]) for c in cls_l]
@@ -57,7 +57,7 @@ class FCOS(nn.Module):
         boxes = distance_to_box(points, decode_distances(flatten_levels(bbox_l).float(), stride,
                                                          self.upscale))  # [B, P, 4]
         cls_t = torch.zeros_like(cls)
-        pos_pred, pos_gt, pos_w, pos_ctr = [], [], [], []
+        pos_pred, pos_gt, pos_w, pos_ctr, pos_iou = [], [], [], [], []
         for i in range(len(cls)):
             gtb = batch["gt_boxes"][i].to(cls.device, torch.float32)
             gtl = batch["gt_labels"][i].to(cls.device)
@@ -65,17 +65,21 @@ class FCOS(nn.Module):
                        *self.cost_w)
             pos = a.gt_index >= 0
             cls_t[i, pos, gtl[a.gt_index[pos]]] = 1.0
+            gt = gtb[a.gt_index[pos]]
+            ltrb = torch.cat([points[pos] - gt[:, :2], gt[:, 2:] - points[pos]], 1)
             pos_pred.append(boxes[i, pos])
-            pos_gt.append(gtb[a.gt_index[pos]])
-            pos_w.append(a.ctr_target[pos])
+            pos_gt.append(gt)
+            pos_w.append(centerness_target(ltrb.clamp(min=0)))
             pos_ctr.append(ctr[i, pos])
+            pos_iou.append(a.ctr_target[pos])
         num_pos = max(sum(len(p) for p in pos_w), 1)
         w = torch.cat(pos_w)
         c = torch.cat(pos_ctr)
         loss_cls = focal_loss(cls, cls_t, self.alpha, self.gamma) / num_pos
         loss_bbox = giou_loss(torch.cat(pos_pred), torch.cat(pos_gt), w) if len(w) else \
             boxes.sum() * 0
-        loss_ctr = nn.functional.binary_cross_entropy_with_logits(c, w, reduction="sum") / num_pos
+        loss_ctr = nn.functional.binary_cross_entropy_with_logits(
+            c, torch.cat(pos_iou), reduction="sum") / num_pos
         cw, bw, tw = self.loss_w
         return {"loss_cls": cw * loss_cls, "loss_bbox": bw * loss_bbox,
                 "loss_centerness": tw * loss_ctr}

@@ -4,7 +4,8 @@ Assignment, per image: candidates are the points inside a GT box (a GT with none
 nearest point). cost = cls_w * BCE(logit of the GT class, 1) + reg_w * (1 - GIoU(pred, GT)),
 outside candidates +inf. Each GT takes ``k = max(1, round(sum of its topK IoUs))`` cheapest
 candidates; a point claimed by several GTs goes to the cheapest. Centerness target = IoU of the
-predicted box with its GT; the box loss is weighted by it.
+predicted box with its GT. The box loss is weighted by the geometric FCOS centerness of the
+regression target (:func:`centerness_target`), as HAT's ``_centerness_target``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def assign(points: torch.Tensor, pred_boxes: torch.Tensor, cls_logits: torch.Ten
     gt_index[claimed] = owner[claimed]
     ctr[claimed] = iou[claimed, owner[claimed]].clamp(min=0).to(ctr.dtype)
     return Assignment(gt_index, ctr)
+
+
+def centerness_target(ltrb: torch.Tensor) -> torch.Tensor:
+    """FCOS centerness of regression targets ``Tensor[M, 4]`` (l, t, r, b):
+    ``sqrt(min(l, r) / max(l, r) · min(t, b) / max(t, b))``."""
+    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+    ratio = (lr.min(1).values / lr.max(1).values.clamp(min=1e-12)) * \
+        (tb.min(1).values / tb.max(1).values.clamp(min=1e-12))
+    return ratio.clamp(min=0).sqrt()
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One row of the dense-set ablation (bench/RESULTS-fcos.md): train the float stage of
+# recipes/dense.toml with the code of COMMIT, niced, and print its metrics.
+#   bench/fcos_dense_row.sh COMMIT NAME [--set KEY=VALUE]...
+# The recipe is this checkout's; the commit is checked out in /tmp/fcos-abl/NAME (a git worktree) and imported ahead of this
+# checkout's editable installs (PYTHONPATH); data and runs stay in this checkout.
+set -euo pipefail
+commit=$1; name=$2; shift 2
+here=$(cd "$(dirname "$0")/.." && pwd)
+tree=/tmp/fcos-abl/$name
+if [ ! -d "$tree" ]; then
+  mkdir -p /tmp/fcos-abl
+  git -C "$here" worktree add --detach "$tree" "$commit" >/dev/null
+fi
+ln -sfn "$here/tmp_data" "$tree/tmp_data"
+export PYTHONPATH="$tree:$tree/plugins/hat-coco:$tree/plugins/hat-fcos:$tree/plugins/hat-bpu"
+cd "$tree"
+start=$(date +%s)
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nice -n 10 "$here/.venv/bin/hat" run "$here/recipes/dense.toml" --stage float \
+  --set "task.work_dir=\"$here/runs/abl-$name\"" "$@"
+echo "row $name ($commit): $(( $(date +%s) - start )) s wall"
+"$here/.venv/bin/python" - "$here/runs/abl-$name/float/metrics.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))["last"]
+keys = ["AP", "AP50", "APs", "APm", "img_s", "loss", "loss_cls", "loss_bbox", "loss_centerness"]
+print({k: round(m[k], 4) for k in keys if k in m})
+PY
