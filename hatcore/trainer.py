@@ -38,7 +38,7 @@ from hatcore.errors import UserError
 from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
 from hatcore.protocols import task_model
 from hatcore.recipe import TrainStage
-from hatcore.workdir import METRICS, write_metrics
+from hatcore.workdir import CHECKPOINT_BEST, CHECKPOINT_LAST, LOG, METRICS, write_metrics
 
 __all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "configure_determinism",
            "rng_state", "seed_everything", "set_rng_state"]
@@ -187,10 +187,10 @@ class Trainer:
 
     def _save_last(self, mid_epoch: dict[str, Any] | None = None) -> None:
         if dist.is_main():
-            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state(mid_epoch))
+            save_checkpoint(self.out_dir / CHECKPOINT_LAST, self._state(mid_epoch))
 
     def _resume(self) -> None:
-        path = self.out_dir / "checkpoint-last.pt"
+        path = self.out_dir / CHECKPOINT_LAST
         if not path.is_file():
             return
         state = load_checkpoint(path, map_location=self.device)
@@ -224,7 +224,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main():
-            with open(self.out_dir / "log.jsonl", "a") as f:
+            with open(self.out_dir / LOG, "a") as f:
                 f.write(json.dumps({"stage": self.stage, "time": round(time.time(), 3), **record}) + "\n")
 
     # ------------------------------------------------------------------ the loop
@@ -237,7 +237,7 @@ class Trainer:
         while self.epoch < self.cfg.epochs and not self.should_stop:
             metrics = self._epoch()
             self.epoch += 1
-        if self.evaluate is None or not (self.out_dir / "checkpoint-best.pt").is_file():
+        if self.evaluate is None or not (self.out_dir / CHECKPOINT_BEST).is_file():
             self._save_best(metrics)  # nothing scored: the best weights are the last ones
         train = {"epochs": self.epoch, "best": self._best_record(), "last": metrics,
                  "time": round(self.elapsed, 3)}
@@ -332,7 +332,7 @@ class Trainer:
 
     def _save_best(self, metrics: dict[str, Any]) -> None:
         if dist.is_main():
-            save_checkpoint(self.out_dir / "checkpoint-best.pt", {
+            save_checkpoint(self.out_dir / CHECKPOINT_BEST, {
                 "model": self.eval_model.state_dict(), "stage": self.stage,
                 "epoch": int(metrics.get("epoch", self.epoch)),
                 "metrics": json.dumps(metrics)})
