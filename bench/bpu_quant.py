@@ -103,7 +103,7 @@ def build(name: str) -> nn.Module:
         plugins = get_plugins()
         spec = make_converter(plugins.registry).structure({"type": "fcos", "num_classes": 80},
                                                           ModelSpec)
-        return plugins.hook.build_model(spec=spec)
+        return plugins.hook.build_model(spec=spec, plugins=plugins)
     raise SystemExit(f"unknown model {name!r}")
 
 

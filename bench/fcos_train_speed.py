@@ -31,8 +31,8 @@ def build_model(num_classes: int = 80) -> nn.Module:
     plugins = get_plugins()
     table = {"type": "fcos", "num_classes": num_classes,
              "backbone": {"pretrained": "efficientnet-lite0"}}
-    model = plugins.hook.build_model(spec=make_converter(plugins.registry).structure(table,
-                                                                                      ModelSpec))
+    spec = make_converter(plugins.registry).structure(table, ModelSpec)
+    model = plugins.hook.build_model(spec=spec, plugins=plugins)
     assert model is not None
     return model
 

@@ -4,13 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
+
 from hatcore import hookimpl
 from hatcore.registry import Register
+from hatcore.stages import Stage
 
 
 @hookimpl
 def hat_components(register: Register) -> None:
     """The core provides no recipe types of its own."""
+
+
+@hookimpl
+def hat_stages() -> list[Stage]:
+    """The core's stages: float, calibration, qat, export, compile (hatcore.stages)."""
+    from hatcore.stages import CORE_STAGES
+
+    return list(CORE_STAGES)
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    """The core's commands: run, predict, export, compile, info, plugins."""
+    from hatcore.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
 
 
 @hookimpl

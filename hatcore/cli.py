@@ -1,4 +1,6 @@
-"""The ``hat`` command line. Plugins add commands through the ``register_commands`` hook.
+"""The ``hat`` command line. Every command, the core's own included, comes from a plugin's
+``register_commands`` hook (the core's from its built-in plugin, ``hatcore.builtin``); each gets
+the run context (:class:`hatcore.context.HatContext`) as click's ``ctx.obj``.
 
 Exit status: 0 done; 2 a user mistake (recipe, arguments, missing file) with a short message
 and no traceback (``--debug`` shows it); 1 anything else.
@@ -6,7 +8,6 @@ and no traceback (``--debug`` shows it); 1 anything else.
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from typing import Any
@@ -14,18 +15,38 @@ from typing import Any
 import click
 
 from hatcore import __version__
+from hatcore.context import HatContext
 from hatcore.errors import UserError
-from hatcore.plugins import get_plugins
+from hatcore.plugins import Plugins, get_plugins
 
 
 class HatGroup(click.Group):
-    """A group that turns ``UserError`` into exit 2 and a clean message."""
+    """The root group: commands come from the current plugin manager's ``register_commands``;
+    a ``UserError`` becomes exit 2 and a clean message."""
+
+    _loaded_for: Plugins | None = None
+
+    def _load(self) -> None:
+        plugins = get_plugins()
+        if self._loaded_for is plugins:
+            return
+        self.commands.clear()
+        self._loaded_for = plugins
+        plugins.hook.register_commands(cli=self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if isinstance(ctx.obj, HatContext) and ctx.obj.debug:
                 traceback.print_exc()
             click.echo(f"hat: error: {exc}", err=True)
             ctx.exit(2)
@@ -43,41 +64,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     Start with `hat run RECIPE`; `hat plugins` lists what is installed.
     """
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
-
-
-@cli.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins_cmd(as_json: bool) -> None:
-    """List installed plugins: distribution, version, hooks and the type names they provide."""
-    plugins = get_plugins()
-    rows = []
-    for name, info in plugins.info.items():
-        types = [f"{c.kind}:{c.name}" for c in plugins.registry.by_plugin(name)]
-        rows.append({"name": name, "distribution": info.distribution, "version": info.version,
-                     "hooks": info.hooks, "types": types})
-    if as_json:
-        click.echo(json.dumps({"plugins": rows, "failed": plugins.failed}, indent=2))
-        return
-    for row in rows:
-        click.echo(f"{row['name']}  ({row['distribution']} {row['version']})")
-        click.echo(f"  hooks: {', '.join(row['hooks']) or '-'}")
-        click.echo(f"  types: {', '.join(row['types']) or '-'}")
-    for name, err in plugins.failed.items():
-        click.echo(f"{name}  FAILED TO LOAD: {err}")
-
-
-def _add_plugin_commands() -> None:
-    get_plugins().hook.register_commands(cli=cli)
+    ctx.obj = HatContext(get_plugins(), debug=debug)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    from hatcore import commands  # noqa: F401  (the core's own commands register on import)
-
     try:
-        _add_plugin_commands()
+        cli.list_commands(click.Context(cli))  # plugins' commands, before parsing
     except UserError as exc:
         click.echo(f"hat: error: {exc}", err=True)
         sys.exit(2)

@@ -1,18 +1,20 @@
-"""The core's own commands: run, predict, export, compile, info."""
+"""The core's own commands: plugins, run, predict, export, compile, info.
+
+Registered by the built-in plugin (``hatcore.builtin.register_commands``), like any plugin's.
+Every command receives the run context (``HatContext``) and loads its recipe through it.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from hatcore import distributed as dist
-from hatcore.cli import cli
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
-from hatcore.plugins import get_plugins
-from hatcore.recipe import PREDICT_STAGES
 
 recipe_arg = click.argument("recipe", type=click.Path(path_type=Path))
 set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -20,98 +22,148 @@ set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                             "(values in TOML syntax; repeatable).")
 
 
-def _pipeline(recipe: Path, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    from hatcore.pipeline import Pipeline
-    from hatcore.stages import StageRunner
+class TableChoice(click.ParamType):
+    """A stage (``rows=False``) or predict row (``rows=True``) of the installed stage table."""
 
-    if not recipe.is_file():
-        raise UserError(f"{recipe}: no such recipe file")
-    pipe = Pipeline.load(recipe, overrides)
-    return pipe, StageRunner(pipe)
+    name = "stage"
+
+    def __init__(self, rows: bool, extra: tuple[str, ...] = ()) -> None:
+        self.rows, self.extra = rows, extra
+
+    def choices(self, ctx: click.Context | None) -> list[str]:
+        hat = ctx.find_object(HatContext) if ctx else None
+        table = (hat or HatContext()).plugins.stage_table()
+        return [*(table.rows if self.rows else table.names), *self.extra]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        valid = self.choices(ctx)
+        if value not in valid:
+            self.fail(f"{value!r} is not one of {', '.join(valid)}", param, ctx)
+        return value
 
 
-def _finish(pipe, runner, ran_anything: bool) -> None:  # type: ignore[no-untyped-def]
+def _finish(pipe: Any) -> None:
     from hatcore import summary
 
     if not dist.is_main():
         return
-    if ran_anything:
-        summary.plot_curves(pipe.work_dir)
-        done = [s for s in PREDICT_STAGES if (pipe.work_dir / "predict" / s / "metrics.json").is_file()]
+    if pipe.ran:
+        summary.plot_curves(pipe)
+        done = [r for r in pipe.table.rows if pipe.workdir.predict_metrics(r).is_file()]
         if done:
             best = "qat" if "qat" in done else done[-1]
             drawn = summary.draw_examples(pipe, best)
             if drawn:
                 click.echo(f"vis: {len(drawn)} images with {best} detections in {drawn[0].parent}")
-    result = summary.write(pipe.work_dir)
+    result = summary.write(pipe)
     click.echo("")
     click.echo(summary.table(result))
 
 
-@cli.command("run")
+@click.command("run")
 @recipe_arg
-@click.option("--stage", "stages", multiple=True, metavar="STAGE",
-              help="Run only this stage (repeatable): float, calibration, qat, export, compile, "
+@click.option("--stage", "stages", multiple=True, type=TableChoice(rows=False, extra=("predict",)),
+              help="Run only this stage (repeatable): a stage of the table (`hat plugins` shows "
+                   "plugins' stages; the core's: float, calibration, qat, export, compile) or "
                    "predict.")
 @set_opt
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train on N processes (torchrun; gloo on CPU, nccl on CUDA).")
-def run_cmd(recipe: Path, stages: tuple[str, ...], overrides: tuple[str, ...], nproc: int) -> None:
+@pass_hat
+def run_cmd(hat: HatContext, recipe: Path, stages: tuple[str, ...], overrides: tuple[str, ...],
+            nproc: int) -> None:
     """Run every stage of RECIPE not yet done, then print the summary table.
 
-    Stages: float → calibration → qat → export → compile, then predict (COCO mAP) for float,
-    calibration, qat, int_infer and align_bpu. A finished stage whose inputs are unchanged is
-    skipped; an interrupted one resumes; a changed one is redone with everything after it.
+    Stages: float → calibration → qat → export → compile (and any a plugin adds), then predict
+    (COCO mAP) for float, calibration, qat, int_infer and align_bpu. A finished stage whose
+    inputs are unchanged is skipped; an interrupted one resumes; a changed one is redone with
+    everything after it.
     """
+    import sys
+
     if nproc > 1 and dist.world_size() == 1:
         sys.exit(dist.launch(nproc, ["run", str(recipe), *sum((["--stage", s] for s in stages), []),
                                      *sum((["--set", o] for o in overrides), [])]))
     dist.init()
-    pipe, runner = _pipeline(recipe, overrides)
-    runner.run(list(stages) or None)
-    _finish(pipe, runner, bool(runner.ran))
+    pipe = hat.load(recipe, overrides)
+    pipe.run(list(stages) or None)
+    _finish(pipe)
 
 
-@cli.command("predict")
+@click.command("predict")
 @recipe_arg
-@click.option("--stage", type=click.Choice(PREDICT_STAGES), required=True,
-              help="Which model to score.")
+@click.option("--stage", type=TableChoice(rows=True), required=True,
+              help="Which model to score: float, calibration, qat, int_infer, align_bpu (or a "
+                   "plugin's row).")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
-              help="Score this checkpoint instead of the stage's best (float/calibration/qat).")
+              help="Score this checkpoint instead of the stage's best (trained stages).")
 @set_opt
-def predict_cmd(recipe: Path, stage: str, ckpt: Path | None, overrides: tuple[str, ...]) -> None:
+@pass_hat
+def predict_cmd(hat: HatContext, recipe: Path, stage: str, ckpt: Path | None,
+                overrides: tuple[str, ...]) -> None:
     """Score one stage's model on the validation set (COCO mAP); writes predict/STAGE/."""
-    if ckpt is not None and stage in ("int_infer", "align_bpu"):
-        raise UserError(f"--ckpt applies to float, calibration and qat, not {stage}")
-    pipe, runner = _pipeline(recipe, overrides)
-    result = runner.run_predict(stage, ckpt)
+    pipe = hat.load(recipe, overrides)
+    result = pipe.score(stage, ckpt)
     click.echo(json.dumps(result.get("bbox", result), indent=2))
 
 
-@cli.command("export")
+@click.command("export")
 @recipe_arg
 @set_opt
-def export_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Export the quantized model of RECIPE to work_dir/export/model.hbir."""
-    _pipeline(recipe, overrides)[1].run(["export"])
+@pass_hat
+def export_cmd(hat: HatContext, recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Export the quantized model of RECIPE into work_dir/export/ (the exporter's file)."""
+    hat.load(recipe, overrides).run(["export"])
 
 
-@cli.command("compile")
+@click.command("compile")
 @recipe_arg
 @set_opt
-def compile_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Check and compile work_dir/export/model.hbir to work_dir/compile/model.hbm (+ perf)."""
-    _pipeline(recipe, overrides)[1].run(["compile"])
+@pass_hat
+def compile_cmd(hat: HatContext, recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check and compile the exported model into work_dir/compile/ (program + perf.json)."""
+    hat.load(recipe, overrides).run(["compile"])
 
 
-@cli.command("info")
+@click.command("info")
 @click.argument("file", type=click.Path(path_type=Path))
-def info_cmd(file: Path) -> None:
-    """Describe and verify FILE: a .hbir, .hbm, LMDB folder or checkpoint."""
+@pass_hat
+def info_cmd(hat: HatContext, file: Path) -> None:
+    """Describe and verify FILE: a checkpoint, or any file an installed plugin writes."""
     if not file.exists():
         raise UserError(f"{file}: no such file or folder")
-    text = get_plugins().hook.describe_file(path=file)
+    text = hat.plugins.hook.describe_file(path=file)
     if text is None:
         raise UserError(f"{file}: not a file any installed plugin recognises "
-                        f"(checkpoint .pt, .hbir, .hbm, LMDB folder)")
+                        f"(`hat plugins` lists what is installed)")
     click.echo(text)
+
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_hat
+def plugins_cmd(hat: HatContext, as_json: bool) -> None:
+    """List installed plugins: distribution, version, hooks, type names and stages."""
+    plugins = hat.plugins
+    rows = []
+    stages_by_plugin = {name: [s.name for s in added]
+                        for name, added in plugins.stages_by_plugin().items()}
+    for name, info in plugins.info.items():
+        types = [f"{c.kind}:{c.name}" + (" (default)" if c.default else "")
+                 for c in plugins.registry.by_plugin(name)]
+        rows.append({"name": name, "distribution": info.distribution, "version": info.version,
+                     "hooks": info.hooks, "types": types, "stages": stages_by_plugin.get(name, [])})
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "failed": plugins.failed}, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  ({row['distribution']} {row['version']})")
+        click.echo(f"  hooks: {', '.join(row['hooks']) or '-'}")
+        click.echo(f"  types: {', '.join(row['types']) or '-'}")
+        if row["stages"]:
+            click.echo(f"  stages: {', '.join(row['stages'])}")
+    for name, err in plugins.failed.items():
+        click.echo(f"{name}  FAILED TO LOAD: {err}")
+
+
+COMMANDS = (run_cmd, predict_cmd, export_cmd, compile_cmd, info_cmd, plugins_cmd)

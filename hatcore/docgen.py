@@ -111,8 +111,17 @@ def recipe_markdown(plugins: Plugins) -> str:
     return "\n".join(out)
 
 
+def repo_plugins() -> set[str]:
+    """The distributions shipped in this repository (``plugins/*/pyproject.toml``): the docs
+    describe those, not whatever else (test-only plugins) happens to be installed."""
+    import tomllib
+
+    return {tomllib.loads(p.read_text())["project"]["name"]
+            for p in sorted((DOCS.parent / "plugins").glob("*/pyproject.toml"))}
+
+
 def generate() -> dict[Path, str]:
-    plugins = make_plugin_manager(only={"hat-coco", "hat-fcos", "hat-bpu"})
+    plugins = make_plugin_manager(only=repo_plugins())
     return {DOCS / "hooks.md": hooks_markdown(), DOCS / "recipe.md": recipe_markdown(plugins)}
 
 

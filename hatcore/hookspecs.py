@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from hatcore.data import Batch, Detections
+    from hatcore.plugins import Plugins
+    from hatcore.protocols import Metric, Trainer
     from hatcore.recipe import (
         CompileSpec,
         DatasetSpec,
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
         TransformSpec,
     )
     from hatcore.registry import Register
+    from hatcore.stages import Stage
 
 hookspec = pluggy.HookspecMarker("hat")
 
@@ -57,28 +60,50 @@ def hat_components(register: Register) -> None:
     """Declare the recipe ``type`` names this plugin provides.
 
     Called once, when the plugin manager is built, for every plugin. Each call of
-    ``register(kind, name, spec_cls, doc=...)`` claims one name; two plugins claiming the same
-    ``(kind, name)`` is an error naming both. The table drives recipe validation (the attrs class
-    ``spec_cls`` structures the recipe table), ``hat plugins`` and "did you mean" messages.
+    ``register(kind, name, spec_cls, doc=..., default=...)`` claims one name; two plugins
+    claiming the same ``(kind, name)`` is an error naming both. The table drives recipe
+    validation (the attrs class ``spec_cls`` structures the recipe table), dispatch (the core
+    calls ``build_*``/``quantize``/``export``/``compile`` only on the plugin that registered the
+    spec's type, so an implementation need not check the spec's class), ``hat plugins`` and
+    "did you mean" messages. ``default=True`` makes the name its kind's default: a recipe
+    without that table (``[quantize]`` ...) gets this type; one default per kind.
 
-    :param register: callable ``register(kind: str, name: str, spec_cls: type, doc: str = "")``.
-        Kinds used by the core: ``model``, ``dataset``, ``transform``, ``metric``,
-        ``quantizer``, ``exporter``, ``compiler``; plugins may add their own (hat-fcos:
-        ``backbone``, ``neck``, ``head``).
+    :param register: callable ``register(kind: str, name: str, spec_cls: type, doc: str = "",
+        *, default: bool = False)``. Kinds used by the core: ``model``, ``dataset``,
+        ``transform``, ``metric``, ``quantizer``, ``exporter``, ``compiler``; plugins may add
+        their own (hat-fcos: ``backbone``, ``neck``, ``head``).
     """
 
 
+@hookspec
+def hat_stages() -> list[Stage]:
+    """Add stages to the stage table (:mod:`hatcore.stages`).
+
+    Called when a run is set up and for ``hat run --stage`` / ``hat predict --stage`` choices.
+    The core's built-in plugin returns float, calibration, qat, export and compile; a plugin's
+    stage says where it goes (``Stage.after``), what it reads (its fingerprint), what it writes
+    and, with ``Stage.predict``, the predict row (and summary row) scoring its output. Its
+    ``run(pipe, stage)`` gets the run (build_model, loader, workdir ...), never a global.
+
+    :returns: the stages this plugin adds, in order.
+    """
+    return []
+
+
 @hookspec(firstresult=True)
-def build_model(spec: ModelSpec) -> nn.Module | None:
+def build_model(spec: ModelSpec, plugins: Plugins) -> nn.Module | None:
     """Build the float model for ``spec.type``.
 
-    Called by the pipeline at the start of every stage (and by ``hat infer``, ``hat calops`` ...).
-    The returned module follows the task-model contract of :mod:`hatcore.data`:
-    ``forward(img) -> raw``, ``compute_loss(raw, batch) -> dict[str, Tensor]``,
-    ``postprocess(raw, batch) -> list[Detections]``. Stops at the first non-None result.
+    Called by the pipeline at the start of every stage (and by ``hat infer``, ``hat calops`` ...),
+    only on the plugin that registered ``spec.type``. The returned module is a
+    :class:`hatcore.protocols.TaskModel`: ``forward(img) -> raw``,
+    ``compute_loss(raw, batch) -> dict[str, Tensor]``,
+    ``postprocess(raw, batch) -> list[Detections]`` (checked when built).
 
     :param spec: the structured ``[model]`` table, an instance of the class the plugin registered.
-    :returns: the model, or None when ``spec.type`` is not this plugin's.
+    :param plugins: the plugin manager this call runs under (``plugins.hook`` for a plugin's own
+        hooks, e.g. hat-fcos's ``build_backbone``); never fetch a process-global one.
+    :returns: the model.
     """
 
 
@@ -114,14 +139,15 @@ def build_transform(spec: TransformSpec) -> Callable[[dict[str, Any]], dict[str,
 
 
 @hookspec(firstresult=True)
-def build_metric(spec: MetricSpec, dataset: Dataset[Any]) -> Any | None:
+def build_metric(spec: MetricSpec, dataset: Dataset[Any]) -> Metric | None:
     """Build an evaluator for ``spec.type`` over ``dataset`` (the validation set).
 
-    Called by the pipeline for every validation and every ``predict``. The object has
-    ``reset()``, ``update(detections: list[Detections], batch: Batch)`` and
+    Called by the pipeline for every validation and every ``predict``. The object is a
+    :class:`hatcore.protocols.Metric`: ``reset()``, ``update(detections, batch)`` and
     ``compute(out_dir: Path | None) -> dict[str, dict[str, float]]`` (for example
     ``{"bbox": {"AP": 0.41, ...}}``, values in 0..1), which, when ``out_dir`` is given, writes
-    ``detections.json`` and ``metrics.json`` there. Under torch.distributed it gathers to rank 0.
+    ``detections.json`` there; the core writes ``metrics.json`` from the returned tables (one
+    schema, docs/formats.md). Under torch.distributed it gathers to rank 0.
     Stops at the first non-None result.
 
     :param spec: the structured ``[metric]`` table.
@@ -151,14 +177,15 @@ def quantize(model: nn.Module, spec: QuantizeSpec, stage: str) -> nn.Module | No
 def export(
     model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.Tensor
 ) -> dict[str, Any] | None:
-    """Write the deployable fixed-point model (``.hbir``) of a quantized model.
+    """Write the deployable fixed-point model of a quantized model (the exporter's file).
 
     Called by the pipeline's ``export`` stage with the best QAT model (calibration model when
     QAT is disabled) in eval mode and fake-quant mode. Stops at the first non-None result.
 
     :param model: the quantized model, as returned by ``quantize`` and trained.
     :param spec: the structured ``[export]`` table.
-    :param path: where to write the file (``work_dir/export/model.hbir``).
+    :param path: where to write the file (``work_dir/export/<spec.artifact>``: the exporter's
+        spec class names its file).
     :param example_input: an input of the deployed shape, ``Tensor[1, 3, H, W]``.
     :returns: a JSON-able description (ops, tensors, sizes) or None when not this plugin's.
     """
@@ -168,15 +195,15 @@ def export(
 def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] | None:
     """Check and compile an exported model for the device.
 
-    Called by the pipeline's ``compile`` stage with ``work_dir/export/model.hbir``. Writes
-    ``model.hbm``, ``perf.json`` and ``perf.html`` into ``out_dir``. Stops at the first non-None
-    result.
+    Called by the pipeline's ``compile`` stage with the export stage's file. Writes
+    ``spec.artifact`` (the compiled program), ``perf.json`` and ``perf.html`` into ``out_dir``.
+    Stops at the first non-None result.
 
     :param artifact: the exported model file.
-    :param spec: the structured ``[compile]`` table (``march`` ...).
+    :param spec: the structured ``[compile]`` table.
     :param out_dir: ``work_dir/compile``.
-    :returns: the performance estimate (``perf.json`` contents: ``march``, ``latency_ms``,
-        ``fps``, ...) or None when not this plugin's.
+    :returns: the performance estimate (``perf.json`` contents: ``march`` (the target),
+        ``latency_ms``, ``fps``, ...) or None when not this plugin's.
     """
 
 
@@ -190,9 +217,10 @@ def check_model(
     non-None result.
 
     :param model: the float model.
-    :param spec: the structured ``[compile]`` table (its ``march`` decides the limits).
+    :param spec: the structured ``[compile]`` table (it decides the limits).
     :param example_input: an input of the deployed shape.
-    :returns: ``{"ok": bool, "text": str, ...}`` (a printable per-op report) or None.
+    :returns: ``{"ok": bool, "text": str, "target": str, ...}`` (a printable per-op report; the
+        target's name for messages) or None.
     """
 
 
@@ -200,13 +228,14 @@ def check_model(
 def load_deployed(path: Path, stage: str) -> Callable[[Batch], Any] | None:
     """Load a deployed artifact as a runner for prediction.
 
-    Called by ``hat predict --stage int_infer`` (``path`` is ``export/model.hbir``) and
-    ``--stage align_bpu`` (``compile/model.hbm``). The runner maps a batch to the same ``raw``
+    Called by ``hat predict --stage int_infer`` (``path`` is the export stage's file) and
+    ``--stage align_bpu`` (the compile stage's file), and for a plugin stage's row that uses
+    :func:`hatcore.stages.load_deployed`. The runner maps a batch to the same ``raw``
     outputs the float model's ``forward`` returns (dequantized to float), so the model's own
     ``postprocess`` decodes them. Stops at the first non-None result.
 
     :param path: the artifact.
-    :param stage: ``"int_infer"`` or ``"align_bpu"``.
+    :param stage: the predict row: ``"int_infer"``, ``"align_bpu"`` or a plugin's.
     :returns: the runner, or None when the file is not this plugin's.
     """
 
@@ -248,20 +277,24 @@ def draw_detections(
 def register_commands(cli: click.Group) -> None:
     """Add commands to the ``hat`` command line (``hat pack``, ``hat check`` ...).
 
-    Called once when the CLI starts, for every plugin.
+    Called once when the CLI starts, for every plugin (the core's own commands come from its
+    built-in plugin the same way). A command gets the run context as click's ``ctx.obj``
+    (decorate it with ``hatcore.context.pass_hat``; ``hat.load(recipe, overrides)`` gives the
+    recipe's run) and never imports the pipeline.
 
     :param cli: the root ``click.Group``; call ``cli.add_command(...)`` or use ``@cli.command()``.
     """
 
 
 @hookspec
-def on_epoch_end(trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+def on_epoch_end(trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
     """Run after every training epoch (float and qat), validation included.
 
     Called by :class:`hatcore.trainer.Trainer` on every rank, for every plugin. Used for
     logging and bookkeeping; set ``trainer.should_stop = True`` to stop early.
 
-    :param trainer: the running trainer (``trainer.stage``, ``trainer.model``, ``trainer.out_dir``).
+    :param trainer: the running trainer, a :class:`hatcore.protocols.Trainer` (``stage``,
+        ``model``, ``out_dir``, ``cfg``, ``should_stop``).
     :param epoch: the epoch just finished, counting from 0.
     :param metrics: the epoch's averaged losses, learning rate and validation metrics.
     """

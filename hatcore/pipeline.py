@@ -1,20 +1,22 @@
-"""The stage graph: float → calibration → qat → export → compile, and predict for each.
+"""Runs the stage table (hatcore/stages.py): skip-if-done, resume, and the one predict loop.
 
 Every stage writes into ``task.work_dir/<stage>/`` and records ``stage.json`` with the
-fingerprint of everything it read (its recipe sections and its upstream stage's fingerprint).
+fingerprint of everything it read (its recipe sections and its upstream stages' fingerprints).
 A stage whose ``stage.json`` says done with the same fingerprint is skipped; a stage whose inputs
 changed is redone from scratch (and so is everything after it, since their fingerprints chain);
 a stage that was interrupted resumes (the trainer picks up ``checkpoint-last.pt``).
+
+A :class:`Pipeline` is also the run context plugin commands receive (``HatContext.load``): it
+builds a recipe's parts through the plugins and scores any stage.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import click
 import torch
@@ -24,26 +26,16 @@ from torch.utils.data import DataLoader, Dataset
 from hatcore import distributed as dist
 from hatcore import quant
 from hatcore.checkpoint import load_checkpoint, load_model_state
-from hatcore.data import to_device
+from hatcore.data import Detections, to_device
 from hatcore.errors import RecipeError, UserError
 from hatcore.plugins import Plugins, get_plugins
-from hatcore.recipe import (
-    PREDICT_STAGES,
-    CompileSpec,
-    ExportSpec,
-    MetricSpec,
-    QuantizeSpec,
-    Recipe,
-    explain,
-    load_recipe,
-    make_converter,
-    resolved,
-)
-from hatcore.trainer import configure_determinism
+from hatcore.protocols import Metric, Runner, metric, task_model
+from hatcore.recipe import SECTION_KINDS, Recipe, fingerprint, load_recipe, resolved
+from hatcore.stages import Stage
+from hatcore.trainer import configure_determinism, seed_everything
+from hatcore.workdir import STAGE_STATE, WorkDir, flat_scores, read_json, write_json, write_metrics
 
-TRAIN_STAGES = ("float", "calibration", "qat")
-DEPLOY_STAGES = ("export", "compile")
-ALL_STAGES = (*TRAIN_STAGES, *DEPLOY_STAGES, "predict")
+RECIPE_SECTIONS = SECTION_KINDS
 
 
 def echo(msg: str) -> None:
@@ -63,24 +55,35 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class Pipeline:
-    """One recipe's run: builds its parts through the plugins and runs its stages."""
+    """One recipe's run: builds its parts through the plugins and runs its stage table."""
+
+    echo = staticmethod(echo)
 
     def __init__(self, recipe: Recipe, raw: dict[str, Any], source: Path, plugins: Plugins,
                  overrides: tuple[str, ...] = ()) -> None:
         self.recipe, self.raw, self.source, self.plugins = recipe, raw, source, plugins
         self.overrides = overrides
         self.hook = plugins.hook
-        self.work_dir = Path(recipe.task.work_dir)
+        self.workdir = WorkDir(Path(recipe.task.work_dir))
+        self.work_dir = self.workdir.root
+        self.table = plugins.stage_table()
+        self._settle_predict_rows()
         self.device = self._device(recipe.task.device)
         configure_determinism(recipe.task.deterministic)
         self._datasets: dict[str, Dataset[Any]] = {}
         self.resolved = resolved(recipe, plugins.registry)
+        self.fps = self._fingerprints()
+        self.ran: list[str] = []  # stages (and predict/<row>) that did work in this invocation
 
     @classmethod
-    def load(cls, path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Pipeline:
-        plugins = get_plugins()
+    def load(cls, path: str | Path, overrides: tuple[str, ...] | list[str] = (),
+             plugins: Plugins | None = None) -> Pipeline:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such recipe file")
+        plugins = plugins or get_plugins()
         recipe, raw = load_recipe(path, plugins.registry, tuple(overrides))
-        return cls(recipe, raw, Path(path), plugins, tuple(overrides))
+        return cls(recipe, raw, path, plugins, tuple(overrides))
 
     @staticmethod
     def _device(name: str) -> torch.device:
@@ -90,6 +93,35 @@ class Pipeline:
             raise UserError(f"task.device = {name!r}, but CUDA is not available on this machine")
         return torch.device(name)
 
+    def _settle_predict_rows(self) -> None:
+        rows = self.recipe.predict.stages
+        if not rows:  # default: every row of the table, written into recipe.resolved.json
+            self.recipe.predict.stages = list(self.table.rows)
+            return
+        bad = [r for r in rows if r not in self.table.rows]
+        if bad:
+            raise RecipeError(str(self.source), [
+                f"$.predict.stages: {r!r} is not a predict stage; valid: "
+                f"{', '.join(self.table.rows)}" for r in bad])
+
+    def check_sections(self, only: list[str] | None = None) -> None:
+        """Every section the stages about to run read is there: else say so before any runs."""
+        problems = []
+        for stage in self.table:
+            if not stage.enabled(self.recipe) or (only and stage.name not in only):
+                continue
+            for section in stage.inputs:
+                top = section.split(".")[0]
+                if top in RECIPE_SECTIONS and getattr(self.recipe, top) is None:
+                    kind = RECIPE_SECTIONS[top]
+                    problems.append(
+                        f"$.{top}: the {stage.name} stage needs a {kind}, the recipe names none "
+                        f"and no installed plugin provides a default one "
+                        f"({self.plugins.registry.kind_hint(kind)}); install the plugin (and "
+                        f"list its distribution in task.requires) or disable the stage")
+        if problems:
+            raise RecipeError(str(self.source), problems)
+
     # ------------------------------------------------------------------ building parts
 
     def need(self, result: Any, what: str, type_name: str) -> Any:
@@ -98,14 +130,28 @@ class Pipeline:
                             f"(`hat plugins` lists what is installed)")
         return result
 
+    def call_owner(self, hook: str, kind: str, spec: Any, **kwargs: Any) -> Any:
+        """Call ``hook`` on the plugin that registered ``spec.type`` (see Plugins.call_owner)."""
+        return self.plugins.call_owner(hook, kind, spec, **kwargs)
+
+    def section(self, name: str) -> Any:
+        """The recipe's ``[metric]``/``[quantize]``/``[export]``/``[compile]`` table."""
+        value = getattr(self.recipe, name)
+        if value is None:
+            raise UserError(f"{self.source}: the recipe has no [{name}] table and no installed "
+                            f"plugin provides a default {RECIPE_SECTIONS[name]}")
+        return value
+
     def build_model(self) -> nn.Module:
         spec = self.recipe.model
-        return self.need(self.hook.build_model(spec=spec), "model", spec.type)
+        model = self.call_owner("build_model", "model", spec, plugins=self.plugins)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"the model built for type {spec.type!r} is not a torch nn.Module")
+        return model
 
     def build_transforms(self, split: str) -> list[Callable[[dict[str, Any]], dict[str, Any]]]:
         spec = self._data_spec(split)
-        return [self.need(self.hook.build_transform(spec=t), "transform", t.type)
-                for t in spec.transforms]
+        return [self.call_owner("build_transform", "transform", t) for t in spec.transforms]
 
     def _data_spec(self, split: str) -> Any:
         spec = getattr(self.recipe.data, split)
@@ -116,9 +162,9 @@ class Pipeline:
     def build_dataset(self, split: str) -> Dataset[Any]:
         if split not in self._datasets:
             spec = self._data_spec(split)
-            ds = self.hook.build_dataset(spec=spec, split=split,
-                                         transforms=self.build_transforms(split))
-            self._datasets[split] = self.need(ds, "dataset", spec.type)
+            self._datasets[split] = self.call_owner(
+                "build_dataset", "dataset", spec, split=split,
+                transforms=self.build_transforms(split))
         return self._datasets[split]
 
     def loader(self, split: str, *, distributed: bool = False) -> DataLoader[Any]:
@@ -135,33 +181,26 @@ class Pipeline:
             pin_memory=self.device.type == "cuda",
         )
 
-    def build_metric(self) -> Any:
+    def build_metric(self) -> Metric:
         spec = self.section("metric")
-        return self.need(self.hook.build_metric(spec=spec, dataset=self.build_dataset("val")),
-                          "metric", spec.type)
-
-    def section(self, name: str) -> Any:
-        """The recipe's ``[metric]``/``[quantize]``/``[export]``/``[compile]``, or its defaults."""
-        value = getattr(self.recipe, name)
-        if value is None:
-            try:
-                value = make_converter(self.plugins.registry).structure({}, SECTION_TYPES[name])
-            except Exception as exc:
-                raise RecipeError(str(self.source), explain(exc, f"$.{name}")) from None
-        return value
+        return metric(self.call_owner("build_metric", "metric", spec,
+                                      dataset=self.build_dataset("val")))
 
     def example_input(self) -> torch.Tensor:
         return torch.zeros(self.section("export").input_shape)
 
+    def quantize(self, model: nn.Module, stage: str) -> nn.Module:
+        """``model`` prepared by the recipe's quantizer for ``stage`` (calibration or qat)."""
+        prepared: nn.Module = self.call_owner("quantize", "quantizer", self.section("quantize"),
+                                              model=model, stage=stage)
+        return prepared
+
     def quantized_model(self, stage: str) -> nn.Module:
         """A freshly built model prepared by the quantizer for ``stage`` (weights not loaded)."""
-        spec = self.section("quantize")
-        model = self.build_model().eval()
-        return self.need(self.hook.quantize(model=model, spec=spec, stage=stage),
-                          "quantizer", spec.type)
+        return self.quantize(self.build_model().eval(), stage)
 
     def stage_checkpoint(self, stage: str, which: str = "best") -> Path:
-        path = self.work_dir / stage / f"checkpoint-{which}.pt"
+        path = self.workdir.checkpoint(stage, which)
         if not path.is_file():
             raise UserError(f"{path} does not exist: run `hat run {self.source} --stage {stage}` first")
         return path
@@ -175,71 +214,184 @@ class Pipeline:
             quant.set_mode(model, "fake_quant")
         return model.eval()
 
-    def predictor(self, stage: str, ckpt: Path | None = None) -> tuple[nn.Module, Callable[[Any], Any]]:
-        """``(model, runner)``: ``runner(batch) -> raw``; ``model.postprocess(raw, batch)`` decodes."""
-        if stage in TRAIN_STAGES:
-            model = self.load_stage_model(stage, ckpt).to(self.device)
-            return model, lambda batch: model(batch["img"])
-        artifact = {"int_infer": self.work_dir / "export" / "model.hbir",
-                    "align_bpu": self.work_dir / "compile" / "model.hbm"}.get(stage)
-        if artifact is None:
-            raise UserError(f"unknown predict stage {stage!r}; valid: {', '.join(PREDICT_STAGES)}")
-        if not artifact.is_file():
-            before = "export" if stage == "int_infer" else "compile"
-            raise UserError(f"{artifact} does not exist: run `hat run {self.source} --stage {before}` first")
-        runner = self.hook.load_deployed(path=artifact, stage=stage)
-        if runner is None:
-            raise UserError(f"no installed plugin runs {artifact.name} (pip install hat-bpu)")
-        return self.build_model().eval(), runner
+    def artifact(self, stage: str) -> Path:
+        """The primary file a stage writes (``export``: the exported model, per its plugin)."""
+        names = list(self.table[stage].artifacts(self.recipe))
+        if not names:
+            raise UserError(f"stage {stage!r} declares no artifact")
+        return self.workdir.stage(stage) / names[0]
+
+    def source_of(self, stage: Stage) -> str:
+        """The stage whose output ``stage`` reads: its first need, or that one's, when disabled."""
+        name = stage.needs[0]
+        while not self.table[name].enabled(self.recipe) and self.table[name].needs:
+            name = self.table[name].needs[0]
+        return name
+
+    # ------------------------------------------------------------------ the one predict loop
+
+    def predictor(self, row: str, ckpt: Path | None = None) -> tuple[nn.Module, Runner]:
+        """``(model, runner)`` of predict row ``row``: ``runner(batch) -> raw``, the model decodes."""
+        stage = self.table.scored_by(row)
+        if stage.load is None:
+            raise UserError(f"stage {stage.name!r} has no predict loader")
+        return stage.load(self, stage, ckpt)
+
+    def predict_device(self, row: str) -> torch.device:
+        return torch.device("cpu") if self.table.scored_by(row).deployed else self.device
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, runner: Callable[[Any], Any] | None = None,
-                 out_dir: Path | None = None, device: torch.device | None = None,
-                 desc: str = "eval") -> dict[str, Any]:
-        """Run ``runner`` (default: the model) over the val set and score it with the metric."""
+    def predictions(self, model: nn.Module, runner: Runner | None,
+                    batches: Iterable[dict[str, Any]], device: torch.device,
+                    desc: str = "predict") -> Iterator[tuple[dict[str, Any], list[Detections]]]:
+        """THE predict loop: ``(batch, detections)`` for each batch, the model in eval mode."""
         from tqdm import tqdm
 
-        device = device or next(model.parameters(), torch.empty(0)).device
-        run = runner or (lambda batch: model(batch["img"]))
-        metric = self.build_metric()
-        metric.reset()
+        task = task_model(model)
+        run = runner or (lambda b: model(b["img"]))
         was_training = model.training
         model.eval()
-        loader = self.loader("val")
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not dist.is_main(),
-                          dynamic_ncols=True):
-            batch = to_device(batch, device)
-            dets = cast(Any, model).postprocess(run(batch), batch)
-            metric.update(dets, batch)
-        model.train(was_training)
-        return metric.compute(out_dir)
+        try:
+            for batch in tqdm(batches, desc=desc, leave=False, disable=not dist.is_main(),
+                              dynamic_ncols=True):
+                batch = to_device(batch, device)
+                yield batch, task.postprocess(run(batch), batch)
+        finally:
+            model.train(was_training)
 
+    def evaluate(self, model: nn.Module, runner: Runner | None = None,
+                 out_dir: Path | None = None, device: torch.device | None = None,
+                 desc: str = "eval") -> dict[str, Any]:
+        """Score ``runner`` (default: the model) on the val set with the recipe's metric."""
+        device = device or next(model.parameters(), torch.empty(0)).device
+        scorer = self.build_metric()
+        scorer.reset()
+        for batch, dets in self.predictions(model, runner, self.loader("val"), device, desc):
+            scorer.update(dets, batch)
+        return scorer.compute(out_dir)
 
-SECTION_TYPES: dict[str, type] = {
-    "metric": MetricSpec, "quantize": QuantizeSpec, "export": ExportSpec, "compile": CompileSpec,
-}
+    def evaluator(self, train_mode: str | None = None) -> Callable[[nn.Module], dict[str, float]]:
+        """Validation for the trainer: the flat scores of the model (fake-quant in QAT)."""
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            if not dist.is_main():
+                return {}
+            if train_mode:
+                quant.set_mode(model, "fake_quant")
+            try:
+                return flat_scores(self.evaluate(model, device=self.device))
+            finally:
+                if train_mode:
+                    quant.set_mode(model, train_mode)
+        return evaluate
 
+    # ------------------------------------------------------------------ running the table
 
-def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """``{"bbox": {"AP": ..}}`` -> ``{"AP": ..}`` (the first table of numbers)."""
-    for value in result.values():
-        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
-            return {k: float(v) for k, v in value.items()}
-    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+    def _fingerprints(self) -> dict[str, str]:
+        def lookup(path: str) -> Any:
+            node: Any = self.resolved
+            for key in path.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            return node
 
+        fps: dict[str, str] = {}
+        for stage in self.table:
+            upstream = [fps[self.source_of(stage)]] if stage.needs else []
+            upstream += [fps[n] for n in stage.needs[1:]]
+            fps[stage.name] = fingerprint([[lookup(p) for p in stage.inputs], upstream])
+            if stage.predict:
+                fps[f"predict/{stage.predict}"] = fingerprint(
+                    [fps[stage.name], lookup("data.val"), lookup("metric")])
+        return fps
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    def run(self, only: list[str] | None = None) -> None:
+        """Every stage of the table not yet done (or only those named), then the predict rows."""
+        valid = [*self.table.names, "predict"]
+        for name in only or []:
+            if name not in valid:
+                raise UserError(f"--stage {name!r} is not a stage; valid: {', '.join(valid)}")
+        self.check_sections(only)
+        if dist.is_main():
+            self._save_recipe()
+        if not only or self.table.names[0] in only:
+            self.check()
+        for stage in self.table:
+            if only and stage.name not in only:
+                continue
+            if not stage.enabled(self.recipe):
+                echo(f"{stage.name}: disabled in the recipe, skipped")
+            else:
+                self.run_stage(stage)
+            dist.barrier()
+        if not only or "predict" in only:
+            for row in self.recipe.predict.stages:
+                if self.table.scored_by(row).enabled(self.recipe):
+                    self.score(row)
+            dist.barrier()
 
+    def _save_recipe(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        text = self.source.read_text()
+        if self.overrides:
+            text += "\n# overridden on the command line:\n" + "".join(
+                f"#   --set {o}\n" for o in self.overrides)
+        self.workdir.recipe.write_text(text)
+        write_json(self.workdir.resolved, {"source": str(self.source),
+                                           "overrides": list(self.overrides),
+                                           "recipe": self.resolved})
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    def check(self) -> None:
+        """The deploy checker (``check_model``), before any training, when a compiler has one."""
+        spec = self.recipe.compile
+        if spec is None or not self.table["compile"].enabled(self.recipe) \
+                or not self.hook.check_model.get_hookimpls():
+            return
+        model = self.build_model().eval()
+        report = self.plugins.call_owner("check_model", "compiler", spec, model=model,
+                                         example_input=self.example_input(), required=False)
+        if report is None:
+            return
+        target = report.get("target", spec.type)
+        if not report.get("ok", False):
+            raise UserError(f"the model cannot be deployed on {target}:\n{report.get('text', '')}"
+                            "\nfix the model or choose another target before training")
+        echo(f"check: the model is deployable on {target}")
+
+    def run_stage(self, stage: Stage) -> None:
+        state = StageState(self.workdir.stage(stage.name), self.fps[stage.name])
+        if state.done():
+            echo(f"{stage.name}: done, inputs unchanged, skipped")
+            return
+        if state.start():
+            echo(f"{stage.name}: continuing an interrupted run")
+        seed_everything(self.recipe.task.seed)  # a redone stage builds and draws the same
+        self.ran.append(stage.name)
+        state.finish(**(stage.run(self, stage) or {}))
+
+    def score(self, row: str, ckpt: Path | None = None) -> dict[str, Any]:
+        """Predict row ``row`` on the val set: writes ``predict/<row>/``, returns the metrics."""
+        key = f"predict/{row}"
+        out = self.workdir.predict(row)
+        state = StageState(out, self.fps[key])
+        if ckpt is None and state.done():
+            echo(f"predict {row}: done, inputs unchanged, skipped")
+            return read_json(self.workdir.predict_metrics(row)) or {}
+        if not dist.is_main():
+            return {}
+        state.start()
+        self.ran.append(key)
+        model, runner = self.predictor(row, ckpt)
+        device = self.predict_device(row)
+        echo(f"predict {row}: scoring the val set")
+        scores = self.evaluate(model.to(device), runner, out_dir=out, device=device,
+                               desc=f"predict {row}")
+        record = write_metrics(self.workdir.predict_metrics(row), row, scores,
+                               **({"checkpoint": str(ckpt)} if ckpt else {}))
+        flat = flat_scores(scores)
+        echo(f"predict {row}: AP {flat.get('AP', float('nan')):.4f}  "
+             f"AP50 {flat.get('AP50', float('nan')):.4f}")
+        if ckpt is None:
+            state.finish(metrics=flat)
+        return record
 
 
 class StageState:
@@ -247,7 +399,7 @@ class StageState:
 
     def __init__(self, stage_dir: Path, fp: str) -> None:
         self.dir, self.fp = stage_dir, fp
-        self.file = stage_dir / "stage.json"
+        self.file = stage_dir / STAGE_STATE
 
     def done(self) -> bool:
         data = read_json(self.file)

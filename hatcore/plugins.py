@@ -17,11 +17,14 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
 from hatcore import __version__, hookspecs
+from hatcore.errors import UserError
 from hatcore.registry import Registry
+from hatcore.stages import Stage, StageTable
 
 BUILTIN_PLUGINS = ("hatcore.builtin", "hatcore.callbacks")
 
@@ -46,6 +49,44 @@ class Plugins:
     @property
     def hook(self) -> pluggy.HookRelay:
         return self.pm.hook
+
+    def call_owner(self, hook: str, kind: str, spec: Any, *, required: bool = True,
+                   **kwargs: Any) -> Any:
+        """Call ``hook(spec=spec, **kwargs)`` on the one plugin that registered ``spec.type``.
+
+        The registry is the one source of truth for who builds a type: the other plugins'
+        implementations are not called, so an implementation need not re-check the spec's class.
+        Wrappers (``@hookimpl(wrapper=True)``: tracing, fault injection) still wrap the call.
+
+        :param required: raise when the owner returns None (else return None).
+        :raises UserError: the type is unknown, or its owner returned nothing.
+        """
+        comp = self.registry.get(kind, spec.type)
+        if comp is None:
+            raise UserError(self.registry.unknown_message(kind, spec.type))
+        owner = self.pm.get_plugin(comp.plugin)
+        others = [i.plugin for i in getattr(self.pm.hook, hook).get_hookimpls()
+                  if i.plugin is not owner and not (i.wrapper or i.hookwrapper)]
+        result = self.pm.subset_hook_caller(hook, remove_plugins=others)(spec=spec, **kwargs)
+        if result is None and required:
+            raise UserError(f"plugin {comp.plugin!r} provides {kind} type {spec.type!r}, but its "
+                            f"{hook} hook returned nothing (a bug in that plugin)")
+        return result
+
+    def stage_table(self) -> StageTable:
+        """The stage table: every plugin's ``hat_stages``, the core's first (registration order)."""
+        return StageTable(st for added in self.stages_by_plugin().values() for st in added)
+
+    def stages_by_plugin(self) -> dict[str, list[Stage]]:
+        """What each plugin's ``hat_stages`` returns, in registration order (the core's first)."""
+        out: dict[str, list[Stage]] = {}
+        for impl in self.pm.hook.hat_stages.get_hookimpls():
+            added = impl.function()
+            if not isinstance(added, (list, tuple)) or not all(isinstance(s, Stage) for s in added):
+                raise UserError(f"plugin {impl.plugin_name!r}: hat_stages must return a list of "
+                                f"hatcore.stages.Stage, got {added!r}")
+            out[impl.plugin_name] = list(added)
+        return out
 
 
 def _allowed() -> set[str] | None:
@@ -102,9 +143,11 @@ def make_plugin_manager(
         plugin = pm.get_plugin(name)
         pi.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
 
-    registry = Registry()
+    registry = Registry({pi.distribution for pi in info.values()})
     for impl in pm.hook.hat_components.get_hookimpls():
-        impl.function(register=partial(registry.register, plugin=impl.plugin_name))
+        dist = info[impl.plugin_name].distribution if impl.plugin_name in info else "?"
+        impl.function(register=partial(registry.register, plugin=impl.plugin_name,
+                                       distribution=dist))
 
     if os.environ.get("HAT_TRACE_PLUGINS"):
         pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))

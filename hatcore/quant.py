@@ -1,7 +1,7 @@
 """Backend-neutral quantization vocabulary: what a model tells any quantizer.
 
 A model marks where its quantized part begins and ends, and gives per-module hints; a quantizer
-plugin (hat-bpu) reads them. Like torch.ao's QuantStub, these live in the core, not in a backend.
+plugin reads them. Like torch.ao's QuantStub, these live in the core, not in a backend.
 
 * :class:`QuantStub` - the input enters the integer domain here. ``scale`` fixes the input scale
   (HAT's BPU input: YUV pixels ``(p - 128) / 128``, scale 1/128).

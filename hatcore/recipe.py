@@ -18,7 +18,7 @@ import json
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -58,7 +58,8 @@ def polymorphic(kind: str, default: str | None = None) -> Callable[[type[T]], ty
     """Declare ``cls`` the base of a kind: a field typed ``cls`` takes any registered type.
 
     :param kind: the registry kind (``"backbone"``); plugins register names under it.
-    :param default: the type used when the table has no ``type`` key.
+    :param default: the type used when the table has no ``type`` key; None: the type an
+        installed plugin registered with ``default=True`` for this kind (the core's kinds).
     """
 
     def deco(cls: type[T]) -> type[T]:
@@ -98,34 +99,41 @@ class DatasetSpec(Spec):
     transforms: list[TransformSpec] = option(factory=list, doc="applied in order to each sample")
 
 
-@polymorphic("metric", default="coco")
+@polymorphic("metric")
 @spec
 class MetricSpec(Spec):
-    """``[metric]``: how predictions are scored."""
+    """``[metric]``: how predictions are scored (default: the installed plugins' default metric)."""
 
 
-@polymorphic("quantizer", default="horizon")
+@polymorphic("quantizer")
 @spec
 class QuantizeSpec(Spec):
-    """``[quantize]``: the quantizer used by calibration and QAT."""
+    """``[quantize]``: the quantizer used by calibration and QAT (default: the installed
+    plugins' default quantizer)."""
 
 
-@polymorphic("exporter", default="hbir")
+@polymorphic("exporter")
 @spec
 class ExportSpec(Spec):
-    """``[export]``: the deployable fixed-point model."""
+    """``[export]``: the deployable fixed-point model (default: the installed plugins' default
+    exporter)."""
+
+    artifact: ClassVar[str] = "model.bin"
+    """The file name the exporter writes in ``work_dir/export/`` (each exporter sets its own)."""
 
     input_shape: list[int] = option(
         factory=lambda: [1, 3, 512, 512], doc="deployed input N,C,H,W (check, export, perf)"
     )
 
 
-@polymorphic("compiler", default="hbm")
+@polymorphic("compiler")
 @spec
 class CompileSpec(Spec):
-    """``[compile]``: the device compiler and performance model."""
+    """``[compile]``: the device compiler and performance model (default: the installed
+    plugins' default compiler)."""
 
-    march: str = option("bayes-e", doc="BPU architecture: bernoulli2, bayes, bayes-e")
+    artifact: ClassVar[str] = "model.bin"
+    """The file name the compiler writes in ``work_dir/compile/`` (each compiler sets its own)."""
 
 
 # --------------------------------------------------------------------------- core tables
@@ -140,6 +148,9 @@ class Task:
     seed: int = option(0, doc="seed for every random generator")
     device: str = option("auto", doc="auto (CUDA when available), cpu, cuda, cuda:N")
     deterministic: bool = option(True, doc="deterministic kernels and seeded workers")
+    requires: list[str] = option(
+        factory=list, doc='plugin distributions the recipe needs, e.g. ["hat-coco", "hat-fcos>=0.1"] '
+        "(as pytest's required_plugins): a missing one is named before anything runs")
 
 
 @spec
@@ -224,15 +235,13 @@ class Data:
     val: DatasetSpec = option(doc="validation set (every predict and validation)")
 
 
-PREDICT_STAGES = ("float", "calibration", "qat", "int_infer", "align_bpu")
-
-
 @spec
 class Predict:
     """``[predict]``: what ``hat run`` scores and draws at the end."""
 
-    stages: list[Literal["float", "calibration", "qat", "int_infer", "align_bpu"]] = option(
-        factory=lambda: list(PREDICT_STAGES), doc="stages whose mAP `hat run` reports"
+    stages: list[str] = option(
+        factory=list, doc="predict rows `hat run` scores (float, calibration, qat, int_infer, "
+        "align_bpu and rows plugins add); default: every row of the stage table"
     )
     vis_images: int = option(4, doc="val images drawn with detections into work_dir/vis")
     vis_score_thr: float = option(0.3, doc="score threshold for drawn detections")
@@ -246,10 +255,13 @@ class Recipe:
     model: ModelSpec = option(doc="the network")
     data: Data = option(doc="datasets")
     stages: Stages = option(factory=Stages, doc="training stages")
-    metric: MetricSpec | None = option(None, doc="evaluation; default: the `coco` metric")
-    quantize: QuantizeSpec | None = option(None, doc="quantizer for calibration and qat")
-    export: ExportSpec | None = option(None, doc="fixed-point export")
-    compile: CompileSpec | None = option(None, doc="device compiler and performance model")
+    metric: MetricSpec | None = option(None, doc="evaluation; default: the installed default metric")
+    quantize: QuantizeSpec | None = option(None, doc="quantizer for calibration and qat; default: "
+                                           "the installed default quantizer")
+    export: ExportSpec | None = option(None, doc="fixed-point export; default: the installed "
+                                       "default exporter")
+    compile: CompileSpec | None = option(None, doc="device compiler and performance model; "
+                                         "default: the installed default compiler")
     predict: Predict = option(factory=Predict, doc="which stages are evaluated")
 
 
@@ -291,6 +303,8 @@ def make_converter(registry: Registry) -> cattrs.Converter:
         if not isinstance(value, dict):
             raise StrictTypeError(f"expected a table with a `type` key, got {value!r}")
         name = value.get("type", default)
+        if name is None and registry.default(kind) is not None:
+            name = registry.default(kind).name  # type: ignore[union-attr]
         if name is None:
             listed = ", ".join(registry.names(kind)) or "none installed"
             raise UnknownTypeError(f"missing `type`; valid {kind} types: {listed}")
@@ -429,12 +443,62 @@ def load_recipe(
         raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from None
     for item in overrides:
         apply_override(data, *parse_override(item))
+    check_requires(path, data, registry.distributions)
+    for section, kind in SECTION_KINDS.items():
+        # structured eagerly: an absent section is its kind's default type, when one is installed
+        if section not in data and registry.default(kind) is not None:
+            data[section] = {}
     conv = make_converter(registry)
     try:
         recipe = conv.structure(data, Recipe)
     except (ClassValidationError, IterableValidationError) as exc:
         raise RecipeError(str(path), explain(exc)) from None
     return recipe, data
+
+
+SECTION_KINDS = {"metric": "metric", "quantize": "quantizer", "export": "exporter",
+                 "compile": "compiler"}
+"""The recipe's plugin-chosen sections and the registry kind each one's ``type`` names."""
+
+
+def check_requires(path: Path, data: dict[str, Any], loaded: set[str] | None = None) -> None:
+    """Each distribution of ``task.requires`` is installed (its version fits) and, when
+    ``loaded`` (the loaded plugins' distributions) is given, loaded; else say which."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    task = data.get("task")
+    requires = task.get("requires", []) if isinstance(task, dict) else []
+    if not isinstance(requires, list):
+        return  # the converter reports the wrong type with the other problems
+    problems = []
+    for i, item in enumerate(requires):
+        if not isinstance(item, str):
+            continue
+        try:
+            req = Requirement(item)
+        except InvalidRequirement as exc:
+            problems.append(f"$.task.requires[{i}]: {item!r} is not a requirement ({exc})")
+            continue
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            problems.append(f"$.task.requires[{i}]: the recipe needs the {req.name} plugin, which "
+                            f"is not installed (pip install {item!r})")
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            problems.append(f"$.task.requires[{i}]: the recipe needs {item}, installed is "
+                            f"{req.name} {have} (pip install {item!r})")
+        elif loaded is not None and _canon(req.name) not in {_canon(d) for d in loaded}:
+            problems.append(f"$.task.requires[{i}]: {req.name} is installed but not loaded "
+                            "(left out by HAT_LOAD_PLUGINS, or it failed to load: `hat plugins`)")
+    if problems:
+        raise RecipeError(str(path), problems)
+
+
+def _canon(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def resolved(recipe: Recipe, registry: Registry) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The table of recipe ``type`` names: which plugin provides each, and the attrs class of its spec.
 
 Filled through the ``hat_components(register)`` hook. It refuses duplicates, lists every name
-and answers an unknown name with the close ones, and knows which distribution to install for
-the names of HAT's own plugins when those are absent.
+with its plugin and distribution, answers an unknown name with the close ones, and knows each
+kind's default type: the one an installed plugin registered with ``default=True`` (the core
+names no type of its own). Which distribution a recipe needs is the recipe's to say
+(``task.requires``), checked before anything runs.
 """
 
 from __future__ import annotations
@@ -11,29 +13,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Protocol
 
-# Names provided by HAT's own plugin distributions: when one is asked for and its plugin is
-# not installed, the error says which distribution to install.
-KNOWN_DISTRIBUTIONS: dict[tuple[str, str], str] = {
-    **{("dataset", n): "hat-coco" for n in ("coco", "coco_lmdb", "shapes")},
-    **{
-        ("transform", n): "hat-coco"
-        for n in ("resize", "random_crop", "pad", "random_flip", "augment_hsv", "to_tensor",
-                  "normalize")
-    },
-    ("metric", "coco"): "hat-coco",
-    ("model", "fcos"): "hat-fcos",
-    ("backbone", "efficientnet"): "hat-fcos",
-    ("backbone", "resnet"): "hat-fcos",
-    ("neck", "bifpn"): "hat-fcos",
-    ("head", "fcos_head"): "hat-fcos",
-    ("quantizer", "horizon"): "hat-bpu",
-    ("exporter", "hbir"): "hat-bpu",
-    ("compiler", "hbm"): "hat-bpu",
-}
-
 
 class Register(Protocol):
-    def __call__(self, kind: str, name: str, spec_cls: type, doc: str = "") -> None: ...
+    def __call__(self, kind: str, name: str, spec_cls: type, doc: str = "", *,
+                 default: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -43,6 +26,8 @@ class Component:
     spec_cls: type
     plugin: str
     doc: str = ""
+    distribution: str = "?"
+    default: bool = False
 
 
 class DuplicateComponentError(Exception):
@@ -52,10 +37,13 @@ class DuplicateComponentError(Exception):
 class Registry:
     """``(kind, name) -> Component``, filled by plugins, read by recipes and the CLI."""
 
-    def __init__(self) -> None:
+    def __init__(self, distributions: set[str] | None = None) -> None:
         self._items: dict[tuple[str, str], Component] = {}
+        self.distributions = distributions
+        """The distributions of the loaded plugins (None: unknown, e.g. a bare registry)."""
 
-    def register(self, kind: str, name: str, spec_cls: type, doc: str = "", *, plugin: str) -> None:
+    def register(self, kind: str, name: str, spec_cls: type, doc: str = "", *,
+                 default: bool = False, plugin: str, distribution: str = "?") -> None:
         key = (kind, name)
         if key in self._items:
             other = self._items[key].plugin
@@ -63,7 +51,28 @@ class Registry:
                 f"{kind} type {name!r} is provided by two plugins: {other!r} and {plugin!r}; "
                 f"uninstall one of them or set HAT_LOAD_PLUGINS to choose"
             )
-        self._items[key] = Component(kind, name, spec_cls, plugin, doc)
+        self._items[key] = Component(kind, name, spec_cls, plugin, doc, distribution, default)
+
+    def defaults(self, kind: str) -> list[Component]:
+        return [c for c in self._items.values() if c.kind == kind and c.default]
+
+    def default(self, kind: str) -> Component | None:
+        """The type an installed plugin declared the default of ``kind``; None when no plugin
+        or several do (then a recipe must name the type)."""
+        found = self.defaults(kind)
+        return found[0] if len(found) == 1 else None
+
+    def kind_hint(self, kind: str) -> str:
+        """What is installed for ``kind``, for messages about a missing or defaulted type."""
+        several = self.defaults(kind)
+        if len(several) > 1:
+            return f"several plugins declare a default {kind}: " + ", ".join(
+                f"{c.name} ({c.distribution})" for c in several) + "; name one with `type`"
+        names = self.names(kind)
+        if not names:
+            return f"no installed plugin provides any {kind} type"
+        return f"installed {kind} types: " + ", ".join(
+            f"{n} ({self._items[(kind, n)].distribution})" for n in names)
 
     def get(self, kind: str, name: str) -> Component | None:
         return self._items.get((kind, name))
@@ -79,12 +88,6 @@ class Registry:
 
     def unknown_message(self, kind: str, name: str) -> str:
         """The one-line answer to an unknown ``type = name`` of ``kind``."""
-        dist = KNOWN_DISTRIBUTIONS.get((kind, name))
-        if dist is not None:
-            return (
-                f"{kind} type {name!r} is provided by the {dist} plugin, which is not installed "
-                f"(pip install {dist})"
-            )
         names = self.names(kind)
         msg = f"unknown {kind} type {name!r}"
         close = difflib.get_close_matches(name, names, n=1)
@@ -95,4 +98,7 @@ class Registry:
             msg += f" Valid {kind} types: {listed}"
         else:
             msg += f" (no installed plugin provides any {kind} type)"
+        if not close:
+            msg += ("; if a plugin you have not installed provides it, install it and list its "
+                    "distribution in task.requires")
         return msg

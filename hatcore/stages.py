@@ -1,257 +1,266 @@
-"""What each stage of ``hat run`` does, in order, skipping what is done (see pipeline.py)."""
+"""THE stage table: every stage of ``hat run`` as one row, from which everything else derives.
+
+A :class:`Stage` says its name, the recipe sections and upstream stages it reads (its
+fingerprint), the files it writes, the function that runs it and the predict row that scores
+what it made. ``hat run --stage`` choices, skip/resume, ``hat predict --stage`` choices and the
+summary rows are all read from the table; nothing else lists stage names.
+
+The core's five stages are registered by the built-in plugin through the ``hat_stages`` hook,
+exactly as a plugin adds one (``after = "export"`` puts it behind the export stage)::
+
+    float → calibration → qat → export → compile        predict rows: float, calibration, qat,
+                                                                      int_infer, align_bpu
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
-from hatcore import distributed as dist
 from hatcore import quant
-from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from hatcore.errors import UserError
-from hatcore.pipeline import (
-    ALL_STAGES,
-    TRAIN_STAGES,
-    Pipeline,
-    StageState,
-    echo,
-    flat_metrics,
-    read_json,
-    write_json,
+from hatcore.workdir import CHECKPOINT_BEST, CHECKPOINT_LAST, LOG, METRICS
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hatcore.pipeline import Pipeline
+    from hatcore.protocols import Runner
+    from hatcore.recipe import Recipe
+
+T = TypeVar("T")
+Loader = Callable[["Pipeline", "Stage", "Path | None"], "tuple[nn.Module, Runner]"]
+
+
+def _always(recipe: Recipe) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table.
+
+    :param name: the stage's name: its folder under the work dir and its ``--stage`` choice.
+    :param run: ``run(pipe, stage) -> dict | None`` does the work into ``pipe.workdir.stage(name)``;
+        what it returns is recorded in ``stage.json``. Called only when the stage is not done.
+    :param inputs: dotted paths into the resolved recipe (``"stages.float"``, ``"quantize"``)
+        this stage reads; with ``needs`` they make its fingerprint.
+    :param needs: upstream stages. A disabled upstream stage stands for its own first need, so
+        ``export`` (needs ``qat``) exports the calibration model when QAT is off.
+    :param artifacts: ``artifacts(recipe)`` the file names it writes, the primary one first (the
+        one ``predict`` loads for a deployed stage).
+    :param predict: the predict row scoring this stage's output (None: not scored).
+    :param load: ``load(pipe, stage, ckpt) -> (model, runner)`` for the predict row: ``model``
+        decodes (``postprocess``), ``runner(batch)`` computes the raw outputs.
+    :param deployed: the predict row runs on the CPU (a deployed runner, not a torch model).
+    :param enabled: ``enabled(recipe)``; a disabled stage is skipped and its row not scored.
+    :param after: for plugin stages, the stage it follows (default: the end of the table).
+    """
+
+    name: str
+    run: Callable[[Pipeline, Stage], dict[str, Any] | None]
+    inputs: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    artifacts: Callable[[Recipe], Sequence[str]] = field(default=lambda recipe: ())
+    predict: str | None = None
+    load: Loader | None = None
+    deployed: bool = False
+    enabled: Callable[[Recipe], bool] = _always
+    after: str | None = None
+
+
+class StageTable:
+    """The stages in run order, with lookups by stage and by predict row."""
+
+    def __init__(self, stages: Iterable[Stage]) -> None:
+        ordered: list[Stage] = []
+        for st in stages:
+            if any(s.name == st.name for s in ordered):
+                raise UserError(f"two plugins add a stage named {st.name!r}")
+            if st.after is None:
+                ordered.append(st)
+                continue
+            pos = [i for i, s in enumerate(ordered) if s.name == st.after]
+            if not pos:
+                raise UserError(f"stage {st.name!r} wants to follow stage {st.after!r}, which no "
+                                f"installed plugin provides; stages: {', '.join(self._n(ordered))}")
+            ordered.insert(pos[0] + 1, st)
+        self.stages = tuple(ordered)
+        rows = [s.predict for s in ordered if s.predict]
+        if len(set(rows)) != len(rows):
+            raise UserError(f"two stages are scored by the same predict row: {rows}")
+
+    @staticmethod
+    def _n(stages: Iterable[Stage]) -> list[str]:
+        return [s.name for s in stages]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.stages)
+
+    @property
+    def names(self) -> list[str]:
+        return self._n(self.stages)
+
+    @property
+    def rows(self) -> list[str]:
+        """The predict rows in table order (the summary's rows)."""
+        return [s.predict for s in self.stages if s.predict]
+
+    def __getitem__(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise UserError(f"{name!r} is not a stage; stages: {', '.join(self.names)}")
+
+    def scored_by(self, row: str) -> Stage:
+        """The stage whose output predict row ``row`` scores."""
+        for s in self.stages:
+            if s.predict == row:
+                return s
+        raise UserError(f"{row!r} is not a predict stage; valid: {', '.join(self.rows)}")
+
+
+# --------------------------------------------------------------------------- the core's stages
+
+
+def _train(pipe: Pipeline, stage: Stage, model: nn.Module, train_mode: str | None
+           ) -> dict[str, Any]:
+    from hatcore import distributed as dist
+    from hatcore.trainer import Trainer
+
+    cfg = getattr(pipe.recipe.stages, stage.name)
+    trainer = Trainer(
+        stage=stage.name, model=model, cfg=cfg,
+        train_loader=pipe.loader("train", distributed=dist.world_size() > 1),
+        out_dir=pipe.workdir.stage(stage.name), device=pipe.device,
+        evaluate=pipe.evaluator(train_mode) if cfg.val_interval else None, best_key="AP",
+        hook=pipe.hook, seed=pipe.recipe.task.seed,
+    )
+    return {"metrics": trainer.fit()}
+
+
+def run_float(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    pipe.echo("float: training the floating-point model")
+    return _train(pipe, stage, pipe.build_model(), None)
+
+
+def run_calibration(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    from hatcore import distributed as dist
+    from hatcore.checkpoint import save_checkpoint
+    from hatcore.trainer import calibrate
+    from hatcore.workdir import write_metrics
+
+    cfg = pipe.recipe.stages.calibration
+    model = pipe.quantize(pipe.load_stage_model(stage.needs[0]), "calibration")
+    model.to(pipe.device).eval()
+    pipe.echo(f"calibration: observing {cfg.batches} batches")
+    quant.set_mode(model, "observe")
+    calibrate(model, pipe.loader("train"), batches=cfg.batches, device=pipe.device,
+              seed=pipe.recipe.task.seed)
+    quant.set_mode(model, "fake_quant")
+    if dist.is_main():  # scored by `predict calibration`, not twice
+        payload = {"model": model.state_dict(), "stage": "calibration", "epoch": 0}
+        save_checkpoint(pipe.workdir.checkpoint(stage.name, "last"), payload)
+        save_checkpoint(pipe.workdir.checkpoint(stage.name, "best"), payload)
+        write_metrics(pipe.workdir.metrics(stage.name), stage.name,
+                      calibration={"batches": cfg.batches})
+    return {}
+
+
+def run_qat(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    from hatcore.checkpoint import load_checkpoint, load_model_state
+
+    model = pipe.quantized_model(stage.name)
+    path = pipe.stage_checkpoint(stage.needs[0])
+    load_model_state(model, load_checkpoint(path)["model"], path)
+    quant.set_mode(model, "qat")
+    pipe.echo("qat: quantization-aware fine-tuning")
+    return _train(pipe, stage, model, "qat")
+
+
+def run_export(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    from hatcore.workdir import write_json
+
+    source = pipe.source_of(stage)
+    model = pipe.load_stage_model(source).cpu().eval()
+    spec = pipe.section("export")
+    path = pipe.artifact(stage.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    desc = pipe.call_owner("export", "exporter", spec, model=model, path=path,
+                           example_input=pipe.example_input())
+    pipe.echo(f"export: wrote {path} from the {source} model in {time.perf_counter() - t0:.1f}s")
+    write_json(pipe.workdir.stage(stage.name) / "export.json", desc)
+    return {"source": source}
+
+
+def run_compile(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    artifact = pipe.artifact(stage.needs[0])
+    if not artifact.is_file():
+        raise UserError(f"{artifact} does not exist: run `hat run {pipe.source} "
+                        f"--stage {stage.needs[0]}` first")
+    spec = pipe.section("compile")
+    out = pipe.workdir.stage(stage.name)
+    out.mkdir(parents=True, exist_ok=True)
+    perf = pipe.call_owner("compile", "compiler", spec, artifact=artifact, out_dir=out)
+    target = perf.get("march", spec.type)
+    pipe.echo(f"compile: {pipe.artifact(stage.name)} — estimated "
+              f"{perf.get('latency_ms', float('nan')):.2f} ms/frame on {target} (modelled device)")
+    return {"latency_ms": perf.get("latency_ms")}
+
+
+def load_trained(pipe: Pipeline, stage: Stage, ckpt: Path | None) -> tuple[nn.Module, Runner]:
+    """The predict model of a trained stage: its best weights (or ``ckpt``) in eval mode."""
+    model = pipe.load_stage_model(stage.name, ckpt).to(pipe.device)
+    return model, lambda batch: model(batch["img"])
+
+
+def load_deployed(pipe: Pipeline, stage: Stage, ckpt: Path | None) -> tuple[nn.Module, Runner]:
+    """The predict model of a deploy stage: the plugin's runner of its primary artifact."""
+    if ckpt is not None:
+        raise UserError(f"--ckpt applies to trained stages, not to {stage.predict}")
+    artifact = pipe.artifact(stage.name)
+    if not artifact.is_file():
+        raise UserError(f"{artifact} does not exist: run `hat run {pipe.source} "
+                        f"--stage {stage.name}` first")
+    runner = pipe.hook.load_deployed(path=artifact, stage=stage.predict)
+    if runner is None:
+        raise UserError(f"no installed plugin runs {artifact} (`hat plugins` lists what is "
+                        "installed)")
+    return pipe.build_model().eval(), runner
+
+
+def _need(section: T | None) -> T:
+    if section is None:  # only for a disabled stage: Pipeline checks enabled ones' sections
+        raise UserError("the stage's recipe section is missing")
+    return section
+
+
+def _quantized(recipe: Recipe) -> bool:
+    return recipe.stages.calibration.enabled or recipe.stages.qat.enabled
+
+
+TRAINED_FILES = (CHECKPOINT_BEST, CHECKPOINT_LAST, METRICS, LOG)
+
+CORE_STAGES = (
+    Stage("float", run_float, inputs=("task.seed", "model", "data", "metric", "stages.float"),
+          artifacts=lambda r: TRAINED_FILES, predict="float", load=load_trained,
+          enabled=lambda r: r.stages.float.enabled),
+    Stage("calibration", run_calibration, inputs=("quantize", "stages.calibration"),
+          needs=("float",), artifacts=lambda r: (CHECKPOINT_BEST, CHECKPOINT_LAST, METRICS),
+          predict="calibration", load=load_trained,
+          enabled=lambda r: r.stages.calibration.enabled),
+    Stage("qat", run_qat, inputs=("stages.qat",), needs=("calibration",),
+          artifacts=lambda r: TRAINED_FILES, predict="qat", load=load_trained,
+          enabled=lambda r: r.stages.qat.enabled),
+    Stage("export", run_export, inputs=("export",), needs=("qat",),
+          artifacts=lambda r: (_need(r.export).artifact, "export.json"), predict="int_infer",
+          load=load_deployed, deployed=True, enabled=_quantized),
+    Stage("compile", run_compile, inputs=("compile",), needs=("export",),
+          artifacts=lambda r: (_need(r.compile).artifact, "perf.json", "perf.html"),
+          predict="align_bpu",
+          load=load_deployed, deployed=True, enabled=_quantized),
 )
-from hatcore.recipe import fingerprint
-from hatcore.trainer import seed_everything
-
-# which trained stage's weights each predict stage scores
-PREDICT_SOURCE = {"float": "float", "calibration": "calibration", "qat": "qat",
-                  "int_infer": "export", "align_bpu": "compile"}
-
-
-class StageRunner:
-    """Runs a pipeline's stages; each ``run_<stage>`` is skip-if-done and resumable."""
-
-    def __init__(self, pipe: Pipeline) -> None:
-        self.pipe = pipe
-        self.recipe = pipe.recipe
-        self.work = pipe.work_dir
-        self.fps = self._fingerprints()
-        self.ran: list[str] = []  # stages that did work in this invocation
-
-    def _fingerprints(self) -> dict[str, str]:
-        r = self.pipe.resolved
-        st = r["stages"]
-        fps = {"float": fingerprint([r["task"]["seed"], r["model"], r["data"], r["metric"],
-                                     st["float"]])}
-        fps["calibration"] = fingerprint([fps["float"], r["quantize"], st["calibration"]])
-        fps["qat"] = fingerprint([fps["calibration"], st["qat"]])
-        fps["export"] = fingerprint([fps[self.deploy_source()], r["export"]])
-        fps["compile"] = fingerprint([fps["export"], r["compile"]])
-        for name, source in PREDICT_SOURCE.items():
-            fps[f"predict/{name}"] = fingerprint([fps[source], r["data"]["val"], r["metric"]])
-        return fps
-
-    def deploy_source(self) -> str:
-        """The quantized stage whose weights are exported: qat, or calibration without QAT."""
-        return "qat" if self.recipe.stages.qat.enabled else "calibration"
-
-    def enabled(self, stage: str) -> bool:
-        stages = self.recipe.stages
-        if stage in TRAIN_STAGES:
-            return bool(getattr(stages, stage).enabled)
-        if stage in ("export", "compile"):
-            return stages.calibration.enabled or stages.qat.enabled
-        return True
-
-    # ------------------------------------------------------------------ the whole chain
-
-    def run(self, only: list[str] | None = None) -> None:
-        for name in only or []:
-            if name not in ALL_STAGES:
-                raise UserError(f"--stage {name!r} is not a stage; valid: {', '.join(ALL_STAGES)}")
-        todo = [s for s in ALL_STAGES if not only or s in only]
-        if dist.is_main():
-            self._save_recipe()
-        if not only or "float" in todo:
-            self.check()
-        for stage in todo:
-            if stage == "predict":
-                for p in self.recipe.predict.stages:
-                    if self.enabled(PREDICT_SOURCE[p]):
-                        self.run_predict(p)
-            elif not self.enabled(stage):
-                echo(f"{stage}: disabled in the recipe, skipped")
-            else:
-                getattr(self, f"run_{stage}")()
-            dist.barrier()
-
-    def _save_recipe(self) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        text = self.pipe.source.read_text()
-        if self.pipe.overrides:
-            text += "\n# overridden on the command line:\n" + "".join(
-                f"#   --set {o}\n" for o in self.pipe.overrides)
-        (self.work / "recipe.toml").write_text(text)
-        write_json(self.work / "recipe.resolved.json",
-                   {"source": str(self.pipe.source), "overrides": list(self.pipe.overrides),
-                    "recipe": self.pipe.resolved})
-
-    def check(self) -> None:
-        """The BPU model checker, before any training (when a checker plugin is installed)."""
-        if not self.pipe.hook.check_model.get_hookimpls() or not self.enabled("compile"):
-            return
-        spec = self.pipe.section("compile")
-        model = self.pipe.build_model().eval()
-        report = self.pipe.hook.check_model(model=model, spec=spec,
-                                            example_input=self.pipe.example_input())
-        if report is None:
-            return
-        if not report.get("ok", False):
-            raise UserError(f"the model cannot be deployed on {spec.march}:\n{report.get('text', '')}"
-                            "\nfix the model or choose another march before training")
-        echo(f"check: the model is deployable on {spec.march}")
-
-    # ------------------------------------------------------------------ stages
-
-    def _state(self, stage: str) -> StageState | None:
-        state = StageState(self.work / stage, self.fps[stage])
-        if state.done():
-            echo(f"{stage}: done, inputs unchanged, skipped")
-            return None
-        if state.start():
-            echo(f"{stage}: continuing an interrupted run")
-        seed_everything(self.recipe.task.seed)  # a redone stage builds and draws the same
-        self.ran.append(stage)
-        return state
-
-    def _evaluator(self, train_mode: str | None = None) -> Any:
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            if not dist.is_main():
-                return {}
-            if train_mode:
-                quant.set_mode(model, "fake_quant")
-            try:
-                return flat_metrics(self.pipe.evaluate(model, device=self.pipe.device))
-            finally:
-                if train_mode:
-                    quant.set_mode(model, train_mode)
-        return evaluate
-
-    def _train(self, stage: str, model: torch.nn.Module, train_mode: str | None) -> dict[str, Any]:
-        from hatcore.trainer import Trainer
-
-        trainer = Trainer(
-            stage=stage, model=model, cfg=getattr(self.recipe.stages, stage),
-            train_loader=self.pipe.loader("train", distributed=dist.world_size() > 1),
-            out_dir=self.work / stage, device=self.pipe.device,
-            evaluate=self._evaluator(train_mode) if getattr(self.recipe.stages, stage).val_interval
-            else None, best_key="AP", hook=self.pipe.hook,
-            seed=self.recipe.task.seed,
-        )
-        result: dict[str, Any] = trainer.fit()
-        return result
-
-    def run_float(self) -> None:
-        state = self._state("float")
-        if state is None:
-            return
-        echo("float: training the floating-point model")
-        metrics = self._train("float", self.pipe.build_model(), None)
-        state.finish(metrics=metrics)
-
-    def run_calibration(self) -> None:
-        from hatcore.trainer import calibrate
-
-        state = self._state("calibration")
-        if state is None:
-            return
-        cfg = self.recipe.stages.calibration
-        model = self.pipe.load_stage_model("float")
-        spec = self.pipe.section("quantize")
-        model = self.pipe.need(self.pipe.hook.quantize(model=model, spec=spec,
-                                                        stage="calibration"), "quantizer", spec.type)
-        model.to(self.pipe.device).eval()
-        echo(f"calibration: observing {cfg.batches} batches")
-        quant.set_mode(model, "observe")
-        calibrate(model, self.pipe.loader("train"), batches=cfg.batches, device=self.pipe.device,
-                  seed=self.recipe.task.seed)
-        quant.set_mode(model, "fake_quant")
-        out = self.work / "calibration"
-        if dist.is_main():  # scored by `predict calibration`, not twice
-            payload = {"model": model.state_dict(), "stage": "calibration", "epoch": 0}
-            save_checkpoint(out / "checkpoint-last.pt", payload)
-            save_checkpoint(out / "checkpoint-best.pt", payload)
-            write_json(out / "metrics.json", {"batches": cfg.batches})
-        state.finish()
-
-    def run_qat(self) -> None:
-        state = self._state("qat")
-        if state is None:
-            return
-        model = self.pipe.quantized_model("qat")
-        path = self.pipe.stage_checkpoint("calibration")
-        load_model_state(model, load_checkpoint(path)["model"], path)
-        quant.set_mode(model, "qat")
-        echo("qat: quantization-aware fine-tuning")
-        metrics = self._train("qat", model, "qat")
-        state.finish(metrics=metrics)
-
-    def run_export(self) -> None:
-        state = self._state("export")
-        if state is None:
-            return
-        source = self.deploy_source()
-        model = self.pipe.load_stage_model(source).cpu().eval()
-        path = self.work / "export" / "model.hbir"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        spec = self.pipe.section("export")
-        t0 = time.perf_counter()
-        desc = self.pipe.hook.export(model=model, spec=spec, path=path,
-                                     example_input=self.pipe.example_input())
-        if desc is None:
-            raise UserError(f"no installed plugin exports type {spec.type!r} (pip install hat-bpu)")
-        echo(f"export: wrote {path} from the {source} model in {time.perf_counter() - t0:.1f}s")
-        write_json(self.work / "export" / "export.json", desc)
-        state.finish(source=source)
-
-    def run_compile(self) -> None:
-        state = self._state("compile")
-        if state is None:
-            return
-        artifact = self.work / "export" / "model.hbir"
-        if not artifact.is_file():
-            raise UserError(f"{artifact} does not exist: run `hat run {self.pipe.source} "
-                            "--stage export` first")
-        spec = self.pipe.section("compile")
-        perf = self.pipe.hook.compile(artifact=artifact, spec=spec, out_dir=self.work / "compile")
-        if perf is None:
-            raise UserError(f"no installed plugin compiles type {spec.type!r} (pip install hat-bpu)")
-        echo(f"compile: {self.work / 'compile' / 'model.hbm'} — estimated "
-             f"{perf.get('latency_ms', float('nan')):.2f} ms/frame on {spec.march} (modelled device)")
-        state.finish(latency_ms=perf.get("latency_ms"))
-
-    def run_predict(self, stage: str, ckpt: Path | None = None) -> dict[str, Any]:
-        key = f"predict/{stage}"
-        out = self.work / "predict" / stage
-        state = StageState(out, self.fps[key])
-        if ckpt is None and state.done():
-            echo(f"predict {stage}: done, inputs unchanged, skipped")
-            return read_json(out / "metrics.json") or {}
-        if not dist.is_main():
-            return {}
-        state.start()
-        self.ran.append(key)
-        model, runner = self.pipe.predictor(stage, ckpt)
-        deployed = stage in ("int_infer", "align_bpu")
-        device = torch.device("cpu") if deployed else self.pipe.device
-        echo(f"predict {stage}: scoring the val set")
-        result = self.pipe.evaluate(model.to(device), runner, out_dir=out, device=device,
-                                    desc=f"predict {stage}")
-        flat = flat_metrics(result)
-        echo(f"predict {stage}: AP {flat.get('AP', float('nan')):.4f}  "
-             f"AP50 {flat.get('AP50', float('nan')):.4f}")
-        if ckpt is None:
-            state.finish(metrics=flat)
-        return result

@@ -1,48 +1,65 @@
-"""The end of ``hat run``: one table (AP per stage, Δ vs float, latency), plots and drawings."""
+"""The end of ``hat run``: one table (AP per predict row, Δ vs float and vs the previous row,
+latency), plots and drawings. Rows and artifacts are read from the stage table and the work dir."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hatcore.data import to_device
-from hatcore.pipeline import Pipeline, flat_metrics, read_json, write_json
-from hatcore.recipe import PREDICT_STAGES
+from hatcore.workdir import LOG, WorkDir, flat_scores, read_json, write_json
+
+if TYPE_CHECKING:
+    from hatcore.pipeline import Pipeline
+    from hatcore.stages import Stage
 
 
-def collect(work: Path) -> dict[str, Any]:
-    """Read every stage's results from ``work`` into the summary record."""
-    rows = []
-    float_ap = None
-    for stage in PREDICT_STAGES:
-        metrics = read_json(work / "predict" / stage / "metrics.json")
-        if not isinstance(metrics, dict):
+def _ran(pipe: Pipeline, stage: Stage) -> bool:
+    """The stage ran in this work dir (so its recipe sections exist and name its files)."""
+    return stage.enabled(pipe.recipe) and pipe.workdir.state(stage.name).is_file()
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def collect(pipe: Pipeline) -> dict[str, Any]:
+    """Read every predict row's results from the work dir into the summary record.
+
+    Each row has ``AP``, ``AP50``, ``delta_AP`` (vs the first row, float) and
+    ``delta_prev_AP`` (vs the row before it that has results).
+    """
+    work = pipe.workdir
+    rows: list[dict[str, Any]] = []
+    for row in pipe.table.rows:
+        path = work.predict_metrics(row)
+        flat = flat_scores(read_json(path))
+        if not flat:
             continue
-        flat = flat_metrics(metrics)
         ap = flat.get("AP")
-        if stage == "float":
-            float_ap = ap
         rows.append({
-            "stage": stage, "AP": ap, "AP50": flat.get("AP50"),
-            "delta_AP": None if ap is None or float_ap is None else ap - float_ap,
-            "metrics": str(work / "predict" / stage / "metrics.json"),
+            "stage": row, "AP": ap, "AP50": flat.get("AP50"),
+            "delta_AP": _delta(ap, rows[0]["AP"] if rows else ap),
+            "delta_prev_AP": _delta(ap, rows[-1]["AP"]) if rows else None,
+            "metrics": str(path),
         })
-    perf = read_json(work / "compile" / "perf.json") or {}
-    artifacts = {name: str(p) for name, p in {
-        "float": work / "float" / "checkpoint-best.pt",
-        "calibration": work / "calibration" / "checkpoint-best.pt",
-        "qat": work / "qat" / "checkpoint-best.pt",
-        "hbir": work / "export" / "model.hbir",
-        "hbm": work / "compile" / "model.hbm",
-        "perf": work / "compile" / "perf.json",
-        "perf_html": work / "compile" / "perf.html",
-        "curves": work / "vis" / "curves.png",
-    }.items() if p.exists()}
+    perf: dict[str, Any] = {}
+    artifacts: dict[str, str] = {}
+    for stage in pipe.table:
+        if not _ran(pipe, stage):
+            continue
+        for name in stage.artifacts(pipe.recipe):
+            p = work.stage(stage.name) / name
+            if p.is_file() and name != LOG:
+                artifacts[f"{stage.name}/{name}"] = str(p)
+            if name == "perf.json":
+                perf = read_json(p) or perf
+    if work.curves.is_file():
+        artifacts["curves"] = str(work.curves)
     return {
-        "work_dir": str(work),
+        "work_dir": str(work.root),
         "stages": rows,
         "device": {k: perf.get(k) for k in ("march", "input_shape", "latency_ms", "fps")} if perf
         else None,
@@ -57,10 +74,12 @@ def _fmt(v: float | None, pct: bool = True, signed: bool = False) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| stage | AP | AP50 | Δ AP vs float |", "|---|---:|---:|---:|"]
+    lines = ["| stage | AP | AP50 | Δ AP vs float | Δ AP vs previous |",
+             "|---|---:|---:|---:|---:|"]
     for r in summary["stages"]:
         lines.append(f"| {r['stage']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
-                     f"{_fmt(r['delta_AP'], signed=True)} |")
+                     f"{_fmt(r['delta_AP'], signed=True)} | "
+                     f"{_fmt(r['delta_prev_AP'], signed=True)} |")
     out = ["# HAT run summary", "", f"work dir: `{summary['work_dir']}`", "",
            "AP in points (COCO mAP@[.5:.95] × 100).", "", *lines, ""]
     dev = summary.get("device")
@@ -72,15 +91,15 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(work: Path) -> dict[str, Any]:
-    summary = collect(work)
-    write_json(work / "summary.json", summary)
-    (work / "summary.md").write_text(markdown(summary))
+def write(pipe: Pipeline) -> dict[str, Any]:
+    summary = collect(pipe)
+    write_json(pipe.workdir.summary_json, summary)
+    pipe.workdir.summary_md.write_text(markdown(summary))
     return summary
 
 
-def plot_curves(work: Path) -> Path | None:
-    """Loss and AP curves of the float and qat stages from their ``log.jsonl``."""
+def plot_curves(pipe: Pipeline) -> Path | None:
+    """Loss and AP curves of the trained stages (those writing ``log.jsonl``)."""
     try:
         import matplotlib
 
@@ -90,9 +109,11 @@ def plot_curves(work: Path) -> Path | None:
         return None
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
     drew = False
-    for stage in ("float", "qat"):
-        log = work / stage / "log.jsonl"
-        if not log.is_file():
+    work = pipe.workdir
+    for st in pipe.table:
+        stage = st.name
+        log = work.log(stage)
+        if not _ran(pipe, st) or LOG not in st.artifacts(pipe.recipe) or not log.is_file():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         iters = [r for r in rows if "loss" in r and r.get("kind") == "iter"]
@@ -114,7 +135,7 @@ def plot_curves(work: Path) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend()
-    out = work / "vis" / "curves.png"
+    out = work.curves
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -129,16 +150,13 @@ def draw_examples(pipe: Pipeline, stage: str) -> list[Path]:
     if n <= 0 or not pipe.hook.draw_detections.get_hookimpls():
         return []
     model, runner = pipe.predictor(stage)
-    deployed = stage in ("int_infer", "align_bpu")
-    device = torch.device("cpu") if deployed else pipe.device
+    device = pipe.predict_device(stage)
     model.to(device)
     names = list(getattr(pipe.build_dataset("val"), "class_names", []))
     paths: list[Path] = []
-    for batch in pipe.loader("val"):
-        batch = to_device(batch, device)
-        dets = cast(Any, model).postprocess(runner(batch), batch)
+    for batch, dets in pipe.predictions(model, runner, pipe.loader("val"), device, "draw"):
         k = min(len(dets), n - len(paths))
-        out = [pipe.work_dir / "vis" / f"{stage}_{len(paths) + i}.png" for i in range(k)]
+        out = [pipe.workdir.drawing(stage, len(paths) + i) for i in range(k)]
         out[0].parent.mkdir(parents=True, exist_ok=True)
         sub = {key: (v[:k] if isinstance(v, (list, torch.Tensor)) else v) for key, v in batch.items()}
         if pipe.hook.draw_detections(batch=sub, detections=dets[:k], class_names=names, paths=out,
@@ -151,14 +169,15 @@ def draw_examples(pipe: Pipeline, stage: str) -> list[Path]:
 
 def table(summary: dict[str, Any]) -> str:
     """The console table."""
-    head = f"{'stage':<12} {'AP':>7} {'AP50':>7} {'ΔAP':>7}"
+    head = f"{'stage':<12} {'AP':>7} {'AP50':>7} {'ΔAP':>7} {'Δprev':>7}"
     lines = [head, "-" * len(head)]
     for r in summary["stages"]:
         lines.append(f"{r['stage']:<12} {_fmt(r['AP']):>7} {_fmt(r['AP50']):>7} "
-                     f"{_fmt(r['delta_AP'], signed=True):>7}")
+                     f"{_fmt(r['delta_AP'], signed=True):>7} "
+                     f"{_fmt(r['delta_prev_AP'], signed=True):>7}")
     dev = summary.get("device")
     if dev and dev.get("latency_ms") is not None:
         lines.append(f"estimated on {dev['march']} (modelled device): {dev['latency_ms']:.2f} ms/frame,"
                      f" {dev['fps']:.1f} FPS")
-    lines.append(f"summary: {summary['work_dir']}/summary.md")
+    lines.append(f"summary: {WorkDir(Path(summary['work_dir'])).summary_md}")
     return "\n".join(lines)

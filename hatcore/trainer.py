@@ -4,7 +4,7 @@ One epoch: for each batch, ``raw = model(img)``, ``losses = compute_loss(raw, ba
 is back-propagated; LR follows the schedule every iteration; the EMA follows the weights.
 After each epoch: validation when due, ``checkpoint-best.pt`` when the validation metric
 improved, a ``log.jsonl`` line, the ``on_epoch_end`` hook and then ``checkpoint-last.pt``
-(everything resume needs, including what the hook changed: hat-bpu freezes BN statistics and
+(everything resume needs, including what the hook changed: a quantizer freezes BN statistics and
 observers there, so a resumed QAT run starts from the frozen state). With
 ``checkpoint_every_iters = N`` a ``checkpoint-last.pt`` is also written every N iterations inside
 an epoch. Each epoch is seeded from ``(seed, epoch)``; a run resumed at an epoch boundary
@@ -36,7 +36,9 @@ from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoin
 from hatcore.data import to_device
 from hatcore.errors import UserError
 from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
+from hatcore.protocols import task_model
 from hatcore.recipe import TrainStage
+from hatcore.workdir import CHECKPOINT_BEST, CHECKPOINT_LAST, LOG, METRICS, write_metrics
 
 __all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "check_finite_loss",
            "configure_determinism", "rng_state", "seed_everything", "set_rng_state"]
@@ -185,10 +187,10 @@ class Trainer:
 
     def _save_last(self, mid_epoch: dict[str, Any] | None = None) -> None:
         if dist.is_main():
-            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state(mid_epoch))
+            save_checkpoint(self.out_dir / CHECKPOINT_LAST, self._state(mid_epoch))
 
     def _resume(self) -> None:
-        path = self.out_dir / "checkpoint-last.pt"
+        path = self.out_dir / CHECKPOINT_LAST
         if not path.is_file():
             return
         state = load_checkpoint(path, map_location=self.device)
@@ -222,7 +224,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main():
-            with open(self.out_dir / "log.jsonl", "a") as f:
+            with open(self.out_dir / LOG, "a") as f:
                 f.write(json.dumps({"stage": self.stage, "time": round(time.time(), 3), **record}) + "\n")
 
     # ------------------------------------------------------------------ the loop
@@ -235,12 +237,12 @@ class Trainer:
         while self.epoch < self.cfg.epochs and not self.should_stop:
             metrics = self._epoch()
             self.epoch += 1
-        if self.evaluate is None or not (self.out_dir / "checkpoint-best.pt").is_file():
+        if self.evaluate is None or not (self.out_dir / CHECKPOINT_BEST).is_file():
             self._save_best(metrics)  # nothing scored: the best weights are the last ones
-        summary = {"stage": self.stage, "epochs": self.epoch, "best": self._best_record(),
-                   "last": metrics, "time": round(self.elapsed, 3)}
-        if dist.is_main():
-            (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        train = {"epochs": self.epoch, "best": self._best_record(), "last": metrics,
+                 "time": round(self.elapsed, 3)}
+        if dist.is_main():  # the one metrics.json schema (hatcore.workdir, docs/formats.md)
+            write_metrics(self.out_dir / METRICS, self.stage, train=train)
         return metrics
 
     def _best_record(self) -> dict[str, Any]:
@@ -330,7 +332,7 @@ class Trainer:
 
     def _save_best(self, metrics: dict[str, Any]) -> None:
         if dist.is_main():
-            save_checkpoint(self.out_dir / "checkpoint-best.pt", {
+            save_checkpoint(self.out_dir / CHECKPOINT_BEST, {
                 "model": self.eval_model.state_dict(), "stage": self.stage,
                 "epoch": int(metrics.get("epoch", self.epoch)),
                 "metrics": json.dumps(metrics)})
@@ -340,8 +342,8 @@ class Trainer:
         batch = _to_memory_format(to_device(batch, self.device), cfg.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
             raw = self.model(batch["img"])
-            losses = cast(Any, dist.unwrap(self.model)).compute_loss(raw, batch)
-        total = sum(losses.values())
+            losses = task_model(dist.unwrap(self.model)).compute_loss(raw, batch)
+        total = cast(torch.Tensor, sum(losses.values()))  # sum() is typed Tensor | Literal[0]
         check_finite_loss(self, losses, total)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:

@@ -63,7 +63,7 @@ input_shape = [1, 3, 32, 32]
 
 [compile]
 type = "stand_in"
-march = "bayes-e"
+target = "toy-chip"
 
 [predict]
 vis_images = 0
@@ -77,12 +77,13 @@ class StandInQuantize(QuantizeSpec):
 
 @spec
 class StandInExport(ExportSpec):
-    pass
+    artifact = "graph.bin"
 
 
 @spec
 class StandInCompile(CompileSpec):
-    pass
+    artifact = "program.bin"
+    target: str = option("chip", doc="the target's name")
 
 
 class ModeProbe(nn.Module):
@@ -135,8 +136,8 @@ class StandIn:
     @hookimpl
     def compile(self, artifact, spec, out_dir):  # type: ignore[no-untyped-def]
         self.calls.append(("compile", artifact.name))
-        (out_dir / "model.hbm").write_bytes(artifact.read_bytes())
-        perf = {"march": spec.march, "input_shape": [1, 3, 32, 32], "latency_ms": 2.0, "fps": 500.0}
+        (out_dir / spec.artifact).write_bytes(artifact.read_bytes())
+        perf = {"march": spec.target, "input_shape": [1, 3, 32, 32], "latency_ms": 2.0, "fps": 500.0}
         (out_dir / "perf.json").write_text(json.dumps(perf))
         return perf
 
@@ -191,15 +192,54 @@ def test_hat_run_writes_every_artifact_and_the_summary(finished) -> None:
     _, result, work = finished
     for path in ["recipe.toml", "recipe.resolved.json", "float/checkpoint-best.pt",
                  "float/checkpoint-last.pt", "float/log.jsonl", "float/metrics.json",
-                 "calibration/checkpoint-best.pt", "qat/checkpoint-best.pt", "export/model.hbir",
-                 "compile/model.hbm", "compile/perf.json", "summary.json", "summary.md",
+                 "calibration/checkpoint-best.pt", "qat/checkpoint-best.pt", "export/graph.bin",
+                 "compile/program.bin", "compile/perf.json", "summary.json", "summary.md",
                  "predict/float/metrics.json", "predict/align_bpu/metrics.json"]:
         assert (work / path).exists(), path
     summary = json.loads((work / "summary.json").read_text())
+    # the toy plugin's stage sits after float (its `after`), its row in table order
     assert [r["stage"] for r in summary["stages"]] == [
-        "float", "calibration", "qat", "int_infer", "align_bpu"]
-    assert "estimated on bayes-e (modelled device): 2.00 ms/frame" in result.output
-    assert "| stage | AP | AP50 | Δ AP vs float |" in (work / "summary.md").read_text()
+        "float", "toy_round", "calibration", "qat", "int_infer", "align_bpu"]
+    assert "estimated on toy-chip (modelled device): 2.00 ms/frame" in result.output
+    assert "| stage | AP | AP50 | Δ AP vs float | Δ AP vs previous |" in (
+        work / "summary.md").read_text()
+    # the exporter's and compiler's specs name their files; the core names none of them
+    assert summary["artifacts"]["export/graph.bin"] == str(work / "export" / "graph.bin")
+    assert summary["artifacts"]["compile/program.bin"] == str(work / "compile" / "program.bin")
+
+
+def test_summary_deltas_are_against_float_and_the_previous_row(finished) -> None:
+    _, _, work = finished
+    rows = json.loads((work / "summary.json").read_text())["stages"]
+    aps = {}
+    for r in rows:  # recompute from each row's own metrics.json, not from the summary's numbers
+        aps[r["stage"]] = json.loads((work / "predict" / r["stage"] / "metrics.json").read_text())[
+            "bbox"]["AP"]
+    names = [r["stage"] for r in rows]
+    for i, r in enumerate(rows):
+        assert r["AP"] == aps[r["stage"]]
+        assert r["delta_AP"] == pytest.approx(aps[r["stage"]] - aps["float"])
+        prev = aps[names[i - 1]] if i else None
+        assert r["delta_prev_AP"] == (None if prev is None else pytest.approx(aps[r["stage"]] - prev))
+
+
+def test_hook_hat_stages_adds_a_plugin_stage_with_its_fingerprint_and_row(finished) -> None:
+    from hatcore.checkpoint import load_checkpoint
+
+    _, result, work = finished
+    added = make_plugin_manager(only={"toy"}).hook.hat_stages()  # every plugin's list
+    assert sorted(s.name for group in added for s in group) == [
+        "calibration", "compile", "export", "float", "qat", "toy_round"]
+    rounded = load_checkpoint(work / "toy_round" / "checkpoint-best.pt")["model"]
+    best = load_checkpoint(work / "float" / "checkpoint-best.pt")["model"]
+    w = rounded["body.0.weight"]
+    assert torch.equal(w, (best["body.0.weight"] * 8).round() / 8)  # the plugin's stage ran
+    assert not torch.equal(w, best["body.0.weight"])
+    state = json.loads((work / "toy_round" / "stage.json").read_text())
+    assert state["status"] == "done" and state["tensors"] == len(best)
+    metrics = json.loads((work / "predict" / "toy_round" / "metrics.json").read_text())
+    assert metrics["stage"] == "toy_round" and 0.0 <= metrics["bbox"]["AP"] <= 1.0
+    assert "toy_round: rounded" in result.output
 
 
 def test_hook_build_model_dataset_transform_metric_are_used_by_the_run(finished) -> None:
@@ -208,6 +248,12 @@ def test_hook_build_model_dataset_transform_metric_are_used_by_the_run(finished)
     assert resolved["data"]["train"]["transforms"] == [{"type": "toy_flip", "p": 0.5}]
     metrics = json.loads((work / "predict" / "float" / "metrics.json").read_text())
     assert set(metrics["bbox"]) == {"AP", "AP50"}  # the toy metric's own keys
+    assert metrics["schema"] == 1 and metrics["stage"] == "float"
+    # every section structured eagerly: no null for a plugin-chosen table
+    assert resolved["metric"] == {"type": "toy_hits", "iou": 0.5}
+    assert resolved["compile"] == {"type": "stand_in", "target": "toy-chip"}
+    assert resolved["predict"]["stages"] == [
+        "float", "toy_round", "calibration", "qat", "int_infer", "align_bpu"]
 
 
 def test_hook_check_model_runs_first_with_the_export_shape(finished) -> None:
@@ -228,7 +274,7 @@ def test_hook_export_receives_the_model_in_fake_quant_mode(finished) -> None:
 
 def test_hook_compile_gets_the_hbir_and_its_perf_reaches_the_summary(finished) -> None:
     backend, _, work = finished
-    assert ("compile", "model.hbir") in backend.calls
+    assert ("compile", "graph.bin") in backend.calls
     assert json.loads((work / "summary.json").read_text())["device"]["latency_ms"] == 2.0
 
 
@@ -268,19 +314,39 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_what_follows(stand_in) -> N
     assert "export" in [c[0] for c in backend.calls] and "compile" in [c[0] for c in backend.calls]
     assert (work / "float" / "checkpoint-best.pt").stat().st_mtime_ns == float_ckpt
     meta = json.loads((work / "qat" / "metrics.json").read_text())
-    assert meta  # the trainer wrote its metrics for the new run
+    assert meta["stage"] == "qat" and meta["train"]["epochs"] == 2  # the new run's metrics
 
 
 def test_predict_command_and_missing_artifacts(stand_in) -> None:
     _, recipe, work = stand_in
     missing = hat("predict", str(recipe), "--stage", "int_infer")
     assert missing.exit_code == 2
-    assert "export/model.hbir does not exist: run `hat run" in missing.output
+    assert "export/graph.bin does not exist: run `hat run" in missing.output
     assert hat("run", str(recipe), "--stage", "float").exit_code == 0
     result = hat("predict", str(recipe), "--stage", "float")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["AP"] >= 0.0
-    assert (work / "predict" / "float" / "metrics.json").is_file()
+    written = json.loads((work / "predict" / "float" / "metrics.json").read_text())
+    assert json.loads(result.stdout) == written["bbox"]  # what is printed is what is written
+    # scored independently: the toy metric's definition applied by hand to the float model
+    from hat_toy.plugin import ToyDataset, ToyDetector, box_iou
+
+    from hatcore.checkpoint import load_checkpoint
+
+    model = ToyDetector()
+    model.load_state_dict(load_checkpoint(work / "float" / "checkpoint-best.pt")["model"])
+    model.eval()
+    val = ToyDataset(32, 8, 2, 1, [])
+    hits = 0
+    with torch.no_grad():
+        for i in range(len(val)):
+            item = val[i]
+            batch = ToyDataset.collate_fn([item])
+            det = model.postprocess(model(batch["img"]), batch)[0]
+            hits += int(bool(det["labels"][0] == item["gt_labels"][0])
+                        and float(box_iou(det["boxes"][:1], item["gt_boxes"][:1])[0]) >= 0.5)
+    assert written["bbox"]["AP"] == pytest.approx(hits / len(val))
+    bad = hat("predict", str(recipe), "--stage", "int_infer2")
+    assert bad.exit_code == 2 and "'int_infer2' is not one of float, toy_round" in bad.output
 
 
 def test_hook_check_model_failure_stops_before_training(stand_in) -> None:

@@ -59,8 +59,9 @@ def test_unknown_type_message_lists_valid_names_and_plugins() -> None:
     msg = plugins.registry.unknown_message("model", "tinynet2")
     assert msg == ("unknown model type 'tinynet2'; did you mean 'tinynet'? "
                    "Valid model types: tinynet (one)")
-    assert plugins.registry.unknown_message("model", "fcos").endswith(
-        "provided by the hat-fcos plugin, which is not installed (pip install hat-fcos)")
+    assert plugins.registry.unknown_message("model", "fcos") == (
+        "unknown model type 'fcos' Valid model types: tinynet (one); if a plugin you have not "
+        "installed provides it, install it and list its distribution in task.requires")
 
 
 def test_hook_hat_addhooks_lets_a_plugin_add_its_own_hookspecs() -> None:
@@ -111,8 +112,8 @@ def test_hat_load_plugins_allow_list(monkeypatch) -> None:
 def test_hat_trace_plugins_logs_hook_calls(monkeypatch, capsys) -> None:
     monkeypatch.setenv("HAT_TRACE_PLUGINS", "1")
     plugins = make_plugin_manager(only={"toy"})
-    plugins.hook.build_model(spec=_TinySpec(type="tiny"))
-    assert "build_model" in capsys.readouterr().err
+    plugins.hook.hat_stages()
+    assert "hat_stages" in capsys.readouterr().err
 
 
 def test_plugins_command_lists_distributions_hooks_and_types(toy_plugins) -> None:
@@ -154,3 +155,81 @@ def test_the_installed_hat_plugins_list_the_three_distributions() -> None:
     dists = {i.distribution for i in plugins.info.values()}
     assert {"hat-coco", "hat-fcos", "hat-bpu"} <= dists, (dists, plugins.failed)
     assert not plugins.failed
+
+
+def test_hook_build_model_is_called_only_on_the_owner_of_the_type() -> None:
+    """Dispatch by the registry: the plugin that registered `tiny` builds it; the others' build_model
+    is not called at all (so no implementation has to re-check the spec's class)."""
+    import torch
+
+    called: list[str] = []
+
+    class Owner(_Provider):
+        @hookimpl
+        def build_model(self, spec, plugins):  # type: ignore[no-untyped-def]
+            called.append("owner")
+            assert plugins.registry.get("model", "tiny").plugin == "owner"  # its own manager
+            return torch.nn.Linear(spec.width, 2)
+
+    class Bystander:
+        @hookimpl
+        def build_model(self, spec):  # type: ignore[no-untyped-def]
+            called.append("bystander")
+            return torch.nn.Identity()
+
+    class Wrapper:  # cross-cutting (tracing, fault injection): still wraps the owner's call
+        @hookimpl(wrapper=True)
+        def build_model(self, spec):  # type: ignore[no-untyped-def]
+            called.append("wrapper in")
+            model = yield
+            called.append(f"wrapper out {type(model).__name__}")
+            return model
+
+    plugins = make_plugin_manager(entrypoints=False, extra=[
+        ("owner", Owner()), ("bystander", Bystander()), ("wrapper", Wrapper())])
+    model = plugins.call_owner("build_model", "model", _TinySpec(type="tiny", width=3),
+                               plugins=plugins)
+    assert isinstance(model, torch.nn.Linear) and model.in_features == 3
+    assert called == ["wrapper in", "owner", "wrapper out Linear"]
+    from hatcore.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model type 'nope'"):
+        plugins.call_owner("build_model", "model", _TinySpec(type="nope"), plugins=plugins)
+
+
+def test_defaults_come_from_the_plugins_and_an_ambiguous_one_is_none() -> None:
+    from hatcore.recipe import MetricSpec
+
+    @spec
+    class A(MetricSpec):
+        pass
+
+    class One:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @hookimpl
+        def hat_components(self, register):  # type: ignore[no-untyped-def]
+            register("metric", self.name, A, default=True)
+
+    single = make_plugin_manager(entrypoints=False, extra=[("a", One("a"))])
+    assert single.registry.default("metric").name == "a"
+    both = make_plugin_manager(entrypoints=False, extra=[("a", One("a")), ("b", One("b"))])
+    assert both.registry.default("metric") is None
+    assert both.registry.kind_hint("metric") == (
+        "several plugins declare a default metric: a (tests.test_plugins), b (tests.test_plugins); "
+        "name one with `type`")
+
+
+def test_the_core_names_no_backend() -> None:
+    """Defaults, file names and distributions come from the plugins: hatcore's code names none."""
+    import re
+    from pathlib import Path
+
+    import hatcore
+
+    banned = re.compile(r"horizon|\bhbir\b|\.hbir|\bhbm\b|\.hbm|bayes|bernoulli|hat[-_]bpu",
+                        re.IGNORECASE)
+    hits = [f"{p.name}:{i}: {line.strip()}" for p in Path(hatcore.__file__).parent.glob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if banned.search(line)]
+    assert hits == []

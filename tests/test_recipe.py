@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from hatcore import hookimpl
 from hatcore.errors import RecipeError
 from hatcore.recipe import load_recipe, parse_override, resolved
 
@@ -79,12 +80,79 @@ def test_all_errors_are_reported_at_once(tmp_path, toy_plugins) -> None:
     ])
 
 
-def test_unknown_type_of_an_absent_known_plugin_names_the_distribution(tmp_path, toy_plugins) -> None:
+def test_unknown_type_names_the_valid_ones_and_task_requires(tmp_path, toy_plugins) -> None:
     text = GOOD.replace('type = "toy_detector"', 'type = "fcos"')
     assert errors(tmp_path, text, toy_plugins.registry) == [
-        "$.model.type: model type 'fcos' is provided by the hat-fcos plugin, which is not installed "
-        "(pip install hat-fcos)"
+        "$.model.type: unknown model type 'fcos' Valid model types: toy_detector (toy); if a "
+        "plugin you have not installed provides it, install it and list its distribution in "
+        "task.requires"
     ]
+
+
+def test_task_requires_names_the_missing_distribution_first(tmp_path, toy_plugins) -> None:
+    text = GOOD.replace('type = "toy_detector"', 'type = "fcos"').replace(
+        'work_dir = "runs/toy"', 'work_dir = "runs/toy"\nrequires = ["hat-toy", "hat-no-such-plugin"]')
+    # the recipe's own list (pytest's required_plugins), checked before the type names
+    assert errors(tmp_path, text, toy_plugins.registry) == [
+        "$.task.requires[1]: the recipe needs the hat-no-such-plugin plugin, which is not "
+        "installed (pip install 'hat-no-such-plugin')"
+    ]
+    text = GOOD.replace('work_dir = "runs/toy"', 'work_dir = "runs/toy"\nrequires = ["hat-toy>=9"]')
+    assert errors(tmp_path, text, toy_plugins.registry) == [
+        "$.task.requires[0]: the recipe needs hat-toy>=9, installed is hat-toy 0.0.1 "
+        "(pip install 'hat-toy>=9')"
+    ]
+    pytest.importorskip("hat_coco")
+    text = GOOD.replace('work_dir = "runs/toy"', 'work_dir = "runs/toy"\nrequires = ["hat-coco"]')
+    assert errors(tmp_path, text, toy_plugins.registry) == [  # installed, not in this manager
+        "$.task.requires[0]: hat-coco is installed but not loaded (left out by HAT_LOAD_PLUGINS, "
+        "or it failed to load: `hat plugins`)"
+    ]
+    ok = GOOD.replace('work_dir = "runs/toy"', 'work_dir = "runs/toy"\nrequires = ["hat-toy>=0.0.1"]')
+    recipe, _ = load_recipe(write(tmp_path, ok), toy_plugins.registry)
+    assert recipe.task.requires == ["hat-toy>=0.0.1"]
+
+
+def test_sections_take_the_installed_default_eagerly(tmp_path) -> None:
+    from hatcore.plugins import make_plugin_manager
+    from hatcore.recipe import MetricSpec, spec
+
+    @spec
+    class Scores(MetricSpec):
+        pass
+
+    class Provider:
+        @hookimpl
+        def hat_components(self, register):  # type: ignore[no-untyped-def]
+            register("metric", "scores", Scores, "a default metric", default=True)
+
+    plugins = make_plugin_manager(only={"toy"}, extra=[("provider", Provider())])
+    recipe, _ = load_recipe(write(tmp_path, GOOD.replace('[metric]\ntype = "toy_hits"\n', "")),
+                            plugins.registry)
+    assert type(recipe.metric) is Scores  # not None, resolved on use: structured at load
+    assert resolved(recipe, plugins.registry)["metric"] == {"type": "scores"}
+
+
+def test_a_stage_whose_plugin_is_missing_is_reported_before_anything_runs(tmp_path,
+                                                                          toy_plugins) -> None:
+    from hatcore.pipeline import Pipeline
+
+    work = tmp_path / "work"
+    path = write(tmp_path, GOOD.replace('"runs/toy"', f'"{work}"'))
+    pipe = Pipeline.load(path, plugins=toy_plugins)  # loads: `hat predict` needs no quantizer
+    with pytest.raises(RecipeError) as err:
+        pipe.run()  # calibration/qat on, no quantizer installed
+    assert err.value.errors[0] == (
+        "$.quantize: the calibration stage needs a quantizer, the recipe names none and no "
+        "installed plugin provides a default one (no installed plugin provides any quantizer "
+        "type); install the plugin (and list its distribution in task.requires) or disable the "
+        "stage")
+    assert not work.exists()  # before float training, before anything is written
+    off = ["stages.calibration.enabled=false", "stages.qat.enabled=false"]
+    pipe = Pipeline.load(path, off, plugins=toy_plugins)
+    assert [s.name for s in pipe.table if s.enabled(pipe.recipe)] == ["float", "toy_round"]
+    pipe.check_sections()  # nothing missing for the stages left
+    Pipeline.load(path, plugins=toy_plugins).check_sections(["float"])  # `--stage float` alone
 
 
 def test_missing_required_key_and_wrong_table(tmp_path, toy_plugins) -> None:

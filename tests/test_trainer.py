@@ -115,7 +115,8 @@ def test_training_writes_last_best_log_and_metrics(tmp_path) -> None:
     assert {"loss", "loss_box", "loss_cls", "lr", "img_s"} <= set(iters[0])
     assert [x["AP"] for x in lines if x["kind"] == "epoch"] == [0.2, 0.5, 0.4]
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["best"]["AP"] == 0.5 and summary["last"]["AP"] == 0.4
+    assert summary["stage"] == "float" and summary["schema"] == 1
+    assert summary["train"]["best"]["AP"] == 0.5 and summary["train"]["last"]["AP"] == 0.4
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, capsys) -> None:
@@ -255,7 +256,8 @@ def test_without_evaluation_best_is_the_last_weights(tmp_path) -> None:
         assert torch.equal(best["model"][k], v), k
     assert trainer.step == 4  # max_iters_per_epoch caps the 4 batches of an epoch at 2
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["epochs"] == 2 and summary["time"] > 0 and summary["last"]["epoch"] == 1
+    train = summary["train"]
+    assert train["epochs"] == 2 and train["time"] > 0 and train["last"]["epoch"] == 1
 
 
 def test_validation_every_n_epochs_and_at_the_end(tmp_path) -> None:

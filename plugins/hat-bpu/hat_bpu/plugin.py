@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import click
 import torch
@@ -21,6 +21,7 @@ from hat_bpu.ir import hbir
 from hat_bpu.quant.observers import OBSERVERS
 from hat_bpu.quant.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
 from hatcore.recipe import CompileSpec, ExportSpec, QuantizeSpec, option, spec
 from hatcore.registry import Register
@@ -113,7 +114,8 @@ def apply_freezes(model: nn.Module, epoch: int) -> list[str]:
 @hookimpl
 def hat_components(register: Register) -> None:
     register("quantizer", "horizon", HorizonQuantizeSpec,
-             "Horizon-style symmetric int8/int16 quantizer: fusion, observers, calibration, QAT")
+             "Horizon-style symmetric int8/int16 quantizer: fusion, observers, calibration, QAT",
+             default=True)
     _deploy_components(register)
 
 
@@ -145,18 +147,21 @@ def register_commands(cli: click.Group) -> None:
                   help="output folder (default: WORK_DIR/quant_debug/STAGE)")
     @click.option("--integer", is_flag=True, help="also compare the integer model per layer")
     @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
-    def quant_debug_cmd(recipe: Path, stage: str, batches: int, out: Path | None, integer: bool,
-                        overrides: tuple[str, ...]) -> None:
+    @pass_hat
+    def quant_debug_cmd(hat: HatContext, recipe: Path, stage: str, batches: int,
+                        out: Path | None, integer: bool, overrides: tuple[str, ...]) -> None:
         """Per-layer float vs fake-quant similarity (cosine, SQNR, max error in LSB)."""
         from hat_bpu.quant.debug import debug_recipe
 
-        click.echo(debug_recipe(recipe, stage, batches, out, overrides, integer))
+        click.echo(debug_recipe(hat.load(recipe, overrides), stage, batches, out, integer))
 
 
 
 @spec
 class HbirExportSpec(ExportSpec):
     """``[export]`` with ``type = "hbir"`` (the default exporter)."""
+
+    artifact: ClassVar[str] = "model.hbir"
 
     march: str = option("bayes-e", doc=f"BPU architecture recorded in the file ({', '.join(MARCHES)})")
     input_layout: Literal["yuv444", "nv12"] = option(
@@ -168,6 +173,10 @@ class HbirExportSpec(ExportSpec):
 class HbmCompileSpec(CompileSpec):
     """``[compile]`` with ``type = "hbm"`` (the default compiler)."""
 
+    artifact: ClassVar[str] = "model.hbm"
+
+    march: str = option("bayes-e", doc=f"BPU architecture ({', '.join(MARCHES)})")
+
     opt_level: int = option(2, doc="0: no layout work; 1: channel padding; 2: + fusion of "
                             "requantize/relu into the producing conv where the IR allows")
     input_layout: Literal["yuv444", "nv12"] = option(
@@ -177,9 +186,9 @@ class HbmCompileSpec(CompileSpec):
 def _deploy_components(register: Register) -> None:
     register("exporter", "hbir", HbirExportSpec,
              "integer graph of the quantized model as a versioned .hbir (graph, weights, "
-             "quant params)")
+             "quant params)", default=True)
     register("compiler", "hbm", HbmCompileSpec,
-             "modelled BPU compiler: .hbm program + per-layer performance estimate")
+             "modelled BPU compiler: .hbm program + per-layer performance estimate", default=True)
 
 
 @hookimpl
@@ -202,7 +211,7 @@ def check_model(model: nn.Module, spec: CompileSpec, example_input: torch.Tensor
         return None
     from hat_bpu.device.checker import check
 
-    return check(model, get_march(spec.march), example_input[:1])
+    return {"target": spec.march, **check(model, get_march(spec.march), example_input[:1])}
 
 
 

@@ -23,7 +23,7 @@ def test_fcos_quantizes_and_converts_bit_exact() -> None:
     plugins = make_plugin_manager(only={"fcos"})  # built through the hook; never imported here
     spec = make_converter(plugins.registry).structure({"type": "fcos", "num_classes": 4}, ModelSpec)
     torch.manual_seed(0)
-    model = plugins.hook.build_model(spec=spec).eval()
+    model = plugins.hook.build_model(spec=spec, plugins=plugins).eval()
     x = torch.randint(0, 256, (1, 3, 128, 128)).float().sub(128).div(128)
     q = quantize(model=model, spec=HorizonQuantizeSpec(type="horizon", observer="minmax"),
                  stage="calibration")
@@ -41,7 +41,7 @@ def test_fcos_quantizes_and_converts_bit_exact() -> None:
     assert len(got) == len(ref) == 15  # cls, box, centerness × 5 levels
     assert all(np.array_equal(g, r.numpy()) for g, r in zip(got, ref, strict=True))
     assert {graph.tensors[graph.producer(o).inputs[0]].dtype for o in graph.outputs} == {"int16"}
-    fresh = quantize(model=plugins.hook.build_model(spec=spec).eval(),
+    fresh = quantize(model=plugins.hook.build_model(spec=spec, plugins=plugins).eval(),
                      spec=HorizonQuantizeSpec(type="horizon", observer="minmax"), stage="qat")
     fresh.load_state_dict(q.state_dict())
     quant.set_mode(fresh, "fake_quant")

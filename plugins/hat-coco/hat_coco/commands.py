@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
 
 
@@ -80,12 +81,13 @@ def coco_inputs(ann_file: Path | None, img_dir: Path | None, src_data_dir: Path 
 @click.option("--score-thr", default=0.3, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value (TOML syntax; repeatable).")
-def infer_cmd(recipe: Path, image: Path, out: Path, stage: str, score_thr: float,
-              overrides: tuple[str, ...]) -> None:
+@pass_hat
+def infer_cmd(hat: HatContext, recipe: Path, image: Path, out: Path, stage: str,
+              score_thr: float, overrides: tuple[str, ...]) -> None:
     """Detect objects in one image with a trained stage and draw them into a PNG."""
     from hat_coco.infer import infer_image
 
-    n = infer_image(recipe, image, out, stage, score_thr, overrides)
+    n = infer_image(hat.load(recipe, overrides), image, out, stage, score_thr)
     click.echo(f"{out}: {n} detections drawn")
 
 
@@ -163,8 +165,9 @@ def data_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="RECIPE: override a recipe value (TOML syntax; repeatable).")
-def data_check(target: Path, img_dir: Path | None, strict: bool, as_json: bool,
-               overrides: tuple[str, ...]) -> None:
+@pass_hat
+def data_check(hat: HatContext, target: Path, img_dir: Path | None, strict: bool,
+               as_json: bool, overrides: tuple[str, ...]) -> None:
     """Images, boxes per class, box sizes, and every annotation the loader would drop."""
     import json
     import sys
@@ -180,7 +183,7 @@ def data_check(target: Path, img_dir: Path | None, strict: bool, as_json: bool,
         from hat_coco.recipe_data import recipe_datasets
 
         reports = [dc.check_dataset(ds, f"[data.{split}]", progress)
-                   for split, ds in recipe_datasets(target, overrides).items()]
+                   for split, ds in recipe_datasets(hat, target, overrides).items()]
     elif not target.exists():
         raise UserError(f"{target}: no such file or folder")
     else:
@@ -205,13 +208,14 @@ def data_check(target: Path, img_dir: Path | None, strict: bool, as_json: bool,
 @click.option("--seed", default=0, show_default=True, help="seed of random transforms")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value (TOML syntax; repeatable).")
-def data_browse(recipe: Path, split: str, out: Path, n: int, raw: bool, seed: int,
-                overrides: tuple[str, ...]) -> None:
+@pass_hat
+def data_browse(hat: HatContext, recipe: Path, split: str, out: Path, n: int, raw: bool,
+                seed: int, overrides: tuple[str, ...]) -> None:
     """Draw the ground truth (class names) of a recipe split, as the model sees it or --raw."""
     from hat_coco.browse import browse
     from hat_coco.recipe_data import recipe_datasets
 
-    datasets = recipe_datasets(recipe, overrides, (split,))
+    datasets = recipe_datasets(hat, recipe, overrides, (split,))
     if split not in datasets:
         raise UserError(f"{recipe}: the recipe has no [data.{split}] table")
     written = browse(datasets[split], out, n, raw, seed)

@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import cv2
 import torch
 
 from hat_coco.decode import DecodeError, decode_rgb
 from hat_coco.draw import draw
-from hatcore.data import to_device
 from hatcore.errors import UserError
 
 
-def infer_image(recipe: Path, image: Path, out: Path, stage: str = "float",
-                score_thr: float = 0.3, overrides: tuple[str, ...] = ()) -> int:
-    """Detect in ``image`` with ``stage`` of ``recipe``; write the drawing to ``out``.
+def infer_image(run: Any, image: Path, out: Path, stage: str = "float",
+                score_thr: float = 0.3) -> int:
+    """Detect in ``image`` with ``stage`` of ``run`` (the recipe's run context, from
+    ``HatContext.load``); write the drawing to ``out``.
 
     :returns: the number of detections drawn.
     """
-    from hatcore.pipeline import Pipeline
-
     try:
         img = decode_rgb(image.read_bytes())
     except OSError as exc:
         raise UserError(f"{image}: cannot read ({exc.strerror})") from None
     except DecodeError as exc:
         raise UserError(f"{image}: {exc}") from None
-    pipe = Pipeline.load(recipe, overrides)
+    pipe = run
     class_names = list(getattr(pipe.build_dataset("val"), "class_names", []))
     h, w = img.shape[:2]
     sample = {"img": img, "gt_boxes": torch.zeros(0, 4).numpy(),
@@ -42,10 +40,8 @@ def infer_image(recipe: Path, image: Path, out: Path, stage: str = "float",
 
     batch = collate([sample])
     model, runner = pipe.predictor(stage)
-    device = next(model.parameters(), torch.empty(0)).device
-    batch = to_device(batch, device)
-    with torch.no_grad():
-        dets = cast(Any, model).postprocess(runner(batch), batch)
+    device = pipe.predict_device(stage)
+    [(_, dets)] = pipe.predictions(model.to(device), runner, [batch], device, "infer")
     det = {k: v.detach().cpu() for k, v in dets[0].items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), draw(img, det, class_names, score_thr)):

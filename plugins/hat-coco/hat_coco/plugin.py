@@ -36,7 +36,7 @@ def hat_components(register: Register) -> None:
     register("dataset", "shapes", S.ShapesSpec, "generated COCO-format shapes (demo data)")
     for cls, (name, _, doc) in _TRANSFORMS.items():
         register("transform", name, cls, doc)
-    register("metric", "coco", S.CocoMetricSpec, "COCO bbox AP/AR")
+    register("metric", "coco", S.CocoMetricSpec, "COCO bbox AP/AR", default=True)
 
 
 def dataset_from_spec(spec: DatasetSpec, split: str, transforms: list[Any]) -> Any:

@@ -14,7 +14,8 @@ from hat_coco.lmdb_store import CocoLmdbDataset, pack_dataset
 from hat_coco.plugin import build_dataset, build_transform, draw_detections
 
 from hatcore.checkpoint import save_checkpoint
-from hatcore.plugins import make_plugin_manager, set_plugins
+from hatcore.context import HatContext
+from hatcore.plugins import make_plugin_manager
 
 
 def _val(shapes_root: Path) -> S.ShapesSpec:
@@ -74,12 +75,9 @@ transforms = [{{ type = "resize", img_scale = [96, 96] }}, {{ type = "pad", divi
               {{ type = "to_tensor" }}, {{ type = "normalize" }}]
 ''')
     save_checkpoint(work / "float" / "checkpoint-best.pt", {"model": ToyDetector(4).state_dict()})
-    set_plugins(make_plugin_manager(only={"toy", "coco"}))
-    try:
-        n = infer_image(recipe, shapes_root / "val2017" / "000000000003.jpg", tmp_path / "o.png",
-                        "float", score_thr=0.0)
-    finally:
-        set_plugins(None)
+    run = HatContext(make_plugin_manager(only={"toy", "coco"})).load(recipe)
+    n = infer_image(run, shapes_root / "val2017" / "000000000003.jpg", tmp_path / "o.png",
+                    "float", score_thr=0.0)
     assert n == 1
     out = cv2.imread(str(tmp_path / "o.png"))
     orig = cv2.imread(str(shapes_root / "val2017" / "000000000003.jpg"))

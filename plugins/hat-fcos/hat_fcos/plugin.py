@@ -28,7 +28,9 @@ from hat_fcos.specs import (
     ResNetSpec,
 )
 from hatcore import hookimpl
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
+from hatcore.plugins import Plugins
 from hatcore.recipe import ModelSpec
 from hatcore.registry import Register
 
@@ -94,12 +96,10 @@ def _need(obj: Any, kind: str, name: str) -> Any:
 
 
 @hookimpl
-def build_model(spec: ModelSpec) -> nn.Module | None:
+def build_model(spec: ModelSpec, plugins: Plugins) -> nn.Module | None:
     if not isinstance(spec, FCOSSpec):
         return None
-    from hatcore.plugins import get_plugins
-
-    hook = get_plugins().hook
+    hook = plugins.hook  # the manager this call runs under, so a test's own one is honoured
     backbone = _need(hook.build_backbone(spec=spec.backbone), "backbone", spec.backbone.type)
     neck = _need(hook.build_neck(spec=spec.neck, in_channels=list(backbone.out_channels)),
                  "neck", spec.neck.type)
@@ -133,16 +133,12 @@ def register_commands(cli: click.Group) -> None:
 @click.option("--top", type=int, default=None, help="Show only the N layers with most FLOPs.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value (TOML syntax; repeatable).")
-def calops_cmd(recipe: Path, input_shape: str | None, top: int | None,
+@pass_hat
+def calops_cmd(hat: HatContext, recipe: Path, input_shape: str | None, top: int | None,
                overrides: tuple[str, ...]) -> None:
     """Count FLOPs, MACs and parameters of RECIPE's model, per layer and in total."""
-    from hatcore.plugins import get_plugins
-    from hatcore.recipe import load_recipe
-
-    if not recipe.is_file():
-        raise UserError(f"{recipe}: no such recipe file")
-    plugins = get_plugins()
-    rec, _ = load_recipe(recipe, plugins.registry, overrides)
+    run = hat.load(recipe, overrides)
+    rec = run.recipe
     if input_shape is not None:
         try:
             shape = [int(v) for v in input_shape.split(",")]
@@ -153,7 +149,5 @@ def calops_cmd(recipe: Path, input_shape: str | None, top: int | None,
                             f"{input_shape!r}")
     else:
         shape = list(rec.export.input_shape) if rec.export is not None else [1, 3, 512, 512]
-    model = plugins.hook.build_model(spec=rec.model)
-    if model is None:
-        raise UserError(f"{recipe}: no installed plugin builds model type {rec.model.type!r}")
+    model = run.build_model()
     click.echo(count_ops(model, shape).table(top))

@@ -12,6 +12,6 @@ from hatcore.recipe import ModelSpec, make_converter
 
 def build(plugins: Plugins, **table: Any) -> nn.Module:
     spec = make_converter(plugins.registry).structure({"type": "fcos", **table}, ModelSpec)
-    model = plugins.hook.build_model(spec=spec)
+    model = plugins.hook.build_model(spec=spec, plugins=plugins)
     assert model is not None
     return model

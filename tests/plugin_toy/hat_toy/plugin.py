@@ -2,6 +2,11 @@
 
 Each image holds one bright square on a dark background; the model predicts one box and one
 class per image. Enough to exercise the trainer, pipeline and CLI in seconds.
+
+It also adds a stage to the stage table (``hat_stages``): ``toy_round`` rounds the float
+weights to multiples of 1/8 and is scored by its own predict (and summary) row, proving that a
+plugin adds a stage without touching the core. Its hook implementations do not check the spec's
+class: the core calls a ``build_*`` hook only on the plugin that registered the spec's type.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from hatcore import hookimpl
 from hatcore.quant import DeQuantStub, QuantStub
 from hatcore.recipe import DatasetSpec, MetricSpec, ModelSpec, TransformSpec, option, spec
 from hatcore.registry import Register
+from hatcore.stages import Stage
 
 
 @spec
@@ -173,29 +179,59 @@ def hat_components(register: Register) -> None:
 
 
 @hookimpl
-def build_model(spec: ModelSpec) -> nn.Module | None:
-    if isinstance(spec, ToyModelSpec):
-        return ToyDetector(spec.num_classes, spec.width)
-    return None
+def build_model(spec: ToyModelSpec) -> nn.Module:
+    return ToyDetector(spec.num_classes, spec.width)
 
 
 @hookimpl
-def build_dataset(spec: DatasetSpec, split: str, transforms: list) -> Any:
-    if isinstance(spec, ToyDataSpec):
-        return ToyDataset(spec.size, spec.length, spec.num_classes, 0 if split == "train" else 1,
-                          transforms)
-    return None
+def build_dataset(spec: ToyDataSpec, split: str, transforms: list) -> Any:
+    return ToyDataset(spec.size, spec.length, spec.num_classes, 0 if split == "train" else 1,
+                      transforms)
 
 
 @hookimpl
-def build_transform(spec: TransformSpec) -> Any:
-    if isinstance(spec, ToyFlipSpec):
-        return ToyFlip(spec.p)
-    return None
+def build_transform(spec: ToyFlipSpec) -> Any:
+    return ToyFlip(spec.p)
 
 
 @hookimpl
-def build_metric(spec: MetricSpec, dataset: Any) -> Any:
-    if isinstance(spec, ToyMetricSpec):
-        return ToyMetric(dataset, spec.iou)
-    return None
+def build_metric(spec: ToyMetricSpec, dataset: Any) -> Any:
+    return ToyMetric(dataset, spec.iou)
+
+
+# --------------------------------------------------------------------------- a plugin stage
+
+ROUND_STEP = 1 / 8
+
+
+def run_round(pipe: Any, stage: Stage) -> dict[str, Any]:
+    """Round every float weight to a multiple of ``ROUND_STEP``; save as this stage's best."""
+    from hatcore.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(pipe.stage_checkpoint(stage.needs[0]))["model"]
+    rounded = {k: (v / ROUND_STEP).round() * ROUND_STEP if v.is_floating_point() else v
+               for k, v in state.items()}
+    save_checkpoint(pipe.workdir.checkpoint(stage.name), {"model": rounded, "stage": stage.name})
+    pipe.echo(f"{stage.name}: rounded {len(rounded)} tensors to multiples of {ROUND_STEP}")
+    return {"tensors": len(rounded)}
+
+
+def load_round(pipe: Any, stage: Stage, ckpt: Path | None) -> tuple[nn.Module, Any]:
+    from hatcore.checkpoint import load_checkpoint
+
+    model = pipe.build_model()
+    model.load_state_dict(load_checkpoint(ckpt or pipe.stage_checkpoint(stage.name))["model"])
+    model.to(pipe.device).eval()
+    return model, lambda batch: model(batch["img"])
+
+
+@hookimpl
+def hat_stages() -> list[Stage]:
+    return [Stage("toy_round", run_round, needs=("float",), after="float",
+                  artifacts=lambda recipe: ("checkpoint-best.pt",), predict="toy_round",
+                  load=load_round, enabled=_round_enabled)]
+
+
+def _round_enabled(recipe: Any) -> bool:
+    """Only for the toy model (the plugin is installed in the dev environment of every run)."""
+    return bool(recipe.stages.float.enabled and recipe.model.type == "toy_detector")

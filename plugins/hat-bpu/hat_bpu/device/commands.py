@@ -13,15 +13,8 @@ from torch import nn
 from hat_bpu.device import perf
 from hat_bpu.device.march import MARCHES, get_march
 from hatcore import quant
+from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
-
-
-def _pipeline(recipe: Path, overrides: tuple[str, ...]) -> Any:
-    from hatcore.pipeline import Pipeline
-
-    if not recipe.is_file():
-        raise UserError(f"{recipe}: no such recipe file")
-    return Pipeline.load(recipe, overrides)
 
 
 def _shape(text: str | None, default: list[int]) -> list[int]:
@@ -44,9 +37,7 @@ def integer_graph(pipe: Any, model: nn.Module, shape: list[int], march: str) -> 
     qspec = pipe.section("quantize")
     if hasattr(qspec, "march"):
         qspec.march = march
-    qm = pipe.hook.quantize(model=model.eval(), spec=qspec, stage="calibration")
-    if qm is None:
-        raise UserError(f"no installed plugin quantizes type {qspec.type!r}")
+    qm = pipe.quantize(model.eval(), "calibration")
     x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float()
     x = (x - 128) / 128
     quant.set_mode(qm, "observe")
@@ -70,10 +61,11 @@ def register(cli: click.Group) -> None:
     @march_opt
     @click.option("--input-shape", default=None, help="N,C,H,W (default: [export] input_shape)")
     @set_opt
-    def check_cmd(recipe: Path, march: str | None, input_shape: str | None,
+    @pass_hat
+    def check_cmd(hat: HatContext, recipe: Path, march: str | None, input_shape: str | None,
                   overrides: tuple[str, ...]) -> None:
         """List every op of RECIPE's model as BPU / not supported (exit 1 on a failure)."""
-        pipe = _pipeline(recipe, overrides)
+        pipe = hat.load(recipe, overrides)
         m = get_march(march or pipe.section("compile").march)
         shape = _shape(input_shape, pipe.section("export").input_shape)
         report = check(pipe.build_model().eval(), m, torch.zeros([1, *shape[1:]]))
@@ -89,11 +81,12 @@ def register(cli: click.Group) -> None:
     @click.option("--out", type=click.Path(path_type=Path), default=None,
                   help="also write perf.json and perf.html into this folder")
     @set_opt
-    def perf_cmd(recipe: Path, march: str | None, input_shape: str | None, as_json: bool,
-                 out: Path | None, overrides: tuple[str, ...]) -> None:
+    @pass_hat
+    def perf_cmd(hat: HatContext, recipe: Path, march: str | None, input_shape: str | None,
+                 as_json: bool, out: Path | None, overrides: tuple[str, ...]) -> None:
         """Estimated latency/FPS/DDR traffic of RECIPE's architecture (random weights) on a
         modelled BPU - estimates of a modelled device, not board measurements."""
-        pipe = _pipeline(recipe, overrides)
+        pipe = hat.load(recipe, overrides)
         name = march or pipe.section("compile").march
         m = get_march(name)
         shape = _shape(input_shape, pipe.section("export").input_shape)

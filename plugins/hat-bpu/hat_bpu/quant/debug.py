@@ -202,20 +202,21 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def debug_recipe(recipe: Path, stage: str, batches: int, out: Path | None,
-                 overrides: tuple[str, ...] = (), integer: bool = False) -> str:
-    """``hat quant-debug``: load the stage's checkpoint, compare on val batches, write reports."""
-    from hatcore.pipeline import Pipeline
+def debug_recipe(run: Any, stage: str, batches: int, out: Path | None,
+                 integer: bool = False) -> str:
+    """``hat quant-debug``: load the stage's checkpoint, compare on val batches, write reports.
 
-    pipe = Pipeline.load(recipe, overrides)
+    :param run: the recipe's run context (``HatContext.load``), never imported here.
+    """
+    pipe = run
     model = pipe.load_stage_model(stage).cpu().eval()
     if not isinstance(model, QuantModel):
-        raise UserError(f"the {stage} model of {recipe} is not a hat-bpu quantized model")
+        raise UserError(f"the {stage} model of {pipe.source} is not a hat-bpu quantized model")
     inputs = []
     for i, batch in enumerate(pipe.loader("val")):
         if i >= batches:
             break
         inputs.append(batch["img"])
     rows = compare_layers(model, inputs, integer)
-    paths = write_report(rows, out or pipe.work_dir / "quant_debug" / stage)
+    paths = write_report(rows, out or pipe.workdir.stage("quant_debug") / stage)
     return format_table(rows) + "\n\n" + "\n".join(f"wrote {p}" for p in paths.values())
