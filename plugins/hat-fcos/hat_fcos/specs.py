@@ -67,11 +67,18 @@ class FCOSHeadSpec(HeadSpec):
 
 @spec
 class TargetSpec:
-    """``[model.target]``: DynamicFcosTarget (SimOTA-like assignment)."""
+    """``[model.target]``: DynamicFcosTarget (SimOTA-like assignment), as HAT's (docs/fcos.md)."""
 
-    topK: int = option(10, doc="IoUs summed to get each GT's number of points")  # noqa: N815
-    cls_cost_weight: float = option(1.0, doc="weight of the classification cost")
-    reg_cost_weight: float = option(3.0, doc="weight of the GIoU cost")
+    topK: int = option(  # noqa: N815
+        10, doc="each GT takes max(1, int(sum of its topK IoUs)) points")
+    center_sampling: bool = option(
+        True, doc="candidates are the points inside the GT's centre region (the box clipped to "
+        "centre +- radius x stride); false: every point inside the box")
+    center_sampling_radius: float = option(2.5, doc="radius of the centre region, in strides")
+    cls_cost_weight: float = option(
+        1.0, doc="weight of the classification cost (focal loss over all classes)")
+    reg_cost_weight: float = option(
+        2.0, doc="weight of the GIoU cost (the seed's loss_reg loss_weight)")
 
 
 @spec
