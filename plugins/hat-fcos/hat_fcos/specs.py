@@ -96,12 +96,12 @@ class LossSpec:
 class DecoderSpec:
     """``[model.decoder]``: FCOSDecoder."""
 
-    score_thr: float = option(0.05, doc="minimum class score kept")
-    nms_pre: int = option(1000, doc="top points per level, and most (point, class) pairs, into NMS")
+    score_thr: float = option(0.05, doc="minimum class score (before centerness) kept")
+    nms_pre: int = option(1000, doc="top points per level into the NMS")
     nms_iou: float = option(0.6, doc="IoU threshold of the multiclass NMS")
     max_per_img: int = option(100, doc="detections kept per image")
-    nms_use_centerness: bool = option(True, doc="rank by score x centerness")
-    nms_sqrt: bool = option(True, doc="rank by sqrt(score x centerness)")
+    nms_use_centerness: bool = option(True, doc="rank and score by score x centerness")
+    nms_sqrt: bool = option(True, doc="rank and score by sqrt(score x centerness)")
 
 
 @spec

@@ -127,3 +127,20 @@ def test_loss_weights_on_the_two_gt_example() -> None:
     assert math.isclose(float(losses["loss_cls"]), focal, rel_tol=1e-5)
     # centerness: BCE of a zero logit is ln 2 whatever the target
     assert math.isclose(float(losses["loss_centerness"]), math.log(2), rel_tol=1e-5)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_decoder_thresholds_the_class_score_and_ranks_by_sqrt_cls_ctr() -> None:
+    dec = FCOSDecoder([8], score_thr=0.05)
+    cls = torch.full((1, 1, 2, 2), -20.0)
+    ctr = torch.zeros(1, 1, 2, 2)
+    cls[0, 0, 0, 0], ctr[0, 0, 0, 0] = _logit(0.5), _logit(0.001)  # sqrt(5e-4) = 0.0224: kept
+    cls[0, 0, 1, 1], ctr[0, 0, 1, 1] = _logit(0.04), _logit(0.99)  # class 0.04 < 0.05: dropped
+    bbox = torch.ones(1, 4, 2, 2)  # 16 px squares, apart: no suppression
+    det = dec(([cls], [bbox], [ctr]), {"img": torch.zeros(1, 3, 16, 16)})[0]
+    assert len(det["scores"]) == 1
+    assert math.isclose(float(det["scores"][0]), math.sqrt(0.5 * 0.001), rel_tol=1e-4)
+    torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 12.0, 12.0]]))
