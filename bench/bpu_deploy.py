@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "hat-bpu" / "tests"))
 from bpu_deploy_nets import FcosB0Like  # noqa: E402
-from hat_bpu import hbir, hbm, perf  # noqa: E402
-from hat_bpu.convert import convert  # noqa: E402
-from hat_bpu.deploy_fixtures import calibrate, yuv_input  # noqa: E402
-from hat_bpu.ir_reference import run_ir  # noqa: E402
-from hat_bpu.march import MARCHES  # noqa: E402
-from hat_bpu.simulator import Simulator  # noqa: E402
+from deploy_fixtures import calibrate, yuv_input  # noqa: E402
+from hat_bpu.device import hbm, perf  # noqa: E402
+from hat_bpu.device.march import MARCHES  # noqa: E402
+from hat_bpu.ir import hbir  # noqa: E402
+from hat_bpu.ir.reference import run_ir  # noqa: E402
+from hat_bpu.ir.simulator import Simulator  # noqa: E402
+from hat_bpu.quant.convert import convert  # noqa: E402
 
 
 def best(fn, reps: int) -> float:  # type: ignore[no-untyped-def]

@@ -13,16 +13,20 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from hat_bpu.example_net import SmallNet
-from hat_bpu.quant_plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.plugin import HorizonQuantizeSpec, quantize
 from torch import nn
 
 from hatcore import quant
 from hatcore.quant import DeQuantStub, QuantStub
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "hat-bpu" / "tests"))
+from example_net import SmallNet  # noqa: E402  (a test helper of hat-bpu)
 
 
 class ConvNet6(nn.Module):

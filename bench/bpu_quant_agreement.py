@@ -1,4 +1,4 @@
-"""Fake-quant model vs its integer graph (hat_bpu.ir_reference), on EfficientNet-Lite0 features.
+"""Fake-quant model vs its integer graph (hat_bpu.ir.reference), on EfficientNet-Lite0 features.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bpu_quant_agreement.py --size 96 --batch 4
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hat_bpu.convert import convert
-from hat_bpu.ir_reference import run_ir
-from hat_bpu.quant_plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.ir.reference import run_ir
+from hat_bpu.plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.quant.convert import convert
 
 from hatcore import quant
 

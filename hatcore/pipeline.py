@@ -39,6 +39,7 @@ from hatcore.recipe import (
     make_converter,
     resolved,
 )
+from hatcore.trainer import configure_determinism
 
 TRAIN_STAGES = ("float", "calibration", "qat")
 DEPLOY_STAGES = ("export", "compile")
@@ -71,6 +72,7 @@ class Pipeline:
         self.hook = plugins.hook
         self.work_dir = Path(recipe.task.work_dir)
         self.device = self._device(recipe.task.device)
+        configure_determinism(recipe.task.deterministic)
         self._datasets: dict[str, Dataset[Any]] = {}
         self.resolved = resolved(recipe, plugins.registry)
 

@@ -192,6 +192,9 @@ class TrainStage:
                                "(the best checkpoint is the last one, scored by `predict`)")
     log_interval: int = option(10, doc="iterations between log.jsonl lines")
     max_iters_per_epoch: int | None = option(None, doc="cap on iterations per epoch (smoke runs)")
+    checkpoint_every_iters: int = option(
+        0, doc="also write checkpoint-last.pt every N iterations inside an epoch (0: only at "
+        "epoch ends), for long epochs; a resumed run continues from there exactly")
 
 
 @spec

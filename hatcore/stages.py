@@ -23,6 +23,7 @@ from hatcore.pipeline import (
     write_json,
 )
 from hatcore.recipe import fingerprint
+from hatcore.trainer import seed_everything
 
 # which trained stage's weights each predict stage scores
 PREDICT_SOURCE = {"float": "float", "calibration": "calibration", "qat": "qat",
@@ -121,6 +122,7 @@ class StageRunner:
             return None
         if state.start():
             echo(f"{stage}: continuing an interrupted run")
+        seed_everything(self.recipe.task.seed)  # a redone stage builds and draws the same
         self.ran.append(stage)
         return state
 
@@ -173,7 +175,8 @@ class StageRunner:
         model.to(self.pipe.device).eval()
         echo(f"calibration: observing {cfg.batches} batches")
         quant.set_mode(model, "observe")
-        calibrate(model, self.pipe.loader("train"), batches=cfg.batches, device=self.pipe.device)
+        calibrate(model, self.pipe.loader("train"), batches=cfg.batches, device=self.pipe.device,
+                  seed=self.recipe.task.seed)
         quant.set_mode(model, "fake_quant")
         out = self.work / "calibration"
         if dist.is_main():  # scored by `predict calibration`, not twice

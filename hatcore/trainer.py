@@ -2,16 +2,23 @@
 
 One epoch: for each batch, ``raw = model(img)``, ``losses = compute_loss(raw, batch)``, the sum
 is back-propagated; LR follows the schedule every iteration; the EMA follows the weights.
-After each epoch: validation when due, ``checkpoint-last.pt`` (everything resume needs),
-``checkpoint-best.pt`` when the validation metric improved, a ``log.jsonl`` line and the
-``on_epoch_end`` hook. Each epoch is seeded from ``(seed, epoch)``, so a resumed run replays
-exactly what an uninterrupted one would have done.
+After each epoch: validation when due, ``checkpoint-best.pt`` when the validation metric
+improved, a ``log.jsonl`` line, the ``on_epoch_end`` hook and then ``checkpoint-last.pt``
+(everything resume needs, including what the hook changed: hat-bpu freezes BN statistics and
+observers there, so a resumed QAT run starts from the frozen state). With
+``checkpoint_every_iters = N`` a ``checkpoint-last.pt`` is also written every N iterations inside
+an epoch. Each epoch is seeded from ``(seed, epoch)``; a run resumed at an epoch boundary
+replays exactly what an uninterrupted one would have done, and so does one resumed mid-epoch: it
+re-reads (without training on them) the batches the epoch had already used, so the data order
+and the loader workers' random state are those of the uninterrupted run, then restores the
+RNG states saved with the checkpoint.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -31,8 +38,8 @@ from hatcore.errors import UserError
 from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
 from hatcore.recipe import TrainStage
 
-__all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "rng_state",
-           "seed_everything", "set_rng_state"]
+__all__ = ["Trainer", "build_optimizer", "build_scheduler", "calibrate", "configure_determinism",
+           "rng_state", "seed_everything", "set_rng_state"]
 
 
 def seed_everything(seed: int) -> None:
@@ -40,6 +47,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Apply ``task.deterministic``.
+
+    On: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
+    deterministic implementation warns, naming itself, instead of stopping the run), cuDNN in
+    deterministic mode without autotuning, and the fixed cuBLAS workspace CUDA asks for. Off: the
+    library defaults plus cuDNN autotuning (fastest, not reproducible). Seeding (``task.seed``)
+    happens either way: every epoch from ``(seed, epoch)``, calibration from ``seed``, loader
+    workers from the loader's generator.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def rng_state() -> dict[str, Any]:
@@ -116,6 +140,7 @@ class Trainer:
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0  # seconds of training, over all runs of this stage
+        self._mid_epoch: tuple[dict[str, Any], dict[str, Any]] | None = None  # (position, rng)
 
         model = model.to(device)
         if cfg.channels_last:
@@ -126,6 +151,9 @@ class Trainer:
         self.iters_per_epoch = len(train_loader)
         if cfg.max_iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
+        if cfg.checkpoint_every_iters < 0:
+            raise UserError(f"stages.{stage}.checkpoint_every_iters = {cfg.checkpoint_every_iters}: "
+                            "expected 0 (off) or a positive number of iterations")
         if self.iters_per_epoch == 0:
             raise UserError(f"{stage}: the training set gives no batch (fewer images than "
                             "data.train.batch_size with drop_last?)")
@@ -141,15 +169,23 @@ class Trainer:
         """The weights that are validated and saved as best: the EMA when on."""
         return self.ema.module if self.ema else self.raw_model
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything resume needs. ``epoch`` is the last finished epoch; ``mid_epoch`` (or
+        None at an epoch's end) says how far the next one got: ``iter`` batches trained, the
+        running loss ``sums``, ``images`` and ``seconds`` so far."""
         return {
             "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "scheduler": {"step": self.step}, "stage": self.stage, "epoch": self.epoch,
+            "scheduler": {"step": self.step}, "stage": self.stage,
+            "epoch": self.epoch if mid_epoch is None else self.epoch - 1, "mid_epoch": mid_epoch,
             "step": self.step, "best": self.best, "history": json.dumps(self.history),
             "elapsed": self.elapsed, "rng": rng_state(), "stopped": self.should_stop,
         }
+
+    def _save_last(self, mid_epoch: dict[str, Any] | None = None) -> None:
+        if dist.is_main():
+            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state(mid_epoch))
 
     def _resume(self) -> None:
         path = self.out_dir / "checkpoint-last.pt"
@@ -168,9 +204,14 @@ class Trainer:
         self.should_stop = bool(state.get("stopped", False))
         if state.get("rng"):
             set_rng_state(state["rng"])
+        if state.get("mid_epoch"):  # replayed by _epoch: skip what was trained, then these RNGs
+            self._mid_epoch = (state["mid_epoch"], state["rng"])
         if not dist.is_main():
             return
-        if self.should_stop:
+        if self._mid_epoch:
+            tqdm.write(f"resuming {self.stage} in epoch {self.epoch + 1}/{self.cfg.epochs} after "
+                       f"iteration {self._mid_epoch[0]['iter']}/{self.iters_per_epoch} ({path})")
+        elif self.should_stop:
             tqdm.write(f"{self.stage}: stopped early after epoch {self.epoch}/{self.cfg.epochs} "
                        f"({path})")
         elif self.epoch >= self.cfg.epochs:
@@ -225,14 +266,23 @@ class Trainer:
             self.before_epoch(self, epoch)
         self.model.train()
         freeze_bn(self.raw_model, self.cfg.frozen_bn)
-        sums: dict[str, float] = {}
-        images, t0 = 0, time.perf_counter()
-        bar = tqdm(total=self.iters_per_epoch, desc=f"{self.stage} {epoch + 1}/{cfg.epochs}",
-                   disable=not dist.is_main(), dynamic_ncols=True, leave=True)
-        lr, steps = 0.0, 0
+        resume, self._mid_epoch = self._mid_epoch, None
+        position = resume[0] if resume else {}
+        skip = int(position.get("iter", 0))  # batches this epoch already trained on
+        sums: dict[str, float] = dict(position.get("sums", {}))
+        images, steps = int(position.get("images", 0)), skip
+        t0 = time.perf_counter() - float(position.get("seconds", 0.0))
+        bar = tqdm(total=self.iters_per_epoch, initial=skip, disable=not dist.is_main(),
+                   desc=f"{self.stage} {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=True)
+        lr = 0.0
+        every = cfg.checkpoint_every_iters
         for i, batch in enumerate(self.loader):
             if i >= self.iters_per_epoch:
                 break
+            if i < skip:  # resumed mid-epoch: the batches were read to replay the loader's state
+                if i + 1 == skip and resume:
+                    set_rng_state(resume[1])  # ...and the RNGs continue from the checkpoint
+                continue
             lr = self.schedule.apply(self.optimizer, cfg.optimizer.lr, self.step)
             losses = self._train_step(batch)
             n = int(batch["img"].shape[0]) * dist.world_size()
@@ -246,14 +296,18 @@ class Trainer:
             left = (cfg.epochs - epoch) * self.iters_per_epoch - steps  # iterations in the stage
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {
                 "lr": f"{lr:.2e}", "img/s": f"{rate:.1f}",
-                "stage ETA": tqdm.format_interval(left * spent / steps)}, refresh=False)
+                "stage ETA": tqdm.format_interval(left * spent / max(1, steps - skip))},
+                refresh=False)
             bar.update(1)
             if cfg.log_interval and self.step % cfg.log_interval == 0:
                 self._log({"kind": "iter", "epoch": epoch, "iter": i, "step": self.step,
                            **losses, "lr": lr, "img_s": rate})
+            if every and self.step % every == 0 and i + 1 < self.iters_per_epoch:
+                self._save_last({"iter": i + 1, "sums": dict(sums), "images": images,
+                                 "seconds": time.perf_counter() - t0})
         bar.close()
         seconds = time.perf_counter() - t0
-        self.elapsed += seconds
+        self.elapsed += seconds  # the checkpoint's elapsed excludes this epoch's first part
         per_rank = dist.all_gather_object(sums)  # every rank reports the mean over all of them
         metrics: dict[str, Any] = {k: sum(r[k] for r in per_rank) / (len(per_rank) * max(1, steps))
                                    for k in sums}
@@ -266,14 +320,11 @@ class Trainer:
         if self.best_key in metrics and (self.best is None or metrics[self.best_key] > self.best):
             self.best = float(metrics[self.best_key])
             self._save_best(metrics)
-        if dist.is_main():
-            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state())
         self._log({"kind": "epoch", **metrics})
-        if self.hook is not None:
+        if self.hook is not None:  # before checkpoint-last: it saves what the hooks changed
             self.hook.on_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
         self.should_stop = bool(dist.broadcast_object(self.should_stop))  # rank 0 decides
-        if self.should_stop and dist.is_main():  # a later run must not train on
-            save_checkpoint(self.out_dir / "checkpoint-last.pt", self._state())
+        self._save_last()
         dist.barrier()
         return metrics
 
@@ -312,8 +363,15 @@ class Trainer:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, loader: DataLoader[Any], batches: int, device: torch.device) -> int:
-    """Forward ``batches`` batches through ``model`` (eval mode, no gradients); returns how many."""
+def calibrate(model: nn.Module, loader: DataLoader[Any], batches: int, device: torch.device,
+              seed: int | None = None) -> int:
+    """Forward ``batches`` batches through ``model`` (eval mode, no gradients); returns how many.
+
+    :param seed: seeds every RNG first (the training transforms draw from them), so a redone
+        calibration observes exactly the same batches.
+    """
+    if seed is not None:
+        seed_everything(seed)
     model.eval()
     done = 0
     with tqdm(total=batches, desc="calibration", disable=not dist.is_main(), dynamic_ncols=True) as bar:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hat_bpu import deploy_plugin
-from hat_bpu.checker import check
-from hat_bpu.example_net import SmallNet
-from hat_bpu.march import get_march
+from example_net import SmallNet
+from hat_bpu import plugin
+from hat_bpu.device.checker import check
+from hat_bpu.device.march import get_march
 from torch import nn
 
 from hatcore import hookimpl
@@ -70,13 +70,13 @@ def test_checker_tensor_size_and_missing_quantstub() -> None:
 
 
 def test_hook_check_model() -> None:
-    spec_ = deploy_plugin.HbmCompileSpec(type="hbm", march="bernoulli2")  # type: ignore[call-arg]
-    report = deploy_plugin.check_model(model=BadNet(), spec=spec_,
+    spec_ = plugin.HbmCompileSpec(type="hbm", march="bernoulli2")  # type: ignore[call-arg]
+    report = plugin.check_model(model=BadNet(), spec=spec_,
                                        example_input=torch.zeros(1, 3, 16, 16))
     assert report is not None and report["ok"] is False
     with pytest.raises(UserError, match="bayes-e"):
-        spec2 = deploy_plugin.HbmCompileSpec(type="hbm", march="x")  # type: ignore[call-arg]
-        deploy_plugin.check_model(model=BadNet(), spec=spec2, example_input=torch.zeros(1, 3, 8, 8))
+        spec2 = plugin.HbmCompileSpec(type="hbm", march="x")  # type: ignore[call-arg]
+        plugin.check_model(model=BadNet(), spec=spec2, example_input=torch.zeros(1, 3, 8, 8))
 
 
 RECIPE = """
@@ -125,11 +125,11 @@ def _cli(tmp_path: Path, model: str, extra: list[tuple[str, object]] | None = No
 
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(work=tmp_path / "work", model=model))
-    set_plugins(make_plugin_manager(only={"toy", "bpu_quant", "bpu_deploy"}, extra=extra))
+    set_plugins(make_plugin_manager(only={"toy", "bpu"}, extra=extra))
     import click
 
     group = click.Group("hat")
-    deploy_plugin.register_commands(cli=group)
+    plugin.register_commands(cli=group)
     return cli, group, recipe
 
 

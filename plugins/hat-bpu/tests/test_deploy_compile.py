@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hat_bpu import deploy_plugin, hbm, nv12, perf
-from hat_bpu.convert import convert
-from hat_bpu.deploy_fixtures import small_model, yuv_input
-from hat_bpu.march import get_march
-from hat_bpu.runtime import Runtime
-from hat_bpu.simulator import Simulator
+from deploy_fixtures import small_model, yuv_input
+from hat_bpu import plugin
+from hat_bpu.device import hbm, nv12, perf
+from hat_bpu.device.march import get_march
+from hat_bpu.device.runtime import Runtime
+from hat_bpu.ir.simulator import Simulator
+from hat_bpu.quant.convert import convert
 
 from hatcore.errors import UserError
 
@@ -21,10 +22,10 @@ def _compiled(tmp_path: Path, march: str = "bayes-e", width: int = 16
               ) -> tuple[Path, torch.nn.Module]:
     q, x = small_model(width=width, pow2=get_march(march).pow2_scales)
     art = tmp_path / "model.hbir"
-    deploy_plugin.export(model=q, spec=deploy_plugin.HbirExportSpec(type="hbir", march=march),
+    plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir", march=march),
                          path=art, example_input=x[:1])
-    spec = deploy_plugin.HbmCompileSpec(type="hbm", march=march)  # type: ignore[call-arg]
-    res = deploy_plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "compile")
+    spec = plugin.HbmCompileSpec(type="hbm", march=march)  # type: ignore[call-arg]
+    res = plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "compile")
     assert res is not None and res["march"] == march
     return tmp_path / "compile" / "model.hbm", q
 
@@ -54,7 +55,7 @@ def test_runtime_bit_exact_with_simulator(tmp_path: Path) -> None:
 
 def test_hook_load_deployed_align_bpu(tmp_path: Path) -> None:
     path, q = _compiled(tmp_path)
-    runner = deploy_plugin.load_deployed(path=path, stage="align_bpu")
+    runner = plugin.load_deployed(path=path, stage="align_bpu")
     assert runner is not None
     x = yuv_input(2, 32, seed=4)
     out = runner({"img": x})
@@ -62,7 +63,7 @@ def test_hook_load_deployed_align_bpu(tmp_path: Path) -> None:
         ref = q(nv12.board_input(x))
     for a, b in zip(out, ref, strict=True):
         assert torch.equal(a, b)
-    assert deploy_plugin.load_deployed(path=path, stage="int_infer") is None
+    assert plugin.load_deployed(path=path, stage="int_infer") is None
 
 
 def test_nv12_path_keeps_luma_and_subsamples_chroma() -> None:
@@ -83,16 +84,16 @@ def test_nv12_path_keeps_luma_and_subsamples_chroma() -> None:
 
 def test_hook_describe_file_hbm_refuses_damage(tmp_path: Path) -> None:
     path, _ = _compiled(tmp_path)
-    text = deploy_plugin.describe_file(path=path)
+    text = plugin.describe_file(path=path)
     assert text is not None and "bayes-e" in text and "checksum ok" in text
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     (tmp_path / "t.hbm").write_bytes(bytes(data))
     with pytest.raises(UserError, match="checksum mismatch"):
-        deploy_plugin.describe_file(path=tmp_path / "t.hbm")
+        plugin.describe_file(path=tmp_path / "t.hbm")
     (tmp_path / "s.hbm").write_bytes(path.read_bytes()[:-7])
     with pytest.raises(UserError, match="truncated"):
-        deploy_plugin.describe_file(path=tmp_path / "s.hbm")
+        plugin.describe_file(path=tmp_path / "s.hbm")
     with pytest.raises(UserError, match="checksum mismatch|truncated"):
         Runtime(tmp_path / "t.hbm")
 
@@ -108,3 +109,27 @@ def test_perf_monotone_in_input_size_and_channels() -> None:
     assert lat[(32, 64)]["ops_per_frame"] > lat[(16, 64)]["ops_per_frame"]
     assert lat[(16, 64)]["ddr_bytes_per_frame"] >= lat[(16, 32)]["ddr_bytes_per_frame"]
     assert "modelled device" in perf.table(lat[(16, 32)])
+
+
+def test_op_table_march_rule_refuses_a_conv_beyond_the_kernel_limit() -> None:
+    """The compiler reads the op table's rules: 3x3 convs and pools on a march limited to 1x1
+    are refused, naming the node and the limit; the same graph passes the real march."""
+    import dataclasses
+
+    from hat_bpu.device.hbm import compile_graph
+    from hat_bpu.ir.ops import OPS, check_graph
+
+    q, x = small_model(width=8)
+    graph = convert(q, x[:1], march="bayes-e")
+    march = get_march("bayes-e")
+    assert check_graph(graph, march, march.ops) == []
+    tiny = dataclasses.replace(march, max_kernel=1)
+    problems = check_graph(graph, tiny, tiny.ops)
+    convs = {n.name for n in graph.nodes if n.op == "conv2d" and n.params["weight"].shape[-1] > 1}
+    pools = {n.name for n in graph.nodes if n.op == "maxpool" and max(n.attrs["kernel"]) > 1}
+    assert convs and pools and {p.split(":")[0] for p in problems} == convs | pools
+    assert all("kernel 3x3 > 1" in p for p in problems if p.split(":")[0] in convs)
+    used = sorted({n.op for n in graph.nodes} - {"conv2d", "quantize", "dequantize"})
+    lacking = dataclasses.replace(march, ops=tuple(o for o in OPS if o != used[0]))
+    assert any(f"op {used[0]!r} is not run" in p for p in check_graph(graph, lacking, lacking.ops))
+    compile_graph(graph, "bayes-e")  # the real march compiles it

@@ -7,23 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hat_bpu import deploy_plugin, hbir
-from hat_bpu.convert import convert
-from hat_bpu.deploy_fixtures import small_model, yuv_input
-from hat_bpu.ir_reference import run_ir
-from hat_bpu.simulator import Simulator
+from deploy_fixtures import small_model, yuv_input
+from hat_bpu import plugin
+from hat_bpu.ir import hbir
+from hat_bpu.ir.reference import run_ir
+from hat_bpu.ir.simulator import Simulator
+from hat_bpu.quant.convert import convert
 
 from hatcore.errors import UserError
 
 
-def _spec(**kw: object) -> deploy_plugin.HbirExportSpec:
-    return deploy_plugin.HbirExportSpec(type="hbir", **kw)  # type: ignore[arg-type]
+def _spec(**kw: object) -> plugin.HbirExportSpec:
+    return plugin.HbirExportSpec(type="hbir", **kw)  # type: ignore[arg-type]
 
 
 def test_hook_export_round_trip(tmp_path: Path) -> None:
     q, x = small_model()
     path = tmp_path / "model.hbir"
-    desc = deploy_plugin.export(model=q, spec=_spec(march="bernoulli2"), path=path,
+    desc = plugin.export(model=q, spec=_spec(march="bernoulli2"), path=path,
                                 example_input=x[:1])
     assert desc["format"] == "hbir" and desc["march"] == "bernoulli2"
     assert desc["ops"]["conv2d"] >= 5
@@ -45,14 +46,14 @@ def test_hook_export_other_type_is_not_ours(tmp_path: Path) -> None:
     from hatcore.recipe import ExportSpec
 
     q, x = small_model()
-    assert deploy_plugin.export(model=q, spec=ExportSpec(type="other"), path=tmp_path / "m",
+    assert plugin.export(model=q, spec=ExportSpec(type="other"), path=tmp_path / "m",
                                 example_input=x[:1]) is None
 
 
 def test_export_unknown_march_is_user_error(tmp_path: Path) -> None:
     q, x = small_model()
     with pytest.raises(UserError, match="bayes-e"):
-        deploy_plugin.export(model=q, spec=_spec(march="nope"), path=tmp_path / "m.hbir",
+        plugin.export(model=q, spec=_spec(march="nope"), path=tmp_path / "m.hbir",
                              example_input=x[:1])
 
 
@@ -92,8 +93,8 @@ def test_simulator_chunks_long_reductions_exactly() -> None:
 def test_hook_load_deployed_int_infer(tmp_path: Path) -> None:
     q, x = small_model()
     path = tmp_path / "model.hbir"
-    deploy_plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
-    runner = deploy_plugin.load_deployed(path=path, stage="int_infer")
+    plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
+    runner = plugin.load_deployed(path=path, stage="int_infer")
     assert runner is not None
     img = yuv_input(3, 32, seed=5)
     out = runner({"img": img})
@@ -102,29 +103,29 @@ def test_hook_load_deployed_int_infer(tmp_path: Path) -> None:
     assert isinstance(out, tuple) and len(out) == len(ref)
     for a, b in zip(out, ref, strict=True):
         assert torch.equal(a, b)
-    assert deploy_plugin.load_deployed(path=path, stage="align_bpu") is None
+    assert plugin.load_deployed(path=path, stage="align_bpu") is None
 
 
 def test_hook_describe_file_hbir_and_damage(tmp_path: Path) -> None:
     q, x = small_model()
     path = tmp_path / "model.hbir"
-    deploy_plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
-    text = deploy_plugin.describe_file(path=path)
+    plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
+    text = plugin.describe_file(path=path)
     assert text is not None and "conv2d" in text and "checksum ok" in text
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     bad = tmp_path / "bad.hbir"
     bad.write_bytes(bytes(data))
     with pytest.raises(UserError, match="checksum mismatch"):
-        deploy_plugin.describe_file(path=bad)
+        plugin.describe_file(path=bad)
     (tmp_path / "short.hbir").write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UserError, match="truncated"):
-        deploy_plugin.describe_file(path=tmp_path / "short.hbir")
-    assert deploy_plugin.describe_file(path=tmp_path) is None
+        plugin.describe_file(path=tmp_path / "short.hbir")
+    assert plugin.describe_file(path=tmp_path) is None
 
 
 def test_simulator_int64_fallback_is_bit_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hat_bpu import simulator
+    from hat_bpu.ir import simulator
 
     q, x = small_model(width=128)
     g = convert(q, x[:1])

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hat_bpu import deploy_plugin, hbir, hbm
-from hat_bpu.convert import convert
-from hat_bpu.deploy_fixtures import calibrate, yuv_input
-from hat_bpu.runtime import Runtime, plain_tree
-from hat_bpu.simulator import Simulator
+from deploy_fixtures import calibrate, yuv_input
+from hat_bpu import plugin
+from hat_bpu.device import hbm
+from hat_bpu.device.runtime import Runtime, plain_tree
+from hat_bpu.ir import hbir
+from hat_bpu.ir.simulator import Simulator
+from hat_bpu.quant.convert import convert
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -78,6 +80,6 @@ def test_fcos_hbm_runtime_bit_exact_with_simulator(tmp_path: Path) -> None:
     with torch.no_grad():
         want = pytree.tree_structure(q(x[:1]))  # the float model's raw structure: lists, tuple
     for stage, path in (("int_infer", "model.hbir"), ("align_bpu", "c/model.hbm")):
-        runner = deploy_plugin.load_deployed(path=tmp_path / path, stage=stage)
+        runner = plugin.load_deployed(path=tmp_path / path, stage=stage)
         assert runner is not None
         assert pytree.tree_structure(runner({"img": x[:1]})) == want

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hat_bpu import qspec
-from hat_bpu.convert import convert
-from hat_bpu.example_net import SmallNet
-from hat_bpu.ir_reference import run_ir
-from hat_bpu.prepare import QConfig, prepare
+from example_net import SmallNet
+from hat_bpu.ir.reference import run_ir
+from hat_bpu.quant import qspec
+from hat_bpu.quant.convert import convert
+from hat_bpu.quant.prepare import QConfig, prepare
 from torch.nn import functional as F
 
 from hatcore import quant
@@ -168,7 +168,7 @@ def test_unsupported_op_is_named() -> None:
 
 def test_quant_debug_command_is_registered() -> None:
     import click
-    from hat_bpu.quant_plugin import register_commands
+    from hat_bpu.plugin import register_commands
 
     group = click.Group("hat")
     register_commands(cli=group)
@@ -179,7 +179,7 @@ def test_quant_debug_command_is_registered() -> None:
 
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fcos_shaped_model_converts_bit_exact(pow2: bool) -> None:
-    from hat_bpu.example_net import MiniFCOS
+    from example_net import MiniFCOS
 
     torch.manual_seed(0)
     x = yuv(2, 64)

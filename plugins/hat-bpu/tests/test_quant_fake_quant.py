@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hat_bpu import qspec
-from hat_bpu.example_net import SmallNet
-from hat_bpu.fake_quant import ActFQ, QConv2d, fake_quant_weight
-from hat_bpu.prepare import prepare
+from example_net import SmallNet
+from hat_bpu.quant import qspec
+from hat_bpu.quant.fake_quant import ActFQ, QConv2d, fake_quant_weight
+from hat_bpu.quant.prepare import prepare
 from torch import nn
 
 from hatcore import quant
@@ -51,7 +51,7 @@ def test_straight_through_gradients() -> None:
 
 
 def test_pow2_scales_on_bernoulli2() -> None:
-    from hat_bpu.quant_plugin import HorizonQuantizeSpec, qconfig_from_spec
+    from hat_bpu.plugin import HorizonQuantizeSpec, qconfig_from_spec
 
     cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernoulli2"))
     assert cfg.pow2

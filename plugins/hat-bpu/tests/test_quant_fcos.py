@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hat_bpu.convert import convert
-from hat_bpu.ir_reference import run_ir
-from hat_bpu.quant_plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.ir.reference import run_ir
+from hat_bpu.plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.quant.convert import convert
 from torch.utils import _pytree as pytree
 
 from hatcore import quant

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hat_bpu.observers import Observer, quant_mse, sqnr_from_hist
+from hat_bpu.quant.observers import Observer, quant_mse, sqnr_from_hist
 
 
 def gaussian(n: int = 200_000, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from hat_bpu.quant_plugin import register_commands
+from hat_bpu.plugin import register_commands
 
 from hatcore.plugins import make_plugin_manager, set_plugins
 
@@ -60,7 +60,7 @@ def test_float_calibration_qat_and_quant_debug(tmp_path: Path) -> None:
 
     recipe = tmp_path / "toy.toml"
     recipe.write_text(RECIPE.format(work=tmp_path / "work"))
-    set_plugins(make_plugin_manager(only={"toy", "bpu_quant"}))
+    set_plugins(make_plugin_manager(only={"toy", "bpu"}))
     try:
         run = CliRunner().invoke(cli, ["run", str(recipe), "--stage", "float", "--stage",
                                        "calibration", "--stage", "qat"], catch_exceptions=False)

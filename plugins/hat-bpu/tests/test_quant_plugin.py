@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hat_bpu.debug import compare_layers, format_table, write_report
-from hat_bpu.example_net import SmallNet
-from hat_bpu.fake_quant import ActFQ, QConv2d
-from hat_bpu.quant_plugin import HorizonQuantizeSpec, apply_freezes, on_epoch_end, quantize
+from example_net import SmallNet
+from hat_bpu.plugin import HorizonQuantizeSpec, apply_freezes, on_epoch_end, quantize
+from hat_bpu.quant.debug import compare_layers, format_table, write_report
+from hat_bpu.quant.fake_quant import ActFQ, QConv2d
 from torch.nn import functional as F
 
 from hatcore import quant
@@ -187,7 +187,7 @@ def test_quantize_hook_through_the_plugin_manager_on_the_toy_detector() -> None:
     assert float(sum(model.compute_loss(raw, batch).values()).detach()) > 0
     trainer = type("T", (), {"stage": "qat", "model": model})()
     model.freeze_bn_epoch = 1
-    assert any(getattr(impl.plugin, "__name__", "") == "hat_bpu.quant_plugin"
+    assert any(getattr(impl.plugin, "__name__", "") == "hat_bpu.plugin"
                for impl in plugins.hook.on_epoch_end.get_hookimpls())
     on_epoch_end(trainer=trainer, epoch=0, metrics={})  # ours alone: the core's logs need more
     assert all(m.bn_frozen for m in model.modules() if isinstance(m, QConv2d))

@@ -20,6 +20,67 @@ from hatcore.errors import UserError
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
+DROP_REASONS = {
+    "unknown_category": "its category_id is not in `categories`",
+    "empty_box": "its width or height is zero or negative",
+    "outside_image": "no part of it lies inside the image",
+}
+"""Why the loader leaves an annotation out of the training targets (crowd boxes aside: they
+are left out on purpose and kept for the metric). The packer counts these, `hat data check`
+lists them."""
+
+EXAMPLES_KEPT = 5
+"""Examples of each kind of problem kept in reports and in the LMDB meta record."""
+
+
+def drop_reason(box: list[float], category_id: int, known: set[int] | dict[int, int],
+                height: float, width: float) -> str | None:
+    """Why one COCO annotation (``box`` xywh) is dropped on an image of ``height`` x ``width``,
+    as a key of ``DROP_REASONS``; None when it is kept."""
+    x, y, w, h = box
+    if category_id not in known:
+        return "unknown_category"
+    if not (w > 0 and h > 0):  # also catches NaN
+        return "empty_box"
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return "outside_image"
+    return None
+
+
+def dropped_annotations(records: list[dict[str, Any]], categories: list[dict[str, Any]],
+                        keep: int = EXAMPLES_KEPT) -> dict[str, Any]:
+    """What the loader will drop from ``records`` (sizes from the records' height/width).
+
+    :returns: ``{"counts": {reason: n}, "examples": [{"reason", "image_id", "file_name",
+        "ann_id", "category_id", "bbox"}, ...]}`` with at most ``keep`` examples per reason.
+    """
+    known = {int(c["id"]) for c in categories}
+    counts = dict.fromkeys(DROP_REASONS, 0)
+    examples: list[dict[str, Any]] = []
+    for r in records:
+        for aid, box, cid in zip(r["ann_ids"], r["bboxes"], r["category_ids"], strict=True):
+            why = drop_reason(box, cid, known, r["height"], r["width"])
+            if why is None:
+                continue
+            counts[why] += 1
+            if counts[why] <= keep:
+                examples.append({"reason": why, "image_id": r["image_id"],
+                                 "file_name": r["file_name"], "ann_id": aid,
+                                 "category_id": cid, "bbox": list(box)})
+    return {"counts": counts, "examples": examples}
+
+
+def describe_drops(drops: dict[str, Any]) -> list[str]:
+    """Readable lines for ``dropped_annotations``'s result (empty when nothing is dropped)."""
+    lines = []
+    for why, n in drops["counts"].items():
+        if n:
+            lines.append(f"{n} annotation(s) dropped: {DROP_REASONS[why]}")
+            lines += [f"  e.g. annotation {e['ann_id']} of image {e['image_id']} "
+                      f"({e['file_name']}): category_id {e['category_id']}, bbox {e['bbox']}"
+                      for e in drops["examples"] if e["reason"] == why]
+    return lines
+
 
 def records_from_coco(data: dict[str, Any], source: str) -> list[dict[str, Any]]:
     """A COCO instances dict -> one record per image (the LMDB record layout, docs/lmdb.md).
@@ -28,7 +89,13 @@ def records_from_coco(data: dict[str, Any], source: str) -> list[dict[str, Any]]
     ``category_ids, iscrowd, areas``.
     """
     try:
-        images = {im["id"]: im for im in data["images"]}
+        images: dict[int, dict[str, Any]] = {}
+        for im in data["images"]:
+            if im["id"] in images:
+                raise UserError(f"{source}: image id {im['id']} appears twice in `images` "
+                                f"({images[im['id']]['file_name']}, {im['file_name']}); "
+                                f"`hat data check {source}` lists every problem")
+            images[im["id"]] = im
         recs = {i: {"image_id": i, "file_name": im["file_name"], "height": im["height"],
                     "width": im["width"], "ann_ids": [], "bboxes": [], "category_ids": [],
                     "iscrowd": [], "areas": []} for i, im in images.items()}
@@ -106,15 +173,16 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 def make_sample(img: np.ndarray, rec: dict[str, Any], label_of: dict[int, int],
                 source: dict[str, str]) -> dict[str, Any]:
-    """A record and its decoded image -> a sample; crowd boxes and unknown categories left out."""
-    boxes, labels = [], []
-    for (x, y, w, h), cid, crowd in zip(rec["bboxes"], rec["category_ids"], rec["iscrowd"],
-                                        strict=True):
-        if crowd or cid not in label_of or w <= 0 or h <= 0:
-            continue
-        boxes.append([x, y, x + w, y + h])
-        labels.append(label_of[cid])
+    """A record and its decoded image -> a sample. Crowd boxes and the annotations
+    ``drop_reason`` names are left out; boxes partly outside the image are clipped to it."""
     h0, w0 = img.shape[:2]
+    boxes, labels = [], []
+    for box, cid, crowd in zip(rec["bboxes"], rec["category_ids"], rec["iscrowd"], strict=True):
+        if crowd or drop_reason(box, cid, label_of, h0, w0) is not None:
+            continue
+        x, y, w, h = box
+        boxes.append([max(x, 0.0), max(y, 0.0), min(x + w, w0), min(y + h, h0)])
+        labels.append(label_of[cid])
     meta = {"image_id": rec["image_id"], "file_name": rec["file_name"], "orig_size": (h0, w0),
             "img_shape": (h0, w0), "pad_shape": (h0, w0), "scale": (1.0, 1.0), "flip": False,
             "source": source}

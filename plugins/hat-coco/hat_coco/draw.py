@@ -1,4 +1,5 @@
-"""Drawing detections on the original images (``draw_detections`` hook, ``hat infer``)."""
+"""Drawing boxes: detections on the original images (``draw_detections`` hook, ``hat infer``),
+ground truth (``hat data browse``). Labels are never clipped at the image borders."""
 
 from __future__ import annotations
 
@@ -31,25 +32,52 @@ def _colour(label: int) -> tuple[int, int, int]:
     return int(b * 255), int(g * 255), int(r * 255)
 
 
+def label_box(anchor: tuple[float, float], text_size: tuple[int, int],
+              image_size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of a label ``text_size`` (w, h) for a box whose top-left is ``anchor``
+    (x, y), on an image ``image_size`` (h, w): above the box when there is room, else just inside
+    it, and always shifted so the whole label is on the image (never clipped at a border)."""
+    (x, y), (tw, lh), (h, w) = anchor, text_size, image_size
+    top = y - lh if y - lh >= 0 else y
+    return int(min(max(x, 0), max(w - tw, 0))), int(min(max(top, 0), max(h - lh, 0)))
+
+
+def put_label(out: np.ndarray, text: str, anchor: tuple[float, float],
+              colour: tuple[int, int, int], scale: float) -> None:
+    """Draw ``text`` on a filled box at ``label_box``'s place; the font shrinks to fit the width."""
+    h, w = out.shape[:2]
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    while tw > w and scale > 0.2:
+        scale *= 0.8
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    lh = th + base + 2
+    x, y = label_box(anchor, (tw, lh), (h, w))
+    cv2.rectangle(out, (x, y), (x + tw - 1, y + lh - 1), colour, -1)
+    cv2.putText(out, text, (x, y + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                cv2.LINE_AA)
+
+
+def draw_boxes(img: np.ndarray, boxes: list[list[float]], labels: list[int],
+               texts: list[str]) -> np.ndarray:
+    """Boxes (xyxy pixels) with one text each on an RGB image; returns BGR (for cv2.imwrite)."""
+    out = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    thick = max(1, round(max(img.shape[:2]) / 320))
+    for box, label, text in zip(boxes, labels, texts, strict=True):
+        x1, y1, x2, y2 = (round(v) for v in box)
+        col = _colour(int(label))
+        cv2.rectangle(out, (x1, y1), (x2, y2), col, thick)
+        put_label(out, text, (x1, y1), col, 0.4 * thick)
+    return out
+
+
 def draw(img: np.ndarray, det: dict[str, torch.Tensor], class_names: list[str],
          score_thr: float) -> np.ndarray:
     """Boxes (original-image xyxy), class names and scores on an RGB image; returns BGR."""
-    out = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    thick = max(1, round(max(img.shape[:2]) / 320))
     keep = det["scores"] >= score_thr
-    for box, score, label in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(),
-                                 det["labels"][keep].tolist(), strict=True):
-        x1, y1, x2, y2 = (round(v) for v in box)
-        col = _colour(int(label))
-        name = class_names[label] if 0 <= label < len(class_names) else str(label)
-        cv2.rectangle(out, (x1, y1), (x2, y2), col, thick)
-        text = f"{name} {score:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, 1)
-        ty = max(y1, th + base)
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw, ty), col, -1)
-        cv2.putText(out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    return out
+    labels = det["labels"][keep].tolist()
+    texts = [f"{class_names[lb] if 0 <= lb < len(class_names) else lb} {s:.2f}"
+             for lb, s in zip(labels, det["scores"][keep].tolist(), strict=True)]
+    return draw_boxes(img, det["boxes"][keep].tolist(), labels, texts)
 
 
 def draw_batch(batch: dict[str, Any], detections: list[dict[str, torch.Tensor]],

@@ -1,8 +1,9 @@
 """The LMDB format of ``hat pack coco`` (docs/lmdb.md): packer, reader dataset, verifier.
 
 Keys: ``__meta__`` (msgpack: format, version, categories, count, source, split, complete,
-skipped), and per image ``ann/{image_id:012d}`` (msgpack annotation record with the crc32 of the
-image bytes) and ``img/{image_id:012d}`` (the original encoded bytes, never re-encoded).
+skipped, dropped, size_mismatch), and per image ``ann/{image_id:012d}`` (msgpack annotation
+record with the crc32 of the image bytes) and ``img/{image_id:012d}`` (the original encoded
+bytes, never re-encoded).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 import lmdb
 import msgpack
 
-from hat_coco.datasets import DetectionDataset, Transform
+from hat_coco.datasets import (
+    EXAMPLES_KEPT,
+    DetectionDataset,
+    Transform,
+    describe_drops,
+    dropped_annotations,
+)
 from hat_coco.decode import DecodeError, decode_rgb
 from hatcore.errors import UserError
 
@@ -63,21 +70,25 @@ def img_key(image_id: int) -> bytes:
     return b"img/%012d" % image_id
 
 
-def _read_checked(img_dir: str, rec: dict[str, Any]) -> tuple[dict[str, Any], bytes | None, str]:
-    """Read and test-decode one image (runs in a packer worker). Error text is '' when fine."""
+_Item = tuple[dict[str, Any], bytes | None, str, tuple[int, int]]
+
+
+def _read_checked(img_dir: str, rec: dict[str, Any]) -> _Item:
+    """Read and test-decode one image (runs in a packer worker): the record, the bytes (None
+    when unusable), the error text ('' when fine) and the displayed (height, width)."""
     path = Path(img_dir) / rec["file_name"]
     try:
         data = path.read_bytes()
-        decode_rgb(data)
+        shape = decode_rgb(data).shape[:2]
     except OSError as exc:
-        return rec, None, f"{path}: cannot read ({exc.strerror})"
+        return rec, None, f"{path}: cannot read ({exc.strerror})", (0, 0)
     except DecodeError as exc:
-        return rec, None, f"{path}: {exc}"
-    return rec, data, ""
+        return rec, None, f"{path}: {exc}", (0, 0)
+    return rec, data, "", (int(shape[0]), int(shape[1]))
 
 
 def _read_items(img_dir: str, records: list[dict[str, Any]], num_workers: int
-                ) -> Iterator[tuple[dict[str, Any], bytes | None, str]]:
+                ) -> Iterator[_Item]:
     if num_workers <= 0:
         for rec in records:
             yield _read_checked(img_dir, rec)
@@ -146,15 +157,22 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
     with writer.env.begin() as txn:
         done = {k for k, _ in txn.cursor() if k.startswith(b"ann/")}
     todo = [r for r in records if ann_key(r["image_id"]) not in done]
-    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "categories": categories, "source": source,
-            "split": split, "count": len(done), "complete": False, "skipped": []}
+    drops = dropped_annotations(records, categories)
+    mismatch = (old or {}).get("size_mismatch") or {"count": 0, "examples": []}
+    meta: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "categories": categories, "source": source,
+        "split": split, "count": len(done), "complete": False, "skipped": [],
+        "dropped": drops, "size_mismatch": mismatch}
     writer.put(META_KEY, msgpack.packb(meta))
     writer.commit()
     skipped: list[str] = []
     bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="img",
                desc=f"pack {target.name}", disable=not progress, dynamic_ncols=True)
+    for line in describe_drops(drops):
+        bar.write(line, file=sys.stderr)
     try:
-        for n, (rec, data, err) in enumerate(_read_items(str(img_dir), todo, num_workers), 1):
+        for n, (rec, data, err, shape) in enumerate(_read_items(str(img_dir), todo, num_workers),
+                                                    1):
             bar.update(1)
             if data is None:
                 if strict:
@@ -162,6 +180,8 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
                 bar.write(f"skipped {err}", file=sys.stderr)
                 skipped.append(rec["file_name"])
                 continue
+            if shape != (rec["height"], rec["width"]):
+                _note_mismatch(mismatch, rec, shape, bar)
             writer.put(img_key(rec["image_id"]), data)
             writer.put(ann_key(rec["image_id"]),
                        msgpack.packb({**rec, "crc32": zlib.crc32(data)}))
@@ -176,6 +196,17 @@ def pack(records: list[dict[str, Any]], categories: list[dict[str, Any]], img_di
         bar.close()
         writer.env.close()
     return meta
+
+
+def _note_mismatch(mismatch: dict[str, Any], rec: dict[str, Any], shape: tuple[int, int],
+                   bar: Any) -> None:
+    mismatch["count"] += 1
+    if len(mismatch["examples"]) < EXAMPLES_KEPT:
+        mismatch["examples"].append({"file_name": rec["file_name"], "image_id": rec["image_id"],
+                                     "json": [rec["height"], rec["width"]], "image": list(shape)})
+        bar.write(f"warning: {rec['file_name']}: the JSON says {rec['height']}x{rec['width']} "
+                  f"(h x w), the image is {shape[0]}x{shape[1]} as displayed; its boxes may "
+                  f"be off (see `hat data check`)", file=sys.stderr)
 
 
 def pack_dataset(dataset: Any, target: Path, num_workers: int = 0) -> dict[str, Any]:
@@ -272,9 +303,15 @@ def describe_lmdb(path: Path) -> str | None:
     names = [c["name"] for c in meta["categories"]]
     shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
     state = "complete" if meta["complete"] else "INCOMPLETE (rerun `hat pack coco`)"
+    counts = (meta.get("dropped") or {}).get("counts")  # absent: packed by an older hat-coco
+    dropped = ("not recorded" if counts is None else
+               ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none")
+    mismatch = (meta.get("size_mismatch") or {}).get("count", "not recorded")
     return "\n".join([
         f"{path}: {FORMAT} v{meta['version']} LMDB, {state}, verified",
         f"  images: {n} ({nbytes / 2**20:.1f} MiB encoded), skipped: {len(meta['skipped'])}",
         f"  split: {meta['split'] or '-'}, source: {meta['source']}",
         f"  categories ({len(names)}): {shown}",
+        f"  annotations dropped by the loader: {dropped}; "
+        f"images whose size disagrees with the JSON: {mismatch}",
     ])

@@ -123,15 +123,21 @@ class CocoMetric:
         return unique, ids
 
     def compute(self, out_dir: Path | None = None) -> dict[str, Any]:
-        """Score everything collected; on rank 0 write detections.json and metrics.json."""
+        """Score everything collected; with ``out_dir``, rank 0 writes detections.json,
+        metrics.json and analysis.json (per-class AP, PR curves, confusion matrix)."""
         import torch.distributed as tdist
 
         results, ids = self._gather()
         rank0 = not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
-        out = evaluate(self.dataset.coco_gt(), results, ids or None, self.backend)
+        gt = self.dataset.coco_gt()
+        out = evaluate(gt, results, ids or None, self.backend)
         if out_dir is not None and rank0:
+            from hat_coco.analysis import analyze
+
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "detections.json").write_text(json.dumps(results))
             (out_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+            (out_dir / "analysis.json").write_text(
+                json.dumps(analyze(gt, results, ids or None, backend=self.backend)))
         return out

@@ -96,15 +96,31 @@ def build_transform(spec: TransformSpec) -> Any:
 
 @hookimpl
 def register_commands(cli: Any) -> None:
-    from hat_coco.commands import infer_cmd, pack_coco, pack_group
+    from hat_coco.commands import (
+        convert_group,
+        data_browse,
+        data_check,
+        data_group,
+        infer_cmd,
+        pack_coco,
+        pack_group,
+    )
 
-    existing = cli.commands.get("pack")
-    if existing is not None and hasattr(existing, "add_command"):
-        existing.add_command(pack_coco)
-    else:
-        cli.add_command(pack_group)
+    _add_to_group(cli, pack_group, [pack_coco])
+    _add_to_group(cli, convert_group, [])
+    _add_to_group(cli, data_group, [data_check, data_browse])
     if "infer" not in cli.commands:
         cli.add_command(infer_cmd)
+
+
+def _add_to_group(cli: Any, group: Any, commands: list[Any]) -> None:
+    """Add ``group``, or its ``commands`` to a group of that name another plugin added."""
+    existing = cli.commands.get(group.name)
+    if existing is not None and existing is not group and hasattr(existing, "add_command"):
+        for cmd in commands or list(group.commands.values()):
+            existing.add_command(cmd)
+    else:
+        cli.add_command(group)
 
 
 @hookimpl

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from hat_bpu.qspec import qrange
+from hat_bpu.quant.qspec import qrange
 
 OBSERVERS = ("minmax", "ma_minmax", "percentile", "mse", "kl", "auto")
 HIST_OBSERVERS = ("percentile", "mse", "kl", "auto")

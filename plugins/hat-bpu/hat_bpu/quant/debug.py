@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hat_bpu import qspec
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale, fake_quant_weight
-from hat_bpu.prepare import QuantModel
+from hat_bpu.quant import qspec
+from hat_bpu.quant.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale, fake_quant_weight
+from hat_bpu.quant.prepare import QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
 
@@ -136,8 +136,8 @@ def _bias_overflow(m: QConv2d) -> int:
 
 def _integer_columns(model: QuantModel, inputs: list[torch.Tensor],
                      got: dict[str, list[torch.Tensor]], rows: list[dict[str, Any]]) -> None:
-    from hat_bpu.convert import convert
-    from hat_bpu.ir_reference import run_ir
+    from hat_bpu.ir.reference import run_ir
+    from hat_bpu.quant.convert import convert
 
     graph = convert(model, inputs[0][:1])
     env: dict[str, Any] = {}

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hat_bpu.ir.ops import OPS
 from hatcore.errors import UserError
 
-#: ops the integer IR can express (``hat_bpu.ir.OPS``) that every march runs on the BPU.
-_COMMON_OPS = ("conv2d", "add", "concat", "requantize", "maxpool", "upsample_nearest", "relu",
-               "reshape", "permute", "quantize", "dequantize")
+#: every march runs every op of the IR's op table (a march lacking one lists its own ``ops``).
+_COMMON_OPS = tuple(OPS)
 
 
 @dataclass(frozen=True)

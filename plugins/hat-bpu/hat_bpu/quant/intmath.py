@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hat_bpu import qspec
+from hat_bpu.quant import qspec
 
 
 class _WeightFakeQuant(torch.autograd.Function):

@@ -6,34 +6,8 @@ in topological order; tensors are NCHW. A quantized tensor holds integers ``q`` 
 :mod:`hat_bpu.qspec` (rounding: half to even). All arithmetic below is exact integer arithmetic
 (int64 in the reference), ``sat`` clamps to the output tensor's dtype range.
 
-How each op is executed (``x``, ``y``: integer inputs/outputs; params are numpy arrays):
-
-``quantize``  inputs ``[x_float]`` → ``y = sat(rint(x / out.scale))`` (float input, e.g. the
-    graph input; the BPU input ``(p - 128)`` at scale 1/128 is exact).
-``dequantize`` inputs ``[x]`` → float32 ``y = x * in.scale``.
-``conv2d``  inputs ``[x]`` or ``[x, res]``; attrs ``stride (sh, sw)``, ``padding (ph, pw)``
-    (zeros, symmetric), ``dilation (dh, dw)``, ``groups``, ``act`` (``none``/``relu``/``relu6``),
-    ``clip`` (``[lo, hi]`` integers or None); params ``weight`` int8 ``[O, I/groups, kh, kw]``,
-    ``bias`` int32 ``[O]`` (at scale ``s_in * s_w[o]``), ``m`` int64 ``[O]``, ``shift`` int64
-    ``[O]`` and, with a residual, ``m_res`` int64 ``[O]``; ``w_scale`` float64 ``[O]`` (info).
-    ``acc[o] = sum(x * weight[o]) + bias[o]``;
-    ``v = acc * m[o] (+ res * m_res[o])``; ``y = sat(clip(round_shift(v, shift[o])))``.
-    (= ``qspec.requantize`` on ``acc*m + res*m_res`` with ``m = 1``.)
-``add``  inputs ``[a, b, ...]``; params ``m`` int64 ``[n_inputs]``, ``shift`` int64 ``[1]``;
-    attrs ``act``, ``clip``: ``y = sat(clip(round_shift(sum_i x_i * m[i], shift)))``.
-``concat``  inputs ``[x_0, ...]``, attrs ``axis``; params ``m``, ``shift`` int64 ``[n_inputs]``:
-    ``y = cat_i(sat(round_shift(x_i * m[i], shift[i])))`` along ``axis``.
-``requantize``  inputs ``[x]``; params ``m``, ``shift`` int64 ``[1]``; attrs ``act``, ``clip``:
-    ``y = sat(clip(round_shift(x * m, shift)))`` (a standalone activation, a dtype change, or a
-    multiplication by a constant folded into ``m``; ``m`` may then be negative).
-``maxpool``  inputs ``[x]``; attrs ``kernel``, ``stride``, ``padding`` (pairs; padding counts
-    as -infinity), ``ceil_mode``: window maximum; output scale == input scale.
-``upsample_nearest``  inputs ``[x]``; attrs ``scale`` (integer pair ``(fh, fw)``): each pixel
-    repeated ``fh × fw``; output scale == input scale.
-``relu``  inputs ``[x]``: ``max(x, 0)``; output scale == input scale.
-``reshape``  inputs ``[x]``; attrs ``shape`` (without the batch dimension):
-    ``y = x.reshape(x.shape[0], *shape)`` (row-major, values unchanged).
-``permute``  inputs ``[x]``; attrs ``dims``: ``y = x.transpose(dims)`` (values unchanged).
+What each op computes — and its kernels, march rule and cost — is the op table
+:mod:`hat_bpu.ir.ops` (``OPS[name].semantics``).
 
 Graph outputs are the ``dequantize`` outputs (float32); ``meta["output_tree"]`` is the
 ``torch.utils._pytree`` spec (``treespec_dumps``) that rebuilds the model's ``forward`` output
@@ -50,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-OPS = ("quantize", "dequantize", "conv2d", "add", "concat", "requantize", "maxpool",
-       "upsample_nearest", "relu", "reshape", "permute")
 TENSOR_DTYPES = ("int8", "int16", "int32", "float32")
 
 
@@ -75,7 +47,7 @@ class Tensor:
 class Node:
     """One integer op (see the module docstring for its exact semantics).
 
-    :param op: one of :data:`OPS`.
+    :param op: a name of the op table :data:`hat_bpu.ir.ops.OPS`.
     :param name: unique name; the fused float module's qualified name where there is one
         (``backbone.stem.conv``), so reports can point back at the model.
     :param inputs: input tensor names, in the order the op defines.
@@ -118,6 +90,8 @@ class Graph:
 
     def validate(self) -> None:
         """Raise ValueError when the graph is not well formed (unknown op/tensor, order)."""
+        from hat_bpu.ir.ops import OPS
+
         known = set(self.inputs)
         for t in self.inputs:
             if t not in self.tensors:

@@ -27,8 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from hat_bpu import hbir, ir, perf
-from hat_bpu.march import get_march
+from hat_bpu.device import perf
+from hat_bpu.device.march import get_march
+from hat_bpu.ir import graph as ir
+from hat_bpu.ir import hbir
+from hat_bpu.ir.ops import check_graph
 from hatcore.errors import UserError
 
 MAGIC = b"HATHBM\0\0"
@@ -49,9 +52,10 @@ def compile_graph(graph: ir.Graph, march_name: str, opt_level: int = 2,
                   input_layout: str = "nv12") -> tuple[dict[str, Any], bytes]:
     """The ``.hbm`` header and body of ``graph`` for ``march_name``."""
     march = get_march(march_name)
-    unsupported = sorted({n.op for n in graph.nodes if n.op not in march.ops})
-    if unsupported:
-        raise UserError(f"march {march_name!r} cannot run ops {unsupported}")
+    problems = check_graph(graph, march, march.ops)
+    if problems:
+        raise UserError(f"march {march_name!r} cannot run this graph: " + "; ".join(problems[:8])
+                        + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
     weights: list[np.ndarray] = []
     quant: list[np.ndarray] = []
     prog_header, _ = hbir.graph_to_header(ir.Graph(graph.tensors, [], graph.inputs,

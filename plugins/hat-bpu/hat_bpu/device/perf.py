@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from hat_bpu import ir
-from hat_bpu.march import March
+from hat_bpu.device.march import March
+from hat_bpu.ir import graph as ir
+from hat_bpu.ir.ops import op_def
 
 VECTOR_FRACTION = 1 / 16
 SPATIAL_FILL = 256
@@ -64,29 +65,25 @@ def _layer(n: ir.Node, g: ir.Graph, march: March) -> LayerPerf | None:
     out = t[n.outputs[0]]
     ins = [t[i] for i in n.inputs]
     peak = march.peak_tops_int8 * 1e12
-    if n.op in ("quantize", "dequantize", "reshape"):
+    cost = op_def(n.op, n.name).cost
+    if cost is None:
         return None  # input/output DMA is charged per frame; reshape is a view
     act = sum(_nbytes(x) for x in ins) + _nbytes(out)
     wbytes = sum(int(p.nbytes) for k, p in n.params.items() if k == "weight")
-    if n.op == "conv2d":
-        w = n.params["weight"]
-        o, i_g, kh, kw = (int(v) for v in w.shape)
+    ops, unit = cost(n, g)
+    if unit == "mac":  # a convolution on the MAC array
+        o, i_g = (int(v) for v in n.params["weight"].shape[:2])
         groups = int(n.attrs["groups"])
-        ops = 2 * int(np.prod(out.shape)) * i_g * kh * kw
         util = march.peak_utilisation * _align(i_g, march.mac_align[0]) * _align(
             o // groups if groups > 1 else o, march.mac_align[1])
         if groups > 1:
             util = march.peak_utilisation * march.depthwise_efficiency * _align(
                 o, march.mac_align[1]) if i_g == 1 else util
         util *= min(1.0, out.shape[-1] * out.shape[-2] / SPATIAL_FILL)
-        rate = peak * util
         wbytes += int(n.params["bias"].nbytes) + 8 * o  # int32 bias + (m, shift) per channel
     else:
-        ops = int(np.prod(out.shape)) * max(1, len(ins))
-        if n.op == "maxpool":
-            ops *= int(np.prod(n.attrs["kernel"]))
         util = VECTOR_FRACTION
-        rate = peak * util
+    rate = peak * util
     sram = march.sram_kib * 1024
     ddr = wbytes + max(0, act + wbytes - sram)  # the working set beyond SRAM spills to DDR
     compute_s = ops / rate

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from hat_bpu.march import March
+from hat_bpu.device.march import March
 from hatcore.quant import DeQuantStub, QuantStub
 
 _NOOP_MODULES = (nn.Identity, nn.Dropout)

@@ -10,8 +10,8 @@ import click
 import torch
 from torch import nn
 
-from hat_bpu import perf
-from hat_bpu.march import MARCHES, get_march
+from hat_bpu.device import perf
+from hat_bpu.device.march import MARCHES, get_march
 from hatcore import quant
 from hatcore.errors import UserError
 
@@ -39,7 +39,7 @@ def _shape(text: str | None, default: list[int]) -> list[int]:
 def integer_graph(pipe: Any, model: nn.Module, shape: list[int], march: str) -> Any:
     """The integer graph of ``model`` with its own (random) weights, calibrated on one random
     YUV input of ``shape`` through the recipe's ``[quantize]`` plugin."""
-    from hat_bpu.convert import convert
+    from hat_bpu.quant.convert import convert
 
     qspec = pipe.section("quantize")
     if hasattr(qspec, "march"):
@@ -58,7 +58,7 @@ def integer_graph(pipe: Any, model: nn.Module, shape: list[int], march: str) -> 
 
 def register(cli: click.Group) -> None:
     """Add ``check`` and ``perf`` to the ``hat`` command group."""
-    from hat_bpu.checker import check
+    from hat_bpu.device.checker import check
 
     march_opt = click.option("--march", type=click.Choice(MARCHES), default=None,
                              help="BPU architecture (default: the recipe's [compile] march)")

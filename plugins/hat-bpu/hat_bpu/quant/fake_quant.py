@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hat_bpu import intmath
-from hat_bpu.intmath import fake_quant_weight
-from hat_bpu.observers import Observer
-from hat_bpu.qspec import act_clip, qrange, scale_from_amax
+from hat_bpu.quant import intmath
+from hat_bpu.quant.intmath import fake_quant_weight
+from hat_bpu.quant.observers import Observer
+from hat_bpu.quant.qspec import act_clip, qrange, scale_from_amax
 
 __all__ = ["ActFQ", "QAct", "QAdd", "QCat", "QConv2d", "QScale", "apply_act", "fake_quant_tensor",
            "fake_quant_weight"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from example_net import SmallNet
+from hat_bpu.quant.prepare import QConfig, QuantModel, prepare
 from torch import nn
 
-from hat_bpu.example_net import SmallNet
-from hat_bpu.prepare import QConfig, QuantModel, prepare
 from hatcore import quant
 
 

@@ -17,10 +17,11 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from hat_bpu import ir, qspec
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
-from hat_bpu.intmath import conv_params
-from hat_bpu.prepare import LAYOUT_FUNCS, LAYOUT_METHODS, RELU_FUNCS, QuantModel
+from hat_bpu.ir import graph as ir
+from hat_bpu.quant import qspec
+from hat_bpu.quant.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
+from hat_bpu.quant.intmath import conv_params
+from hat_bpu.quant.prepare import LAYOUT_FUNCS, LAYOUT_METHODS, RELU_FUNCS, QuantModel
 from hatcore import quant
 from hatcore.errors import UserError
 from hatcore.quant import DeQuantStub

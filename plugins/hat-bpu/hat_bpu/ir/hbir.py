@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from hat_bpu import ir
+from hat_bpu.ir import graph as ir
 from hatcore.errors import UserError
 
 MAGIC = b"HATHBIR\0"

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from hat_bpu.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
+from hat_bpu.quant.fake_quant import ActFQ, QAct, QAdd, QCat, QConv2d, QScale
 from hatcore.quant import DeQuantStub, QuantStub, get_hints
 
 PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Upsample, nn.Identity, nn.Dropout, nn.ReLU)

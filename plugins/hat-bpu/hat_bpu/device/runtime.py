@@ -17,8 +17,8 @@ import torch
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
-from hat_bpu import hbm, nv12
-from hat_bpu.simulator import Simulator
+from hat_bpu.device import hbm, nv12
+from hat_bpu.ir.simulator import Simulator
 
 
 def plain_tree(tree: Any) -> Any:

@@ -1,0 +1,8 @@
+"""hat-bpu tests: their helpers (``example_net``, ``deploy_fixtures``) live here, not in the wheel."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
