@@ -18,10 +18,15 @@ cd "$tree"
 start=$(date +%s)
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nice -n 10 "$here/.venv/bin/hat" run "$here/recipes/dense.toml" --stage float \
   --set "task.work_dir=\"$here/runs/abl-$name\"" "$@"
-echo "row $name ($commit): $(( $(date +%s) - start )) s wall"
-"$here/.venv/bin/python" - "$here/runs/abl-$name/float/metrics.json" <<'PY'
+echo "row $name ($commit): float stage $(( $(date +%s) - start )) s wall"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nice -n 10 "$here/.venv/bin/hat" predict "$here/recipes/dense.toml" \
+  --stage float --set "task.work_dir=\"$here/runs/abl-$name\"" "$@"
+"$here/.venv/bin/python" - "$here/runs/abl-$name" <<'PY'
 import json, sys
-m = json.load(open(sys.argv[1]))["last"]
-keys = ["AP", "AP50", "APs", "APm", "img_s", "loss", "loss_cls", "loss_bbox", "loss_centerness"]
-print({k: round(m[k], 4) for k in keys if k in m})
+run = sys.argv[1]
+m = json.load(open(f"{run}/float/metrics.json"))["last"]
+ap = json.load(open(f"{run}/predict/float/metrics.json"))["bbox"]
+row = {k: round(100 * ap[k], 2) for k in ("AP", "AP50", "APs", "APm")}
+row.update({k: round(m[k], 3) for k in ("img_s", "loss", "loss_cls", "loss_bbox", "loss_centerness")})
+print(json.dumps(row))
 PY

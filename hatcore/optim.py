@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from hatcore.errors import UserError
 from hatcore.recipe import Optimizer, Schedule
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -41,13 +42,47 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or AdamW over :func:`param_groups`.
 
     ``cfg.lr`` is the learning rate of the whole batch: with DDP the gradients are averaged
-    over processes, so it is used as is, never multiplied by the world size.
+    over processes. The trainer sets every step's lr from :func:`scaled_lr` (the global batch
+    vs ``base_batch_size``) and the schedule.
     """
     groups = param_groups(model, cfg)
     if cfg.type == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+
+
+def scaled_lr(cfg: Optimizer, global_batch: int) -> tuple[float, str]:
+    """The lr a stage trains with at ``global_batch`` images per step, and why.
+
+    ``cfg.base_batch_size`` unset: ``cfg.lr`` as given. Else ``cfg.lr`` times ``batch / base``
+    (``linear``, MMDetection's ``auto_scale_lr``), ``sqrt(batch / base)`` (``sqrt``) or 1
+    (``none``).
+    """
+    if cfg.base_batch_size is None:
+        return cfg.lr, (f"lr {cfg.lr:g} as given (no base_batch_size: not scaled to the global "
+                        f"batch of {global_batch})")
+    if cfg.base_batch_size < 1:
+        raise UserError(f"optimizer.base_batch_size = {cfg.base_batch_size}: expected the "
+                        "positive global batch the lr was tuned for")
+    ratio = global_batch / cfg.base_batch_size
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    lr = cfg.lr * factor
+    rule = {"linear": f"x {global_batch}/{cfg.base_batch_size}",
+            "sqrt": f"x sqrt({global_batch}/{cfg.base_batch_size})", "none": "unscaled"}
+    return lr, (f"lr {lr:.4g} = {cfg.lr:g} {rule[cfg.lr_scaling]} (lr_scaling = "
+                f"{cfg.lr_scaling!r}: global batch {global_batch}, base_batch_size "
+                f"{cfg.base_batch_size})")
+
+
+def warmup_iters(cfg: Schedule, iters_per_epoch: int, total: int) -> int:
+    """Warmup length in iterations: ``warmup_iters`` if > 0, else ``warmup_epochs`` x
+    iterations per epoch; a warmup asked for lasts at least ``min_warmup_iters``, capped at the
+    stage's ``total`` iterations."""
+    asked = cfg.warmup_iters or int(round(cfg.warmup_epochs * iters_per_epoch))
+    if asked <= 0:
+        return 0
+    return min(max(asked, cfg.min_warmup_iters), max(total, 1))
 
 
 class LRSchedule:
@@ -57,7 +92,7 @@ class LRSchedule:
         self.cfg = cfg
         self.ipe = max(1, iters_per_epoch)
         self.total = self.ipe * epochs
-        self.warmup = cfg.warmup_iters or int(round(cfg.warmup_epochs * self.ipe))
+        self.warmup = warmup_iters(cfg, self.ipe, self.total)
 
     def factor(self, step: int) -> float:
         """LR multiplier at global iteration ``step`` (0-based)."""

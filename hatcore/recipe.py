@@ -165,6 +165,13 @@ class Optimizer:
     weight_decay: float = option(0.0, doc="weight decay of conv/linear weights")
     norm_weight_decay: float = option(0.0, doc="weight decay of normalisation layers")
     bias_weight_decay: float = option(0.0, doc="weight decay of biases")
+    base_batch_size: int | None = option(
+        None, doc="the global batch (all processes) `lr` was tuned for, e.g. 224 for the seed's "
+        "8 GPUs x 28; the trainer scales `lr` to the actual global batch by `lr_scaling` and "
+        "logs the result. Unset: `lr` is used as given, whatever the batch")
+    lr_scaling: Literal["linear", "sqrt", "none"] = option(
+        "linear", doc="with base_batch_size: lr x batch/base (linear, MMDetection's "
+        "auto_scale_lr), lr x sqrt(batch/base) (sqrt), or lr as given (none)")
 
 
 @spec
@@ -174,6 +181,10 @@ class Schedule:
     type: Literal["cosine", "step", "constant"] = option("cosine", doc="cosine, step or constant")
     warmup_epochs: float = option(0.0, doc="linear warmup length in epochs (may be fractional)")
     warmup_iters: int = option(0, doc="linear warmup length in iterations (wins when > 0)")
+    min_warmup_iters: int = option(
+        100, doc="a warmup that is asked for (warmup_epochs or warmup_iters > 0) lasts at least "
+        "this many iterations (never beyond the stage), as Ultralytics' max(warmup_epochs x "
+        "iters, 100): on a small set one epoch is a handful of iterations; 0: no floor")
     warmup_start_factor: float = option(0.1, doc="lr factor at the first warmup step")
     min_lr_ratio: float = option(0.0, doc="cosine: final lr as a fraction of the base lr")
     milestones: list[int] = option(factory=list, doc="step: epochs at which lr is multiplied by gamma")
@@ -206,6 +217,16 @@ class TrainStage:
     checkpoint_every_iters: int = option(
         0, doc="also write checkpoint-last.pt every N iterations inside an epoch (0: only at "
         "epoch ends), for long epochs; a resumed run continues from there exactly")
+    load_from: str = option(
+        "", doc="start from the weights of this checkpoint (another run's checkpoint-best.pt or "
+        "-last.pt, or a bare state_dict), e.g. a COCO-trained model to fine-tune; keys whose "
+        "shape differs (a new num_classes) are named and refused unless load_strict = false")
+    load_strict: bool = option(
+        True, doc="load_from: refuse a checkpoint with missing, unexpected or shape-mismatched "
+        "keys; false: load the matching ones and report the rest by name")
+    loss_rise_factor: float = option(
+        2.0, doc="warn (log and terminal) when an epoch's mean loss exceeds this times the "
+        "first epoch's: the likely cause is an lr too high for the batch; 0: off")
 
 
 @spec

@@ -35,7 +35,7 @@ from hatcore import distributed as dist
 from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from hatcore.data import to_device
 from hatcore.errors import UserError
-from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler
+from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from hatcore.protocols import task_model
 from hatcore.recipe import TrainStage
 from hatcore.workdir import CHECKPOINT_BEST, CHECKPOINT_LAST, LOG, METRICS, write_metrics
@@ -111,6 +111,79 @@ def freeze_bn(model: nn.Module, patterns: list[str]) -> int:
     return count
 
 
+class DivergenceError(UserError):
+    """Training produced a non-finite loss; the stage stopped (checkpoint-last.pt untouched)."""
+
+
+def check_finite_loss(stage: str, losses: dict[str, torch.Tensor], step: int, epoch: int,
+                      lr: float, lr_note: str) -> None:
+    """The divergence guard: raise :class:`DivergenceError` when a loss is NaN or infinite.
+
+    Called before the backward pass, so no weight, optimizer state or checkpoint ever sees the
+    bad step: ``checkpoint-last.pt`` stays the last good one and a rerun resumes from it.
+    With several processes, all of them stop at the same step.
+    """
+    total = torch.stack([v.detach().float().sum() for v in losses.values()]).sum()
+    bad = (~torch.isfinite(total)).float().reshape(1)
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if not bool(bad.item()):
+        return
+    parts = ", ".join(f"{k} = {float(v.detach()):g}" for k, v in losses.items())
+    raise DivergenceError(
+        f"{stage}: the loss is not finite at step {step} (epoch {epoch + 1}): {parts}. Training "
+        f"stopped; checkpoint-last.pt holds the last good epoch. Likely cause: an lr too high "
+        f"for this batch ({lr_note}; lr at this step {lr:.4g}): lower optimizer.lr, set "
+        f"optimizer.base_batch_size to the batch the lr was tuned for, or lengthen the warmup.")
+
+
+def loss_rise_warning(stage: str, history: list[dict[str, Any]], factor: float,
+                      lr_note: str) -> str | None:
+    """A warning when the last epoch's mean loss exceeds ``factor`` x the first epoch's."""
+    if factor <= 0 or len(history) < 2 or "loss" not in history[0] or "loss" not in history[-1]:
+        return None
+    first, last = float(history[0]["loss"]), float(history[-1]["loss"])
+    if not last > factor * first:
+        return None
+    return (f"{stage}: warning: epoch {len(history)} loss {last:.4g} is {last / first:.1f}x the "
+            f"first epoch's ({first:.4g}; loss_rise_factor = {factor:g}): training is likely "
+            f"diverging. Likely cause: an lr too high for this batch ({lr_note}).")
+
+
+def load_weights(model: nn.Module, path: str, strict: bool, where: str) -> list[str]:
+    """Load ``path`` (a checkpoint with ``model``/``ema`` or a bare state_dict) into ``model``.
+
+    :returns: the keys skipped (only when not ``strict``), each with why.
+    :raises UserError: the file is missing or unreadable, or (``strict``) keys are missing,
+        unexpected or of another shape — named one by one.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{where}.load_from: {path}: no such checkpoint")
+    state = load_checkpoint(file, map_location="cpu")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"{where}.load_from: {path}: not a checkpoint or state_dict")
+    own = model.state_dict()
+    shape = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [f"{k}: not in the checkpoint" for k in own if k not in state]
+    extra = [f"{k}: not in the model" for k in state if k not in own]
+    problems = shape + missing + extra
+    if problems and strict:
+        lines = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
+                                               if len(problems) > 20 else "")
+        raise UserError(f"{where}.load_from: {path} does not fit the model "
+                        f"({len(shape)} shape mismatches, {len(missing)} missing, "
+                        f"{len(extra)} unexpected keys):\n  {lines}\n"
+                        f"Set {where}.load_strict = false to load the matching keys and skip "
+                        "these (e.g. a classifier for another num_classes).")
+    keep = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(keep, strict=False)
+    return problems
+
+
 def _to_memory_format(batch: dict[str, Any], channels_last: bool) -> dict[str, Any]:
     if channels_last and batch["img"].ndim == 4:
         batch["img"] = batch["img"].contiguous(memory_format=torch.channels_last)
@@ -160,6 +233,8 @@ class Trainer:
             raise UserError(f"{stage}: the training set gives no batch (fewer images than "
                             "data.train.batch_size with drop_last?)")
         self.schedule: LRSchedule = build_scheduler(cfg.schedule, self.iters_per_epoch, cfg.epochs)
+        self.global_batch = _batch_size(train_loader) * dist.world_size()
+        self.base_lr, self.lr_note = scaled_lr(cfg.optimizer, self.global_batch)
         self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -232,7 +307,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train (resuming if ``checkpoint-last.pt`` exists); return the final metrics."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not (self.out_dir / "checkpoint-last.pt").is_file()
+        if fresh and self.cfg.load_from:
+            self._load_from()
         self._resume()
+        if dist.is_main() and self.epoch < self.cfg.epochs and not self.should_stop:
+            warm = self.schedule.warmup
+            tqdm.write(f"{self.stage}: {self.lr_note}; warmup {warm} iterations")
+            self._log({"kind": "lr", "lr": self.base_lr, "global_batch": self.global_batch,
+                       "warmup_iters": warm, "why": self.lr_note})
         metrics: dict[str, Any] = self.history[-1] if self.history else {}
         while self.epoch < self.cfg.epochs and not self.should_stop:
             metrics = self._epoch()
@@ -244,6 +327,16 @@ class Trainer:
         if dist.is_main():  # the one metrics.json schema (hatcore.workdir, docs/formats.md)
             write_metrics(self.out_dir / METRICS, self.stage, train=train)
         return metrics
+
+    def _load_from(self) -> None:
+        where = f"stages.{self.stage}"
+        skipped = load_weights(self.raw_model, self.cfg.load_from, self.cfg.load_strict, where)
+        if self.ema:
+            self.ema.module.load_state_dict(self.raw_model.state_dict())
+        if dist.is_main():
+            note = f"; skipped (load_strict = false): {', '.join(skipped)}" if skipped else ""
+            tqdm.write(f"{self.stage}: weights from {self.cfg.load_from}{note}")
+            self._log({"kind": "load_from", "path": self.cfg.load_from, "skipped": skipped})
 
     def _best_record(self) -> dict[str, Any]:
         scored = [h for h in self.history if self.best_key in h]
@@ -264,6 +357,9 @@ class Trainer:
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        for t in getattr(getattr(self.loader, "dataset", None), "transforms", None) or []:
+            if hasattr(t, "set_epoch"):  # e.g. mosaic, off for a stage's last epochs
+                t.set_epoch(epoch, cfg.epochs)
         if self.before_epoch:
             self.before_epoch(self, epoch)
         self.model.train()
@@ -285,7 +381,8 @@ class Trainer:
                 if i + 1 == skip and resume:
                     set_rng_state(resume[1])  # ...and the RNGs continue from the checkpoint
                 continue
-            lr = self.schedule.apply(self.optimizer, cfg.optimizer.lr, self.step)
+            lr = self.schedule.apply(self.optimizer, self.base_lr, self.step)
+            self._now = (epoch, lr)  # for the divergence guard's message
             losses = self._train_step(batch)
             n = int(batch["img"].shape[0]) * dist.world_size()
             images += n
@@ -319,6 +416,10 @@ class Trainer:
         if self.evaluate and (last or (cfg.val_interval and (epoch + 1) % cfg.val_interval == 0)):
             metrics.update(self.evaluate(self.eval_model))
         self.history.append(metrics)
+        warning = loss_rise_warning(self.stage, self.history, cfg.loss_rise_factor, self.lr_note)
+        if warning and dist.is_main():
+            tqdm.write(warning)
+            self._log({"kind": "warning", "epoch": epoch, "message": warning})
         if self.best_key in metrics and (self.best is None or metrics[self.best_key] > self.best):
             self.best = float(metrics[self.best_key])
             self._save_best(metrics)
@@ -343,8 +444,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
             raw = self.model(batch["img"])
             losses = task_model(dist.unwrap(self.model)).compute_loss(raw, batch)
+        epoch, lr = getattr(self, "_now", (self.epoch, self.base_lr))
+        check_finite_loss(self.stage, losses, self.step, epoch, lr, self.lr_note)
         total = cast(torch.Tensor, sum(losses.values()))  # sum() is typed Tensor | Literal[0]
-        check_finite_loss(self, losses, total)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(total).backward()
@@ -365,23 +467,10 @@ class Trainer:
         return out
 
 
-def check_finite_loss(trainer: Trainer, losses: dict[str, torch.Tensor], total: Any) -> None:
-    """Stop the stage on a NaN/Inf loss, before it reaches the weights.
-
-    :raises UserError: naming the stage, the step, the non-finite terms and the checkpoint that
-        still holds the last good state (nothing is written after a non-finite loss).
-    """
-    if bool(torch.isfinite(total.detach())):
-        return
-    bad = ", ".join(f"{k}={float(v.detach())}" for k, v in losses.items()
-                    if not bool(torch.isfinite(v.detach()).all()))
-    last = trainer.out_dir / "checkpoint-last.pt"
-    kept = (f"{last} still holds the last good state" if last.is_file()
-            else "no checkpoint had been written yet")
-    raise UserError(f"{trainer.stage}: the loss is {float(total.detach())} at step "
-                    f"{trainer.step + 1} (epoch {trainer.epoch + 1}): {bad}; training stopped "
-                    f"before the weights were updated and {kept}. Lower the learning rate, set "
-                    "grad_clip, or check the data, then run again to resume")
+def _batch_size(loader: DataLoader[Any]) -> int:
+    """Images per step of one process."""
+    size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    return int(size or 1)
 
 
 @torch.no_grad()

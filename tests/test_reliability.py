@@ -254,8 +254,9 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     with pytest.raises(UserError) as err:
         trainer.fit()
     msg = str(err.value)
-    assert msg.startswith("float: the loss is nan at step 4 (epoch 2): loss_box=nan;")
-    assert f"{tmp_path / 'checkpoint-last.pt'} still holds the last good state" in msg
+    # steps count from 0: steps 0-2 trained, step 3 (the 4th forward) is NaN
+    assert msg.startswith("float: the loss is not finite at step 3 (epoch 2): loss_box = nan,")
+    assert "checkpoint-last.pt holds the last good epoch" in msg
     saved = load_checkpoint(tmp_path / "checkpoint-last.pt")
     assert saved["epoch"] == 0 and saved["step"] == 2
     for k, v in trainer.raw_model.state_dict().items():  # the NaN step changed nothing

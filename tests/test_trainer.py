@@ -49,7 +49,8 @@ def make(tmp: Path, cfg: TrainStage, **kw) -> Trainer:  # type: ignore[no-untype
 
 
 def test_cosine_schedule_with_warmup_values() -> None:
-    s = LRSchedule(Schedule(type="cosine", warmup_iters=10, warmup_start_factor=0.1), 10, 5)
+    s = LRSchedule(Schedule(type="cosine", warmup_iters=10, warmup_start_factor=0.1,
+                            min_warmup_iters=0), 10, 5)
     assert s.factor(0) == pytest.approx(0.1)
     assert s.factor(5) == pytest.approx(0.1 + 0.9 * 0.5)
     assert s.factor(10) == pytest.approx(1.0)
@@ -58,7 +59,8 @@ def test_cosine_schedule_with_warmup_values() -> None:
 
 
 def test_warmup_by_fractional_epochs_and_step_decay() -> None:
-    s = LRSchedule(Schedule(type="step", warmup_epochs=0.5, milestones=[2, 4], gamma=0.1), 10, 6)
+    s = LRSchedule(Schedule(type="step", warmup_epochs=0.5, milestones=[2, 4], gamma=0.1,
+                            min_warmup_iters=0), 10, 6)
     assert s.warmup == 5
     assert s.factor(5) == 1.0 and s.factor(19) == 1.0
     assert s.factor(20) == pytest.approx(0.1) and s.factor(45) == pytest.approx(0.01)
@@ -213,7 +215,8 @@ def test_rng_state_survives_a_weights_only_checkpoint(tmp_path) -> None:
 
 
 def test_constant_schedule_warmup_by_iteration_and_build_scheduler() -> None:
-    s = build_scheduler(Schedule(type="constant", warmup_iters=4, warmup_start_factor=0.2), 3, 2)
+    s = build_scheduler(Schedule(type="constant", warmup_iters=4, warmup_start_factor=0.2,
+                                  min_warmup_iters=0), 3, 2)
     assert [round(s.factor(i), 6) for i in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
     s = build_scheduler(Schedule(type="cosine", min_lr_ratio=0.1), 5, 2)
     assert s.factor(0) == 1.0 and s.factor(10) == pytest.approx(0.1)

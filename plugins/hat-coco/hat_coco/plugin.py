@@ -23,6 +23,9 @@ _TRANSFORMS: dict[type, tuple[str, Callable[[Any], Any], str]] = {
                        "random horizontal/vertical flip"),
     S.AugmentHsvSpec: ("augment_hsv", lambda s: T.AugmentHSV(s.hgain, s.sgain, s.vgain),
                        "random hue/saturation/value gains"),
+    S.MosaicSpec: ("mosaic", lambda s: T.Mosaic(s.size, s.prob, s.mixup_prob, s.off_last_epochs,
+                                                s.min_box),
+                   "mosaic of four images (+ MixUp); first in the list, train split"),
     S.ToTensorSpec: ("to_tensor", lambda s: T.ToTensor(s.to_yuv),
                      "HWC uint8 -> CHW float tensor (YUV444 BT.601 when to_yuv)"),
     S.NormalizeSpec: ("normalize", lambda s: T.Normalize(s.mean, s.std), "(img - mean) / std"),
@@ -85,7 +88,11 @@ def _pack_complete(path: Path) -> bool:
 
 @hookimpl
 def build_dataset(spec: DatasetSpec, split: str, transforms: list[Any]) -> Any:
-    return dataset_from_spec(spec, split, transforms)
+    dataset = dataset_from_spec(spec, split, transforms)
+    for t in transforms if dataset is not None else []:
+        if hasattr(t, "bind"):  # dataset-level transforms (mosaic) draw other images from it
+            t.bind(dataset)
+    return dataset
 
 
 @hookimpl

@@ -74,6 +74,19 @@ class AugmentHsvSpec(TransformSpec):
 
 
 @spec
+class MosaicSpec(TransformSpec):
+    size: list[int] = option(
+        factory=lambda: [512, 512], doc="[h, w] of each of the four quadrants; the canvas is "
+        "twice that (follow with `resize` to size)")
+    prob: float = option(1.0, doc="probability of a mosaic per sample")
+    mixup_prob: float = option(0.0, doc="probability of blending the mosaic 0.5/0.5 with "
+                               "another image (MixUp), keeping the boxes of both")
+    off_last_epochs: int = option(
+        0, doc="no mosaic (nor MixUp) in the last N epochs of the stage")
+    min_box: float = option(2.0, doc="boxes cut to less than this many px on a side are dropped")
+
+
+@spec
 class ToTensorSpec(TransformSpec):
     to_yuv: bool = option(True, doc="convert RGB to YUV444 (BT.601 full range) as the BPU sees it")
 

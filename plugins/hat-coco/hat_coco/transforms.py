@@ -301,3 +301,108 @@ def collate(items: list[Sample]) -> dict[str, Any]:
         metas.append({**it["meta"], "pad_shape": (h, w)})
     return {"img": out, "gt_boxes": [it["gt_boxes"] for it in items],
             "gt_labels": [it["gt_labels"] for it in items], "meta": metas}
+
+
+class Mosaic:
+    """Mosaic (YOLOv4/YOLOX) with optional MixUp, on the raw sample: a dataset-level transform.
+
+    Put it first in ``data.train.transforms``: it takes the sample and three others drawn from
+    the same dataset (``bind(dataset)``, called when the dataset is built), each resized to fit
+    a ``size`` [h, w] quadrant (keeping its aspect ratio), and lays them around a random centre
+    on a 2h x 2w grey canvas; boxes are shifted and clipped with their pixels, boxes left
+    smaller than ``min_box`` px on a side dropped. With probability ``mixup_prob`` the canvas is
+    then averaged (0.5 / 0.5) with another sample resized onto it, boxes of both kept. Applied
+    with probability ``prob``, and not in the last ``off_last_epochs`` epochs of a stage (the
+    trainer calls ``set_epoch(epoch, epochs)``), so training ends on undistorted images.
+    The canvas replaces the image: follow it with ``resize`` (to ``size``) as usual.
+    """
+
+    def __init__(self, size: Sequence[int], prob: float = 1.0, mixup_prob: float = 0.0,
+                 off_last_epochs: int = 0, min_box: float = 2.0) -> None:
+        if len(size) != 2 or min(size) < 1:
+            raise UserError(f"mosaic: size must be [h, w] (positive), got {list(size)}")
+        if not (0 <= prob <= 1 and 0 <= mixup_prob <= 1) or off_last_epochs < 0:
+            raise UserError(f"mosaic: prob and mixup_prob must be in [0, 1] and off_last_epochs "
+                            f">= 0; got {prob}, {mixup_prob}, {off_last_epochs}")
+        self.size = (int(size[0]), int(size[1]))
+        self.prob, self.mixup_prob, self.off_last = prob, mixup_prob, off_last_epochs
+        self.min_box = min_box
+        self.dataset: Any = None
+        self.active = True
+
+    def bind(self, dataset: Any) -> None:
+        """The dataset the other images come from (its ``raw_sample(i)`` and ``len``)."""
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        self.active = epoch < epochs - self.off_last
+
+    def _other(self) -> Sample:
+        return self.dataset.raw_sample(rng().integers(0, len(self.dataset)))
+
+    def __call__(self, sample: Sample) -> Sample:
+        if self.dataset is None or not self.active or rng().random() >= self.prob:
+            return sample
+        h, w = self.size
+        cy, cx = int(rng().uniform(0.5 * h, 1.5 * h)), int(rng().uniform(0.5 * w, 1.5 * w))
+        canvas, boxes, labels = mosaic_canvas(
+            [sample] + [self._other() for _ in range(3)], (h, w), (cy, cx))
+        if self.mixup_prob > 0 and rng().random() < self.mixup_prob:
+            other = self._other()
+            img, b = _fit(other["img"], other["gt_boxes"], (2 * h, 2 * w))
+            canvas[: img.shape[0], : img.shape[1]] = (
+                canvas[: img.shape[0], : img.shape[1]].astype(np.float32) * 0.5 + img * 0.5
+            ).astype(np.uint8)
+            boxes = np.concatenate([boxes, b])
+            labels = np.concatenate([labels, other["gt_labels"]])
+        keep = (boxes[:, 2] - boxes[:, 0] >= self.min_box) & \
+            (boxes[:, 3] - boxes[:, 1] >= self.min_box)
+        sample["img"] = canvas
+        sample["gt_boxes"] = boxes[keep].astype(np.float32).reshape(-1, 4)
+        sample["gt_labels"] = labels[keep].astype(np.int64)
+        meta = sample["meta"]
+        meta.update(img_shape=canvas.shape[:2], pad_shape=canvas.shape[:2], mosaic=True)
+        return sample
+
+
+def _fit(img: np.ndarray, boxes: np.ndarray, hw: tuple[int, int]
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Resize ``img`` to fit inside ``hw`` keeping its aspect ratio; boxes scaled alike."""
+    s = min(hw[0] / img.shape[0], hw[1] / img.shape[1])
+    nh, nw = max(1, round(img.shape[0] * s)), max(1, round(img.shape[1] * s))
+    sy, sx = nh / img.shape[0], nw / img.shape[1]
+    out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return out, boxes.reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
+
+
+def mosaic_canvas(samples: list[Sample], size: tuple[int, int], centre: tuple[int, int]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Four samples around ``centre`` (y, x) on a 2h x 2w canvas filled with 114.
+
+    Sample 0 goes top-left of the centre, 1 top-right, 2 bottom-left, 3 bottom-right, each
+    resized to fit an h x w quadrant and cut where it leaves the canvas; its boxes move with it
+    and are clipped to the part shown. :returns: canvas uint8[2h, 2w, 3], boxes float32[N, 4],
+    labels int64[N].
+    """
+    h, w = size
+    cy, cx = centre
+    canvas = np.full((2 * h, 2 * w, 3), 114, np.uint8)
+    all_boxes, all_labels = [], []
+    for k, s in enumerate(samples):
+        img, b = _fit(s["img"], s["gt_boxes"], (h, w))
+        ih, iw = img.shape[:2]
+        x0 = cx - iw if k in (0, 2) else cx  # where the image's top-left corner lands
+        y0 = cy - ih if k in (0, 1) else cy
+        cx1, cy1 = max(x0, 0), max(y0, 0)  # the part of the canvas it covers
+        cx2, cy2 = min(x0 + iw, 2 * w), min(y0 + ih, 2 * h)
+        if cx2 <= cx1 or cy2 <= cy1:
+            continue
+        canvas[cy1:cy2, cx1:cx2] = img[cy1 - y0:cy2 - y0, cx1 - x0:cx2 - x0]
+        b = b + np.array([x0, y0, x0, y0], np.float32)
+        b[:, 0::2] = b[:, 0::2].clip(cx1, cx2)
+        b[:, 1::2] = b[:, 1::2].clip(cy1, cy2)
+        all_boxes.append(b)
+        all_labels.append(np.asarray(s["gt_labels"], np.int64).reshape(-1))
+    boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32)
+    labels = np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64)
+    return canvas, boxes.astype(np.float32), labels

@@ -22,11 +22,14 @@ def decode_distances(bbox: torch.Tensor, stride: torch.Tensor, upscale: bool) ->
 
 
 class FCOSDecoder:
-    """Sigmoid scores (x centerness, sqrt), top ``nms_pre`` points per level, at most
-    ``nms_pre`` (point, class) pairs above ``score_thr``, distance -> box clipped to the resized
-    image, divided by ``meta["scale"]`` (sy, sx) and clipped to ``meta["orig_size"]``, then
-    multiclass greedy NMS keeping ``max_per_img``. ``__call__(raw, batch)`` returns one
-    ``{"boxes" Tensor[N, 4] xyxy, "scores" Tensor[N], "labels" Tensor[N]}`` per image.
+    """HAT's FCOSDecoder. Per level, the top ``nms_pre`` points by their best class score (times
+    centerness when ``nms_use_centerness``); the (point, class) pairs whose **class score**
+    passes ``score_thr``; each scored ``sqrt(score x centerness)`` (``nms_sqrt``; without the
+    root otherwise; the class score alone without ``nms_use_centerness``), which ranks the
+    multiclass greedy NMS and is the detection's score; distance -> box clipped to the resized
+    image, divided by ``meta["scale"]`` (sy, sx) and clipped to ``meta["orig_size"]``;
+    ``max_per_img`` kept. ``__call__(raw, batch)`` returns one ``{"boxes" Tensor[N, 4] xyxy,
+    "scores" Tensor[N], "labels" Tensor[N]}`` per image.
 
     :param strides: stride of each level.
     :param upscale_bbox_pred: box outputs are in units of stride.
@@ -49,18 +52,18 @@ class FCOSDecoder:
         level = torch.cat([torch.full((h * w,), i, device=points.device)
                            for i, (h, w) in enumerate(sizes)])
         scores = flatten_levels(cls).float().sigmoid()  # [B, P, C]
-        if self.use_ctr:
-            scores = scores * flatten_levels(ctr).float().sigmoid()
-            scores = scores.sqrt() if self.sqrt else scores
+        factor = flatten_levels(ctr).float().sigmoid() if self.use_ctr else \
+            torch.ones_like(scores[..., :1])  # [B, P, 1]
         dist = decode_distances(flatten_levels(bbox).float(), stride, self.upscale)
         boxes = distance_to_box(points, dist)  # [B, P, 4]
         metas = batch.get("meta") or [{} for _ in range(len(boxes))]
-        return [self._one(scores[i], boxes[i], level, metas[i], batch["img"].shape[-2:])
-                for i in range(len(boxes))]
+        return [self._one(scores[i], factor[i, :, 0], boxes[i], level, metas[i],
+                          batch["img"].shape[-2:]) for i in range(len(boxes))]
 
-    def _one(self, scores: torch.Tensor, boxes: torch.Tensor, level: torch.Tensor,
-             meta: dict[str, Any], in_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
-        best = scores.amax(1)
+    def _one(self, scores: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+             level: torch.Tensor, meta: dict[str, Any], in_hw: tuple[int, int]
+             ) -> dict[str, torch.Tensor]:
+        best = scores.amax(1) * factor
         keep = []
         for lv in range(len(self.strides)):  # top nms_pre points per level
             idx = torch.nonzero(level == lv).flatten()
@@ -68,12 +71,11 @@ class FCOSDecoder:
                 idx = idx[best[idx].topk(self.nms_pre).indices]
             keep.append(idx)
         idx = torch.cat(keep)
-        pi, ci = torch.nonzero(scores[idx] > self.score_thr, as_tuple=True)
+        pi, ci = torch.nonzero(scores[idx] > self.score_thr, as_tuple=True)  # the class score
         pi = idx[pi]
-        sc = scores[pi, ci]
-        if len(sc) > self.nms_pre:  # at most nms_pre (point, class) pairs enter the NMS
-            top = sc.topk(self.nms_pre).indices
-            pi, ci, sc = pi[top], ci[top], sc[top]
+        sc = scores[pi, ci] * factor[pi]
+        if self.sqrt and self.use_ctr:
+            sc = sc.sqrt()
         bx = boxes[pi]
         h, w = meta.get("img_shape", in_hw)
         bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w),

@@ -6,12 +6,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from hat_fcos.boxes import distance_to_box, level_points
-from hat_fcos.decoder import FCOSDecoder, decode_distances, flatten_levels
+from hat_fcos.boxes import level_points
+from hat_fcos.decoder import FCOSDecoder, flatten_levels
 from hat_fcos.target import assign, centerness_target, focal_loss, giou_loss
 from hatcore.errors import UserError
 from hatcore.quant import QuantStub
+
+
+def around_origin(ltrb: torch.Tensor) -> torch.Tensor:
+    """Distances ``Tensor[M, 4]`` (l, t, r, b) -> the box they span around (0, 0), xyxy."""
+    return torch.cat([-ltrb[:, :2], ltrb[:, 2:]], 1)
 
 
 class FCOS(nn.Module):
@@ -30,7 +36,8 @@ class FCOS(nn.Module):
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, head: nn.Module, strides: list[int],
                  num_classes: int, decoder: FCOSDecoder, upscale_bbox_pred: bool = True,
-                 topk: int = 10, cls_cost_weight: float = 1.0, reg_cost_weight: float = 3.0,
+                 topk: int = 10, center_sampling: bool = True, center_sampling_radius: float = 2.5,
+                 cls_cost_weight: float = 1.0, reg_cost_weight: float = 2.0,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, cls_weight: float = 1.0,
                  giou_weight: float = 2.0, centerness_weight: float = 1.0) -> None:
         super().__init__()
@@ -40,6 +47,7 @@ class FCOS(nn.Module):
         self.decoder = decoder
         self.upscale = upscale_bbox_pred
         self.topk, self.cost_w = topk, (cls_cost_weight, reg_cost_weight)
+        self.sampling = (center_sampling, center_sampling_radius)
         self.alpha, self.gamma = focal_alpha, focal_gamma
         self.loss_w = (cls_weight, giou_weight, centerness_weight)
 
@@ -47,39 +55,38 @@ class FCOS(nn.Module):
         return self.head(self.neck(self.backbone(self.quant(img))))
 
     def compute_loss(self, raw: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Focal (cls), GIoU weighted by the target's geometric centerness (bbox), BCE (centerness)."""
+        """Focal loss over positives (cls), GIoU weighted by the geometric centerness of the
+        target and averaged by the weights' sum (bbox), BCE towards the IoU (centerness); targets
+        from :func:`~hat_fcos.target.assign`, in units of stride."""
         cls_l, bbox_l, ctr_l = raw
         self._check_labels(batch)
         sizes = [tuple(c.shape[-2:]) for c in cls_l]
         points, stride = level_points(sizes, self.strides, cls_l[0].device)
         cls = flatten_levels(cls_l).float()  # [B, P, C]
         ctr = flatten_levels(ctr_l).float()[..., 0]  # [B, P]
-        boxes = distance_to_box(points, decode_distances(flatten_levels(bbox_l).float(), stride,
-                                                         self.upscale))  # [B, P, 4]
+        dist = F.relu(flatten_levels(bbox_l).float())  # [B, P, 4] (l, t, r, b)
+        if not self.upscale:  # predicted in pixels: to units of stride
+            dist = dist / stride[:, None]
         cls_t = torch.zeros_like(cls)
-        pos_pred, pos_gt, pos_w, pos_ctr, pos_iou = [], [], [], [], []
+        pos_pred, pos_box, pos_iou, pos_ctr = [], [], [], []
         for i in range(len(cls)):
             gtb = batch["gt_boxes"][i].to(cls.device, torch.float32)
             gtl = batch["gt_labels"][i].to(cls.device)
-            a = assign(points, boxes[i].detach(), cls[i].detach(), gtb, gtl, self.topk,
-                       *self.cost_w)
+            a = assign(points, stride, dist[i].detach(), cls[i].detach(), gtb, gtl, self.topk,
+                       *self.sampling, *self.cost_w, self.alpha, self.gamma)
             pos = a.gt_index >= 0
             cls_t[i, pos, gtl[a.gt_index[pos]]] = 1.0
-            gt = gtb[a.gt_index[pos]]
-            ltrb = torch.cat([points[pos] - gt[:, :2], gt[:, 2:] - points[pos]], 1)
-            pos_pred.append(boxes[i, pos])
-            pos_gt.append(gt)
-            pos_w.append(centerness_target(ltrb.clamp(min=0)))
-            pos_ctr.append(ctr[i, pos])
+            pos_pred.append(dist[i, pos])
+            pos_box.append(a.box_target[pos])
             pos_iou.append(a.ctr_target[pos])
-        num_pos = max(sum(len(p) for p in pos_w), 1)
-        w = torch.cat(pos_w)
-        c = torch.cat(pos_ctr)
+            pos_ctr.append(ctr[i, pos])
+        num_pos = max(sum(len(p) for p in pos_iou), 1)
+        pred, target = torch.cat(pos_pred), torch.cat(pos_box)
         loss_cls = focal_loss(cls, cls_t, self.alpha, self.gamma) / num_pos
-        loss_bbox = giou_loss(torch.cat(pos_pred), torch.cat(pos_gt), w) if len(w) else \
-            boxes.sum() * 0
-        loss_ctr = nn.functional.binary_cross_entropy_with_logits(
-            c, torch.cat(pos_iou), reduction="sum") / num_pos
+        loss_bbox = giou_loss(around_origin(pred), around_origin(target),
+                              centerness_target(target)) if len(pred) else dist.sum() * 0
+        loss_ctr = F.binary_cross_entropy_with_logits(torch.cat(pos_ctr), torch.cat(pos_iou),
+                                                      reduction="sum") / num_pos
         cw, bw, tw = self.loss_w
         return {"loss_cls": cw * loss_cls, "loss_bbox": bw * loss_bbox,
                 "loss_centerness": tw * loss_ctr}

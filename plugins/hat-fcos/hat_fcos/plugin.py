@@ -112,7 +112,8 @@ def build_model(spec: ModelSpec, plugins: Plugins) -> nn.Module | None:
     decoder = FCOSDecoder(strides, upscale, d.score_thr, d.nms_pre, d.nms_iou, d.max_per_img,
                           d.nms_use_centerness, d.nms_sqrt)
     return FCOS(backbone, neck, head, strides, spec.num_classes, decoder, upscale, t.topK,
-                t.cls_cost_weight, t.reg_cost_weight, lo.focal_alpha, lo.focal_gamma,
+                t.center_sampling, t.center_sampling_radius, t.cls_cost_weight,
+                t.reg_cost_weight, lo.focal_alpha, lo.focal_gamma,
                 lo.cls_weight, lo.giou_weight, lo.centerness_weight)
 
 

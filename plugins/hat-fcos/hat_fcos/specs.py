@@ -67,11 +67,18 @@ class FCOSHeadSpec(HeadSpec):
 
 @spec
 class TargetSpec:
-    """``[model.target]``: DynamicFcosTarget (SimOTA-like assignment)."""
+    """``[model.target]``: DynamicFcosTarget (SimOTA-like assignment), as HAT's (docs/fcos.md)."""
 
-    topK: int = option(10, doc="IoUs summed to get each GT's number of points")  # noqa: N815
-    cls_cost_weight: float = option(1.0, doc="weight of the classification cost")
-    reg_cost_weight: float = option(3.0, doc="weight of the GIoU cost")
+    topK: int = option(  # noqa: N815
+        10, doc="each GT takes max(1, int(sum of its topK IoUs)) points")
+    center_sampling: bool = option(
+        True, doc="candidates are the points inside the GT's centre region (the box clipped to "
+        "centre +- radius x stride); false: every point inside the box")
+    center_sampling_radius: float = option(2.5, doc="radius of the centre region, in strides")
+    cls_cost_weight: float = option(
+        1.0, doc="weight of the classification cost (focal loss over all classes)")
+    reg_cost_weight: float = option(
+        2.0, doc="weight of the GIoU cost (the seed's loss_reg loss_weight)")
 
 
 @spec
@@ -89,12 +96,12 @@ class LossSpec:
 class DecoderSpec:
     """``[model.decoder]``: FCOSDecoder."""
 
-    score_thr: float = option(0.05, doc="minimum class score kept")
-    nms_pre: int = option(1000, doc="top points per level, and most (point, class) pairs, into NMS")
+    score_thr: float = option(0.05, doc="minimum class score (before centerness) kept")
+    nms_pre: int = option(1000, doc="top points per level into the NMS")
     nms_iou: float = option(0.6, doc="IoU threshold of the multiclass NMS")
     max_per_img: int = option(100, doc="detections kept per image")
-    nms_use_centerness: bool = option(True, doc="rank by score x centerness")
-    nms_sqrt: bool = option(True, doc="rank by sqrt(score x centerness)")
+    nms_use_centerness: bool = option(True, doc="rank and score by score x centerness")
+    nms_sqrt: bool = option(True, doc="rank and score by sqrt(score x centerness)")
 
 
 @spec

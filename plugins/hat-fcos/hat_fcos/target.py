@@ -1,11 +1,20 @@
-"""DynamicFcosTarget (SimOTA-like) and the FCOS losses.
+"""DynamicFcosTarget (SimOTA-like) and the FCOS losses, as Horizon HAT computes them.
 
-Assignment, per image: candidates are the points inside a GT box (a GT with none gets its
-nearest point). cost = cls_w * BCE(logit of the GT class, 1) + reg_w * (1 - GIoU(pred, GT)),
-outside candidates +inf. Each GT takes ``k = max(1, round(sum of its topK IoUs))`` cheapest
-candidates; a point claimed by several GTs goes to the cheapest. Centerness target = IoU of the
-predicted box with its GT. The box loss is weighted by the geometric FCOS centerness of the
-regression target (:func:`centerness_target`), as HAT's ``_centerness_target``.
+Assignment, per image (``assign``), everything in units of each point's stride:
+
+1. candidates of a GT: the points strictly inside its centre region, the GT box clipped to
+   ``centre ± radius · stride`` (``center_sampling``; else the points inside the box);
+2. ``iou[p, j]``: IoU of point p's predicted box with GT j (0 outside the candidates);
+3. ``cost[p, j] = cls_cost_weight · Σ_c focal(logit[p, c], c == label_j)
+   + reg_cost_weight · (1 - GIoU(pred_p, gt_j))`` (the seed's ``targets``: FocalLoss over all
+   classes + ``loss_reg`` weight 2.0 × GIoU loss), ``+inf`` outside the candidates;
+4. each GT takes its ``k_j = max(1, int(Σ of its topK IoUs))`` (truncated) cheapest points;
+5. a point taken by several GTs goes to the GT with the lowest cost for it; matches outside the
+   candidates are dropped (a GT may end with none).
+
+Centerness target of a positive = ``iou[p, owner]``. The box (GIoU) loss of a positive is
+weighted by the geometric FCOS centerness of its regression target
+(:func:`centerness_target`) and averaged by the sum of those weights.
 """
 
 from __future__ import annotations
@@ -22,60 +31,12 @@ INF = 1e8
 
 @dataclass
 class Assignment:
-    """Per image: ``gt_index (Tensor[P])`` (-1: background) and ``ctr_target (Tensor[P])``."""
+    """Per image: ``gt_index (Tensor[P])`` (-1: background), ``ctr_target (Tensor[P])`` (IoU of
+    the prediction with its GT) and ``box_target (Tensor[P, 4])`` (l, t, r, b in strides)."""
 
     gt_index: torch.Tensor
     ctr_target: torch.Tensor
-
-
-@torch.no_grad()
-def assign(points: torch.Tensor, pred_boxes: torch.Tensor, cls_logits: torch.Tensor,
-           gt_boxes: torch.Tensor, gt_labels: torch.Tensor, topk: int = 10,
-           cls_weight: float = 1.0, reg_weight: float = 3.0) -> Assignment:
-    """Assign points of one image to GTs.
-
-    :param points: ``Tensor[P, 2]`` (x, y).
-    :param pred_boxes: ``Tensor[P, 4]`` decoded predictions, xyxy.
-    :param cls_logits: ``Tensor[P, C]``.
-    :param gt_boxes: ``Tensor[N, 4]`` xyxy.
-    :param gt_labels: ``Tensor[N]`` int64.
-    """
-    p, n = len(points), len(gt_boxes)
-    gt_index = torch.full((p,), -1, dtype=torch.long, device=points.device)
-    ctr = torch.zeros(p, dtype=pred_boxes.dtype, device=points.device)
-    if n == 0:
-        return Assignment(gt_index, ctr)
-    x, y = points[:, 0:1], points[:, 1:2]  # [P, 1]
-    inside = (x > gt_boxes[:, 0]) & (x < gt_boxes[:, 2]) & (y > gt_boxes[:, 1]) & \
-        (y < gt_boxes[:, 3])  # [P, N]
-    centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    nearest = torch.cdist(points, centres).argmin(0)  # [N]
-    inside[nearest, torch.arange(n, device=points.device)] |= ~inside.any(0)
-    iou, giou = aligned_iou_giou(pred_boxes[:, None], gt_boxes[None])  # [P, N]
-    cls_cost = F.binary_cross_entropy_with_logits(
-        cls_logits[:, gt_labels].float(), torch.ones(p, n, device=points.device), reduction="none")
-    cost = cls_weight * cls_cost + reg_weight * (1 - giou) + INF * (~inside)
-    iou = iou * inside
-    k_max = min(topk, p)
-    k = iou.topk(k_max, 0).values.sum(0).round().clamp(min=1, max=k_max).long()  # [N]
-    cheapest = cost.topk(k_max, 0, largest=False).indices  # [k_max, N]
-    rank_ok = torch.arange(k_max, device=points.device)[:, None] < k[None]
-    match = torch.zeros(p, n, dtype=torch.bool, device=points.device)
-    match[cheapest, torch.arange(n, device=points.device).expand(k_max, n)] = rank_ok
-    match &= inside
-    masked = torch.where(match, cost, torch.full_like(cost, float("inf")))
-    claimed = match.any(1)
-    owner = masked.argmin(1)
-    # a GT left without a point (all its points won by others) takes its cheapest free point
-    won = torch.zeros(n, dtype=torch.bool, device=points.device)
-    won[owner[claimed]] = True
-    for j in torch.nonzero(~won).flatten().tolist():
-        free = torch.where(claimed, torch.full_like(cost[:, j], float("inf")), cost[:, j])
-        i = int(free.argmin()) if bool(torch.isfinite(free).any()) else int(cost[:, j].argmin())
-        claimed[i], owner[i] = True, j
-    gt_index[claimed] = owner[claimed]
-    ctr[claimed] = iou[claimed, owner[claimed]].clamp(min=0).to(ctr.dtype)
-    return Assignment(gt_index, ctr)
+    box_target: torch.Tensor
 
 
 def centerness_target(ltrb: torch.Tensor) -> torch.Tensor:
@@ -85,6 +46,84 @@ def centerness_target(ltrb: torch.Tensor) -> torch.Tensor:
     ratio = (lr.min(1).values / lr.max(1).values.clamp(min=1e-12)) * \
         (tb.min(1).values / tb.max(1).values.clamp(min=1e-12))
     return ratio.clamp(min=0).sqrt()
+
+
+def focal_terms(logits: torch.Tensor, alpha: float, gamma: float) -> tuple[torch.Tensor, ...]:
+    """Element-wise sigmoid focal loss of ``logits`` against target 1 and against target 0."""
+    p = logits.sigmoid()
+    pos = alpha * (1 - p) ** gamma * F.softplus(-logits)  # -log(p)
+    neg = (1 - alpha) * p ** gamma * F.softplus(logits)  # -log(1 - p)
+    return pos, neg
+
+
+def candidates(points: torch.Tensor, stride: torch.Tensor, gt_boxes: torch.Tensor,
+               center_sampling: bool, radius: float) -> torch.Tensor:
+    """``Tensor[P, N]`` bool: point p lies strictly inside GT j's (centre) region."""
+    region = gt_boxes[None].expand(len(points), -1, -1)  # [P, N, 4]
+    if center_sampling:
+        centre = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # [N, 2]
+        reach = (stride * radius)[:, None, None]  # [P, 1, 1]
+        region = torch.cat([torch.maximum(centre - reach, region[..., :2]),
+                            torch.minimum(centre + reach, region[..., 2:])], -1)
+    x, y = points[:, None, 0], points[:, None, 1]
+    gap = torch.stack([x - region[..., 0], y - region[..., 1], region[..., 2] - x,
+                       region[..., 3] - y], -1)
+    return gap.min(-1).values > 0
+
+
+@torch.no_grad()
+def assign(points: torch.Tensor, stride: torch.Tensor, pred_dist: torch.Tensor,
+           cls_logits: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+           topk: int = 10, center_sampling: bool = True, radius: float = 2.5,
+           cls_cost_weight: float = 1.0, reg_cost_weight: float = 2.0,
+           alpha: float = 0.25, gamma: float = 2.0) -> Assignment:
+    """Assign the points of one image to its GTs (module docstring).
+
+    :param points: ``Tensor[P, 2]`` (x, y) input pixels.
+    :param stride: ``Tensor[P]`` each point's stride.
+    :param pred_dist: ``Tensor[P, 4]`` predicted (l, t, r, b) in units of stride.
+    :param cls_logits: ``Tensor[P, C]``.
+    :param gt_boxes: ``Tensor[N, 4]`` xyxy input pixels.
+    :param gt_labels: ``Tensor[N]`` int64.
+    """
+    p, n = len(points), len(gt_boxes)
+    dev = points.device
+    gt_index = torch.full((p,), -1, dtype=torch.long, device=dev)
+    ctr = torch.zeros(p, dtype=pred_dist.dtype, device=dev)
+    box_t = torch.zeros(p, 4, dtype=pred_dist.dtype, device=dev)
+    if n == 0:
+        return Assignment(gt_index, ctr, box_t)
+    cand = candidates(points, stride, gt_boxes, center_sampling, radius)  # [P, N]
+    s = stride[:, None, None]
+    target = torch.cat([points[:, None] - gt_boxes[None, :, :2],
+                        gt_boxes[None, :, 2:] - points[:, None]], -1) / s  # [P, N, 4] strides
+    # the boxes both distances span around the point, in stride units
+    pred_box = torch.cat([-pred_dist[:, :2], pred_dist[:, 2:]], -1)[:, None]  # [P, 1, 4]
+    gt_box = torch.cat([-target[..., :2], target[..., 2:]], -1)  # [P, N, 4]
+    iou, giou = aligned_iou_giou(pred_box, gt_box)  # [P, N]
+    iou = torch.where(cand, iou, torch.zeros_like(iou))
+    pos, neg = focal_terms(cls_logits.float(), alpha, gamma)  # [P, C]
+    cls_cost = neg.sum(1, keepdim=True) - neg[:, gt_labels] + pos[:, gt_labels]  # [P, N]
+    cost = cls_cost_weight * cls_cost + reg_cost_weight * (1 - giou)
+    cost = torch.where(cand, cost, torch.full_like(cost, INF))
+    k_max = min(topk, p)
+    k = iou.topk(k_max, 0).values.sum(0).int().clamp(min=1)  # [N], truncated
+    cheapest = cost.topk(k_max, 0, largest=False).indices  # [k_max, N]
+    match = torch.zeros(p, n, dtype=torch.bool, device=dev)
+    match[cheapest, torch.arange(n, device=dev).expand(k_max, n)] = \
+        torch.arange(k_max, device=dev)[:, None] < k[None]
+    multi = match.sum(1) > 1
+    if bool(multi.any()):  # a point taken twice goes to its cheapest GT (among all GTs)
+        cheapest = cost[multi].argmin(1)
+        match[multi] = F.one_hot(cheapest, n).bool()
+    match &= cand
+    claimed = match.any(1)
+    owner = match.float().argmax(1)
+    gt_index[claimed] = owner[claimed]
+    rows = torch.nonzero(claimed).flatten()
+    ctr[rows] = iou[rows, owner[rows]].to(ctr.dtype)
+    box_t[rows] = target[rows, owner[rows]].to(box_t.dtype)
+    return Assignment(gt_index, ctr, box_t)
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,

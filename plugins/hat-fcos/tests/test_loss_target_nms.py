@@ -7,7 +7,7 @@ import math
 import torch
 from hat_fcos.boxes import box_iou, level_points, nms
 from hat_fcos.decoder import FCOSDecoder
-from hat_fcos.target import assign, focal_loss, giou_loss
+from hat_fcos.target import assign, candidates, focal_loss, giou_loss
 from helpers import build
 
 
@@ -54,7 +54,7 @@ def test_nms_equals_brute_force_greedy_nms() -> None:
         assert nms(boxes, scores, 0.5, labels, max_keep=7).tolist() == got[:7]
 
 
-def test_assignment_gives_every_gt_a_point_and_no_point_two_gts() -> None:
+def test_assignment_invariants_on_random_scenes() -> None:
     g = torch.Generator().manual_seed(1)
     sizes, strides = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)], [8, 16, 32, 64, 128]
     points, stride = level_points(sizes, strides, torch.device("cpu"))
@@ -64,15 +64,16 @@ def test_assignment_gives_every_gt_a_point_and_no_point_two_gts() -> None:
         wh = torch.rand(n, 2, generator=g) * 60 + 2  # some boxes smaller than a stride
         gt = torch.cat([xy, xy + wh], 1)
         labels = torch.randint(0, 3, (n,), generator=g)
-        dist = torch.rand(len(points), 4, generator=g) * stride[:, None] * 3
-        pred = torch.cat([points - dist[:, :2], points + dist[:, 2:]], 1)
-        a = assign(points, pred, torch.randn(len(points), 3, generator=g), gt, labels, 10)
-        counts = torch.bincount(a.gt_index[a.gt_index >= 0], minlength=n)
-        assert (counts >= 1).all(), counts  # every GT has a point; gt_index: one GT a point
-        assert (counts <= 10).all()
+        dist = torch.rand(len(points), 4, generator=g) * 3  # in strides
+        a = assign(points, stride, dist, torch.randn(len(points), 3, generator=g), gt, labels, 10)
         pos = a.gt_index >= 0
+        counts = torch.bincount(a.gt_index[pos], minlength=n)
+        assert (counts <= 10).all()  # k <= topK
+        cand = candidates(points, stride, gt, True, 2.5)
+        assert cand[pos, a.gt_index[pos]].all()  # positives lie in their GT's centre region
         assert ((a.ctr_target[pos] >= 0) & (a.ctr_target[pos] <= 1)).all()
         assert (a.ctr_target[~pos] == 0).all()
+        assert (a.box_target[pos] > 0).all()  # inside the box: every distance positive
 
 
 def test_decoder_maps_boxes_back_to_the_original_image() -> None:
