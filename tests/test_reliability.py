@@ -142,11 +142,10 @@ def test_a_missing_data_path_is_named_before_training(tmp_path) -> None:
 
 def test_an_empty_training_set_stops_the_stage_with_a_message(tmp_path, toy_plugins) -> None:
     from hatcore.pipeline import Pipeline
-    from hatcore.stages import StageRunner
 
     pipe = Pipeline.load(toy_recipe(tmp_path, length=2))  # 2 images, batches of 4
     with pytest.raises(UserError, match="float: the training set gives no batch"):
-        StageRunner(pipe).run(["float"])
+        pipe.run(["float"])
 
 
 def test_a_corrupt_lmdb_record_while_training_names_the_record(tmp_path) -> None:
@@ -306,7 +305,6 @@ def hat(cwd: Path, *args: str, kill_at: str | None = None) -> subprocess.Complet
 def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_to_the_same_weights(tmp_path,
                                                                         toy_plugins) -> None:
     from hatcore.pipeline import Pipeline
-    from hatcore.stages import StageRunner
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     for d in (full_dir, cut_dir):
@@ -315,7 +313,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_to_the_same_weights(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): CPU kernels split their
     try:  # reductions by thread, so bit-equal weights need the same thread count
-        StageRunner(Pipeline.load(full_dir / "toy.toml")).run(["float"])  # uninterrupted
+        Pipeline.load(full_dir / "toy.toml").run(["float"])  # uninterrupted
     finally:
         torch.set_num_threads(threads)
     cut = hat(cut_dir, "run", "toy.toml", kill_at="float:6:INT")  # 4 steps an epoch: in epoch 2
