@@ -14,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 MARCHES = ("bernoulli", "bernoulli2", "bayes", "bayes-e")
@@ -54,6 +54,11 @@ def ref_multiplier(r: float) -> tuple[int, int]:
     return m, s
 
 
+class Int32Overflow(ArithmeticError):
+    """The table's int32 add intermediate cannot hold this element: what the device does then
+    (saturate? wrap?) is not in Horizon's public sources, so the table does not specify it."""
+
+
 def ref_add(xs: list[int], scales: list[float], s_out: float, march: str, dtype: str) -> int:
     """Table rows "add" (per march) then "requant", one element."""
     lo, hi = RANGE[dtype]
@@ -77,7 +82,8 @@ def ref_add(xs: list[int], scales: list[float], s_out: float, march: str, dtype:
         ms = [ref_round(Fraction(r) * Fraction(2) ** s) for r in rs]
         return max(lo, min(hi, ref_round_shift(sum(x * m for x, m in zip(xs, ms, strict=True)), s)))
     acc = sum(x * ai for x, ai in zip(xs, a, strict=True))
-    assert abs(acc) < 2**31  # the int32 intermediate of the table
+    if abs(acc) >= 2**31:  # the int32 intermediate of the table overflows
+        raise Int32Overflow(acc)
     m, s = ref_multiplier(s_int / s_out)
     return max(lo, min(hi, ref_round_shift(acc * m, s)))
 
@@ -137,8 +143,11 @@ def test_add_matches_reference(march: str, dtype: str, data: st.DataObject, s_a:
                               min_size=2, max_size=2))
     xs = np.array(vals, np.int64)
     scales = [s_a, s_b]
-    want = np.array([ref_add([int(a), int(b)], scales, s_out, march, dtype)
-                     for a, b in zip(xs[0], xs[1], strict=True)], np.float64)
+    try:
+        want = np.array([ref_add([int(a), int(b)], scales, s_out, march, dtype)
+                         for a, b in zip(xs[0], xs[1], strict=True)], np.float64)
+    except Int32Overflow:  # e.g. bernoulli2, int16, input scales 1e-4 vs 1: unspecified, skipped
+        assume(False)
     assert np.array_equal(sim_add(xs, scales, s_out, march, dtype), want)
     assert np.array_equal(fq_add(xs, scales, s_out, march, dtype), want)
 
