@@ -234,7 +234,20 @@ class CalibrationStage:
     """``[stages.calibration]``: post-training calibration."""
 
     enabled: bool = option(True, doc="run this stage")
-    batches: int = option(32, doc="training batches observed (no gradients)")
+    steps: int = option(32, doc="batches observed (no gradients), as HAT's `num_steps`")
+    batch_size: int | None = option(
+        None, doc="images per calibration batch; default: `data.train.batch_size`"
+    )
+    transforms: Literal["val", "train"] = option(
+        "val", doc="whose transforms the training images get: `val` (HAT's default: no "
+        "augmentation) or `train` (the augmented training batches)"
+    )
+    batches: int | None = option(None, doc="old name of `steps` (still read; prefer `steps`)")
+
+    @property
+    def num_steps(self) -> int:
+        """``steps``, or the old ``batches`` where a recipe still sets it."""
+        return self.steps if self.batches is None else self.batches
 
 
 @spec

@@ -26,6 +26,7 @@ from hatcore.workdir import CHECKPOINT_BEST, CHECKPOINT_LAST, LOG, METRICS
 
 if TYPE_CHECKING:
     from torch import nn
+    from torch.utils.data import DataLoader
 
     from hatcore.pipeline import Pipeline
     from hatcore.protocols import Runner
@@ -147,6 +148,26 @@ def run_float(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     return _train(pipe, stage, pipe.build_model(), None)
 
 
+def calibration_loader(pipe: Pipeline) -> DataLoader[Any]:
+    """The batches calibration observes, as HAT's calibration loader makes them: the training
+    images (the validation set's where the recipe has none), by default with the validation
+    transforms (``stages.calibration.transforms``), ``stages.calibration.batch_size`` per batch,
+    shuffled from the task seed."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    cfg = pipe.recipe.stages.calibration
+    split = "train" if pipe.recipe.data.train is not None else "val"
+    spec = getattr(pipe.recipe.data, split)
+    ds = pipe.call_owner("build_dataset", "dataset", spec, split=split,
+                         transforms=pipe.build_transforms(cfg.transforms if split == "train"
+                                                          else "val"))
+    return DataLoader(ds, batch_size=cfg.batch_size or spec.batch_size, shuffle=True,
+                      num_workers=spec.num_workers, collate_fn=getattr(ds, "collate_fn", None),
+                      generator=torch.Generator().manual_seed(pipe.recipe.task.seed),
+                      pin_memory=pipe.device.type == "cuda")
+
+
 def run_calibration(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     from hatcore import distributed as dist
     from hatcore.checkpoint import save_checkpoint
@@ -156,17 +177,20 @@ def run_calibration(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     cfg = pipe.recipe.stages.calibration
     model = pipe.quantize(pipe.load_stage_model(stage.needs[0]), "calibration")
     model.to(pipe.device).eval()
-    pipe.echo(f"calibration: observing {cfg.batches} batches")
+    loader = calibration_loader(pipe)
+    pipe.echo(f"calibration: observing {cfg.num_steps} batches of {loader.batch_size} "
+              f"({cfg.transforms} transforms)")
     quant.set_mode(model, "observe")
-    calibrate(model, pipe.loader("train"), batches=cfg.batches, device=pipe.device,
-              seed=pipe.recipe.task.seed)
+    done = calibrate(model, loader, batches=cfg.num_steps, device=pipe.device,
+                     seed=pipe.recipe.task.seed)
     quant.set_mode(model, "fake_quant")
     if dist.is_main():  # scored by `predict calibration`, not twice
         payload = {"model": model.state_dict(), "stage": "calibration", "epoch": 0}
         save_checkpoint(pipe.workdir.checkpoint(stage.name, "last"), payload)
         save_checkpoint(pipe.workdir.checkpoint(stage.name, "best"), payload)
         write_metrics(pipe.workdir.metrics(stage.name), stage.name,
-                      calibration={"batches": cfg.batches})
+                      calibration={"batches": done, "batch_size": loader.batch_size,
+                                   "transforms": cfg.transforms})
     return {}
 
 

@@ -296,6 +296,41 @@ def test_calibration_observes_the_configured_batches(stand_in) -> None:
     assert int(state["probe.observed"]) == 2
 
 
+def test_calibration_loader_is_hats_train_images_with_val_transforms(stand_in) -> None:
+    from hat_toy.plugin import ToyFlip
+
+    from hatcore.pipeline import Pipeline
+    from hatcore.stages import calibration_loader
+
+    _, recipe, _ = stand_in
+    recipe.write_text(recipe.read_text().replace("batches = 2", "steps = 2"))
+    default = calibration_loader(Pipeline.load(recipe))
+    assert len(default.dataset) == 16  # the training images (val has 8) ...
+    assert default.dataset.transforms == []  # ... with the val transforms: no toy_flip
+    assert default.batch_size == 4  # data.train.batch_size
+    set_ = ("stages.calibration.transforms=train", "stages.calibration.batch_size=3",
+            "stages.calibration.steps=5")
+    pipe = Pipeline.load(recipe, set_)
+    loader = calibration_loader(pipe)
+    assert [type(t) for t in loader.dataset.transforms] == [ToyFlip]
+    assert loader.batch_size == 3
+    assert pipe.recipe.stages.calibration.num_steps == 5
+
+
+def test_calibration_steps_and_batch_size_reach_the_observers(stand_in) -> None:
+    from hatcore.checkpoint import load_checkpoint
+
+    _, recipe, work = stand_in
+    text = recipe.read_text().replace("[stages.calibration]\nbatches = 2",
+                                      "[stages.calibration]\nsteps = 3\nbatch_size = 2")
+    recipe.write_text(text)
+    assert hat("run", str(recipe), "--stage", "float", "--stage", "calibration").exit_code == 0
+    state = load_checkpoint(work / "calibration" / "checkpoint-best.pt")["model"]
+    assert int(state["probe.observed"]) == 3
+    metrics = json.loads((work / "calibration" / "metrics.json").read_text())
+    assert metrics["calibration"]["batch_size"] == 2, metrics
+
+
 def test_rerun_skips_and_a_changed_stage_reruns_with_what_follows(stand_in) -> None:
     backend, recipe, work = stand_in
     assert hat("run", str(recipe)).exit_code == 0
