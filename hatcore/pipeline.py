@@ -384,8 +384,10 @@ class Pipeline:
         echo(f"predict {row}: scoring the val set")
         scores = self.evaluate(model.to(device), runner, out_dir=out, device=device,
                                desc=f"predict {row}")
+        arithmetic = getattr(model, "hat_arithmetic", None)  # a quantizer's model says how it ran
         record = write_metrics(self.workdir.predict_metrics(row), row, scores,
-                               **({"checkpoint": str(ckpt)} if ckpt else {}))
+                               **({"checkpoint": str(ckpt)} if ckpt else {}),
+                               **({"arithmetic": arithmetic} if arithmetic else {}))
         flat = flat_scores(scores)
         echo(f"predict {row}: AP {flat.get('AP', float('nan')):.4f}  "
              f"AP50 {flat.get('AP50', float('nan')):.4f}")

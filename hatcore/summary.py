@@ -28,19 +28,24 @@ def _delta(a: float | None, b: float | None) -> float | None:
 def collect(pipe: Pipeline) -> dict[str, Any]:
     """Read every predict row's results from the work dir into the summary record.
 
-    Each row has ``AP``, ``AP50``, ``delta_AP`` (vs the first row, float) and
-    ``delta_prev_AP`` (vs the row before it that has results).
+    Each row has ``AP``, ``AP50``, ``delta_AP`` (vs the first row, float),
+    ``delta_prev_AP`` (vs the row before it that has results) and ``arithmetic``: what the
+    scored model said it computes (its ``hat_arithmetic``, recorded in the row's metrics.json:
+    ``"integer"`` for a fake-quant model evaluated with the device's integers, e.g. hat-bpu's
+    ``exact_eval``; ``"fake quant"``; None when the model does not say).
     """
     work = pipe.workdir
     rows: list[dict[str, Any]] = []
     for row in pipe.table.rows:
         path = work.predict_metrics(row)
-        flat = flat_scores(read_json(path))
+        record = read_json(path)
+        flat = flat_scores(record)
         if not flat:
             continue
         ap = flat.get("AP")
         rows.append({
             "stage": row, "AP": ap, "AP50": flat.get("AP50"),
+            "arithmetic": record.get("arithmetic"),
             "delta_AP": _delta(ap, rows[0]["AP"] if rows else ap),
             "delta_prev_AP": _delta(ap, rows[-1]["AP"]) if rows else None,
             "metrics": str(path),
@@ -73,11 +78,16 @@ def _fmt(v: float | None, pct: bool = True, signed: bool = False) -> str:
     return f"{v * 100:+.2f}" if signed else (f"{v * 100:.2f}" if pct else f"{v:.2f}")
 
 
+def _label(row: dict[str, Any]) -> str:
+    """A row's name, marked where its model was evaluated with integer arithmetic."""
+    return f"{row['stage']} (integer)" if row.get("arithmetic") == "integer" else row["stage"]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = ["| stage | AP | AP50 | Δ AP vs float | Δ AP vs previous |",
              "|---|---:|---:|---:|---:|"]
     for r in summary["stages"]:
-        lines.append(f"| {r['stage']} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
+        lines.append(f"| {_label(r)} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
                      f"{_fmt(r['delta_AP'], signed=True)} | "
                      f"{_fmt(r['delta_prev_AP'], signed=True)} |")
     out = ["# HAT run summary", "", f"work dir: `{summary['work_dir']}`", "",
@@ -172,7 +182,7 @@ def table(summary: dict[str, Any]) -> str:
     head = f"{'stage':<12} {'AP':>7} {'AP50':>7} {'ΔAP':>7} {'Δprev':>7}"
     lines = [head, "-" * len(head)]
     for r in summary["stages"]:
-        lines.append(f"{r['stage']:<12} {_fmt(r['AP']):>7} {_fmt(r['AP50']):>7} "
+        lines.append(f"{_label(r):<12} {_fmt(r['AP']):>7} {_fmt(r['AP50']):>7} "
                      f"{_fmt(r['delta_AP'], signed=True):>7} "
                      f"{_fmt(r['delta_prev_AP'], signed=True):>7}")
     dev = summary.get("device")

@@ -73,6 +73,7 @@ vis_images = 0
 @spec
 class StandInQuantize(QuantizeSpec):
     bits: int = option(8, doc="bits")
+    exact: bool = option(False, doc="the model says it evaluates with integer arithmetic")
 
 
 @spec
@@ -120,6 +121,7 @@ class StandIn:
         self.calls.append(("quantize", stage))
         model.probe = ModeProbe()
         model.quant = nn.Sequential(model.probe, model.quant)
+        model.hat_arithmetic = "integer" if spec.exact else "fake quant"
         return model
 
     @hookimpl
@@ -206,6 +208,21 @@ def test_hat_run_writes_every_artifact_and_the_summary(finished) -> None:
     # the exporter's and compiler's specs name their files; the core names none of them
     assert summary["artifacts"]["export/graph.bin"] == str(work / "export" / "graph.bin")
     assert summary["artifacts"]["compile/program.bin"] == str(work / "compile" / "program.bin")
+
+
+def test_summary_labels_rows_evaluated_with_integer_arithmetic(finished, stand_in) -> None:
+    _, _, plain = finished
+    rows = {r["stage"]: r for r in json.loads((plain / "summary.json").read_text())["stages"]}
+    assert rows["qat"]["arithmetic"] == "fake quant" and rows["float"]["arithmetic"] is None
+    assert "| qat |" in (plain / "summary.md").read_text()
+    _, recipe, work = stand_in
+    assert hat("run", str(recipe), "--set", "quantize.exact=true").exit_code == 0
+    rows = {r["stage"]: r for r in json.loads((work / "summary.json").read_text())["stages"]}
+    assert {k: rows[k]["arithmetic"] for k in ("calibration", "qat", "int_infer", "align_bpu")
+            } == {"calibration": "integer", "qat": "integer", "int_infer": None, "align_bpu": None}
+    md = (work / "summary.md").read_text()
+    assert "| qat (integer) |" in md and "| calibration (integer) |" in md
+    assert "| int_infer |" in md and "| float |" in md
 
 
 def test_summary_deltas_are_against_float_and_the_previous_row(finished) -> None:
