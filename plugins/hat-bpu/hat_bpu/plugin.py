@@ -196,10 +196,15 @@ def export(model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.
            ) -> dict[str, Any] | None:
     if not isinstance(spec, HbirExportSpec):
         return None
+    from hat_bpu.device.checker import check_scales
     from hat_bpu.quant.convert import convert
 
-    get_march(spec.march)
+    march = get_march(spec.march)
     graph = convert(model, example_input, march=spec.march)
+    problems = check_scales(graph, march)
+    if problems:
+        raise UserError(f"the quantized model cannot be exported for {march.name}:\n  "
+                        + "\n  ".join(problems))
     graph.meta["input_layout"] = spec.input_layout
     return hbir.save_hbir(graph, Path(path))
 

@@ -190,3 +190,49 @@ def test_conv_requant_matches_reference(march: str, dtype: str, data: st.DataObj
     y = intmath.int_conv((x * s_in_eff).float(), None, w, b, conv, s_in_eff, None, out,
                          lambda s: None, pow2)
     assert np.array_equal(torch.round(y.double() / s_out_eff).numpy(), want)
+
+
+def _add_graph(scales: list[float], dtype: str):  # type: ignore[no-untyped-def]
+    from hat_bpu.ir import graph as ir
+
+    tensors = {f"x{i}": ir.Tensor(f"x{i}", [1, 4], dtype, scales[i]) for i in range(2)}
+    tensors["y"] = ir.Tensor("y", [1, 4], dtype, max(scales))
+    node = ir.Node("add", "head.fuse_add", ["x0", "x1"], ["y"], {"act": "none", "clip": None},
+                   {"m": np.ones(2, np.int64), "shift": np.zeros(1, np.int64)})
+    return ir.Graph(tensors, [node], ["x0", "x1"], ["y"], {})
+
+
+def test_checker_refuses_the_bernoulli2_int16_add_whose_int32_intermediate_overflows() -> None:
+    from hat_bpu.device.checker import check_scales
+    from hat_bpu.device.march import get_march
+
+    problems = check_scales(_add_graph([1e-4, 1.0], "int16"), get_march("bernoulli2"))
+    assert len(problems) == 1
+    assert "head.fuse_add" in problems[0] and "0.0001" in problems[0] and ", 1 " in problems[0]
+    assert "int32" in problems[0]
+    with pytest.raises(Int32Overflow):  # the reference agrees that it overflows
+        ref_add([-32768, -32768], [1e-4, 1.0], 1.0, "bernoulli2", "int16")
+    # the same scales in int8, and the same int16 add on the other marches, are fine
+    assert check_scales(_add_graph([1e-4, 1.0], "int8"), get_march("bernoulli2")) == []
+    for march in ("bernoulli", "bayes", "bayes-e"):
+        assert check_scales(_add_graph([1e-4, 1.0], "int16"), get_march(march)) == []
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+@settings(max_examples=25, deadline=None)
+@given(s_a=scale, s_b=scale)
+def test_checker_refuses_exactly_the_adds_the_reference_overflows(dtype: str, s_a: float,
+                                                                   s_b: float) -> None:
+    """Refused iff some input pair in range overflows the reference's int32 intermediate (the
+    extremes are the worst case: |Σ x_i a_i| is largest at x_i = qmin)."""
+    from hat_bpu.device.checker import check_scales
+    from hat_bpu.device.march import get_march
+
+    lo, _ = RANGE[dtype]
+    try:
+        ref_add([lo, lo], [s_a, s_b], max(s_a, s_b), "bernoulli2", dtype)
+        overflows = False
+    except Int32Overflow:
+        overflows = True
+    refused = bool(check_scales(_add_graph([s_a, s_b], dtype), get_march("bernoulli2")))
+    assert refused == overflows

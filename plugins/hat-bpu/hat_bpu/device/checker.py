@@ -4,6 +4,9 @@ The model is traced with torch.fx (QuantStub/DeQuantStub kept as leaves) and run
 example input to record shapes. Every op between a QuantStub and a DeQuantStub is listed as
 ``BPU`` or ``NOT SUPPORTED`` with the reason (op type, kernel, stride, channels, tensor size),
 against the limits in :mod:`hat_bpu.device.march`. Ops outside that region run on the host (float).
+
+Rules that need the quantization scales run on the integer graph once it exists
+(:func:`check_scales`, at export): an add whose int32 intermediate can overflow.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from hat_bpu.device.march import March
+from hat_bpu.ir import graph as ir
+from hat_bpu.quant import qspec
 from hatcore.quant import DeQuantStub, QuantStub
 
 _NOOP_MODULES = (nn.Identity, nn.Dropout)
@@ -166,3 +171,29 @@ def check(model: nn.Module, march: March, example_input: torch.Tensor) -> dict[s
                  + ("deployable" if ok else f"{len(failed)} not supported"))
     return {"ok": ok, "text": "\n".join(lines), "march": march.name,
             "ops": [vars(r) for r in reports]}
+
+
+def check_scales(graph: ir.Graph, march: March) -> list[str]:
+    """The rules of ``march`` that depend on the scales of the integer ``graph``: one reason per
+    node it cannot run (empty: it can).
+
+    * ``add``: the march's int32 intermediate ``Σ x_i · a_i`` (docs/bpu.md, "add") must hold
+      every input in its dtype's range. On bernoulli2 an int16 add whose input scales differ by
+      more than ~500× cannot (``a_i ≈ s_i / s_int`` with ``s_int ≥ s_feature / 127``); what the
+      device does then is not in Horizon's public sources, so the add is refused rather than
+      guessed.
+    """
+    problems = []
+    for n in graph.nodes:
+        if n.op != "add":
+            continue
+        ins = [graph.tensors[i] for i in n.inputs]
+        scales, dtypes = [float(t.scale) for t in ins], [t.dtype for t in ins]
+        peak = qspec.add_int32_peak(scales, dtypes, march.name)
+        if peak is not None and peak >= 2**31:
+            problems.append(
+                f"{n.name}: {'/'.join(dtypes)} add with input scales "
+                f"{', '.join(f'{s:.3g}' for s in scales)} overflows the int32 intermediate of "
+                f"{march.name}'s add (up to {peak:.3g} >= 2^31); bring the inputs' ranges "
+                "closer (a smaller ratio of scales) or quantize them int8")
+    return problems

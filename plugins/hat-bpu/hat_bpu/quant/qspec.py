@@ -278,6 +278,16 @@ def _int_weights(scales: list[float], march: str | None) -> tuple[list[int], flo
     raise ValueError(f"no integer-weight add on march {march!r}")
 
 
+def add_int32_peak(scales: list[float], dtypes: list[str], march: str | None) -> int | None:
+    """The largest ``|Σ x_i · a_i|`` of a march's int32 add intermediate over every input in
+    its dtype's range (``(qmin_i)·|a_i|`` summed); None where the march has no intermediate
+    (``shared``: one requantization straight from the inputs)."""
+    if add_rule(march) == "shared":
+        return None
+    a, _ = _int_weights(scales, march)
+    return sum(abs(ai) * -QRANGE[dt][0] for ai, dt in zip(a, dtypes, strict=True))
+
+
 def add_params(scales: list[float], s_out: float, march: str | None
                ) -> tuple[list[np.ndarray], np.ndarray]:
     """``([m_i], s)`` of an add on ``march``: ``y = sat(round_shift(Σ x_i · m_i, s))``.
@@ -285,7 +295,9 @@ def add_params(scales: list[float], s_out: float, march: str | None
     ``shared``: :func:`shared_requant_params` of ``s_i / s_out``. ``align14`` / ``bernoulli2``:
     the march's integer weights ``a_i`` (:func:`_int_weights`), then one requantization of
     the intermediate sum ``(m, s) = requant_params(s_int / s_out)``, folded as ``m_i = a_i · m``
-    (exact: integer products distribute; ``|Σ x_i a_i| < 2**31`` for int8/int16 inputs).
+    (exact: integer products distribute). The intermediate is int32 on the device: where
+    :func:`add_int32_peak` reaches ``2**31`` (bernoulli2, int16 inputs whose scales differ by
+    more than ~500×) the device's result is not specified, and the checker refuses the add.
     """
     if add_rule(march) == "shared":
         return shared_requant_params([np.array([si / s_out]) for si in scales])
