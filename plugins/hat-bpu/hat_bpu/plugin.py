@@ -146,14 +146,56 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--out", type=click.Path(path_type=Path), default=None,
                   help="output folder (default: WORK_DIR/quant_debug/STAGE)")
     @click.option("--integer", is_flag=True, help="also compare the integer model per layer")
+    @click.option("--sensitivity", is_flag=True, help="per layer: only it quantized, and all "
+                  "int8 but it int16 (ΔSQNR or ΔAP), sorted; cached")
+    @click.option("--metric", type=click.Choice(["sqnr", "ap"]), default="sqnr",
+                  show_default=True, help="--sensitivity: output SQNR on --batches val batches, "
+                  "or AP on the whole val set (slow: two evaluations per layer)")
+    @click.option("--float-reverse", is_flag=True,
+                  help="--sensitivity: also all quantized but the layer float")
     @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
     @pass_hat
     def quant_debug_cmd(hat: HatContext, recipe: Path, stage: str, batches: int,
-                        out: Path | None, integer: bool, overrides: tuple[str, ...]) -> None:
-        """Per-layer float vs fake-quant similarity (cosine, SQNR, max error in LSB)."""
-        from hat_bpu.quant.debug import debug_recipe
+                        out: Path | None, integer: bool, sensitivity: bool, metric: str,
+                        float_reverse: bool, overrides: tuple[str, ...]) -> None:
+        """Per-layer float vs fake-quant similarity (cosine, SQNR, max error in LSB), or with
+        --sensitivity each layer's own cost and what int16 buys."""
+        if not sensitivity:
+            from hat_bpu.quant.debug import debug_recipe
 
-        click.echo(debug_recipe(hat.load(recipe, overrides), stage, batches, out, integer))
+            click.echo(debug_recipe(hat.load(recipe, overrides), stage, batches, out, integer))
+            return
+        from hat_bpu.quant.sensitivity import format_sensitivity, recipe_sensitivity, write_sensitivity
+
+        _, record, out_dir = recipe_sensitivity(hat.load(recipe, overrides), stage, metric,
+                                                batches, out, float_reverse, click.echo)
+        paths = write_sensitivity(record, metric, out_dir)
+        click.echo(format_sensitivity(record, metric) + "\n\n"
+                   + "\n".join(f"wrote {p}" for p in paths.values()))
+
+    @cli.command("tune-precision")
+    @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--latency-budget-ms", type=float, required=True,
+                  help="estimated latency allowed (the perf model of --march)")
+    @click.option("--march", default=None, help="perf model's march (default: [compile] march, "
+                  "else [quantize] march)")
+    @click.option("--stage", type=click.Choice(["calibration", "qat"]), default="calibration",
+                  show_default=True, help="whose checkpoint the sensitivity is measured on")
+    @click.option("--metric", type=click.Choice(["sqnr", "ap"]), default="sqnr",
+                  show_default=True, help="the sensitivity's score (see quant-debug)")
+    @click.option("--batches", default=2, show_default=True, help="val batches (sqnr)")
+    @click.option("--apply", "apply_", is_flag=True,
+                  help="write RECIPE's copy with the chosen overrides as STEM.tuned.toml")
+    @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
+    @pass_hat
+    def tune_precision_cmd(hat: HatContext, recipe: Path, latency_budget_ms: float,
+                           march: str | None, stage: str, metric: str, batches: int,
+                           apply_: bool, overrides: tuple[str, ...]) -> None:
+        """Choose the layers that run int16 within a latency budget; print the overrides."""
+        from hat_bpu.quant.precision import tune_recipe
+
+        click.echo(tune_recipe(hat.load(recipe, overrides), recipe, latency_budget_ms, march,
+                               stage, metric, batches, apply_, click.echo))
 
 
 

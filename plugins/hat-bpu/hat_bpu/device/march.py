@@ -42,6 +42,9 @@ class March:
     :param frame_overhead_us: fixed cost per frame (input DMA setup, interrupt, output).
     :param peak_utilisation: best MAC utilisation reached by a well-aligned 3×3 conv.
     :param depthwise_efficiency: utilisation factor of a depthwise conv relative to dense.
+    :param int16_passes: MAC passes of a conv whose input is int16 (an int16 operand split into
+        two 8-bit halves on an int8 array); vector ops with an int16 tensor run at half rate too.
+        ASSUMPTION (the modelled device's rule; Horizon does not publish int16 throughput).
     :param ops: IR ops run on the BPU.
     :param sources: where each number comes from.
     """
@@ -62,6 +65,7 @@ class March:
     frame_overhead_us: float
     peak_utilisation: float
     depthwise_efficiency: float
+    int16_passes: int = 2
     ops: tuple[str, ...] = _COMMON_OPS
     sources: dict[str, str] = field(default_factory=dict)
 

@@ -11,8 +11,10 @@ Per layer (one IR node)::
 ``utilisation`` of a convolution = ``peak_utilisation`` × channel alignment (``I/g`` and ``O``
 padded to the march's MAC array, the fraction doing useful work) × a spatial factor
 ``min(1, Ho·Wo / 256)`` (small maps cannot fill the pipeline) × ``depthwise_efficiency`` for
-depthwise convs. Element-wise ops (add, concat, requantize, relu, maxpool, upsample) run on the
-vector unit at 1/16 of the MAC peak. Reshape is free; permute moves its bytes. The frame pays
+depthwise convs, divided by ``int16_passes`` when the input is int16. Element-wise ops (add,
+concat, requantize, relu, maxpool, upsample) run on the vector unit at 1/16 of the MAC peak
+(1/32 with an int16 tensor). int16 tensors also move twice the bytes. Reshape is free; permute
+moves its bytes. The frame pays
 ``frame_overhead`` plus the input (NV12: 1.5 bytes/pixel) and output DMA.
 """
 
@@ -81,8 +83,10 @@ def _layer(n: ir.Node, g: ir.Graph, march: March) -> LayerPerf | None:
                 o, march.mac_align[1]) if i_g == 1 else util
         util *= min(1.0, out.shape[-1] * out.shape[-2] / SPATIAL_FILL)
         wbytes += int(n.params["bias"].nbytes) + 8 * o  # int32 bias + (m, shift) per channel
+        if any(x.dtype == "int16" for x in ins):  # int16 input: two passes of the int8 array
+            util /= march.int16_passes
     else:
-        util = VECTOR_FRACTION
+        util = VECTOR_FRACTION / (2 if any(x.dtype == "int16" for x in [*ins, out]) else 1)
     rate = peak * util
     sram = march.sram_kib * 1024
     ddr = wbytes + max(0, act + wbytes - sram)  # the working set beyond SRAM spills to DDR
