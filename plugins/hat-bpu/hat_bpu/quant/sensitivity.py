@@ -246,7 +246,8 @@ def format_sensitivity(record: dict[str, Any], metric: str, top: int | None = No
     fr = any("float_gain" in r for r in record["units"])
     head = (f"{'unit':<44} {'type':<8} {'dtype':<6} {'alone ' + unit:>10} {'loss':>8} "
             f"{'int16 gain':>10}" + (f" {'float gain':>10}" if fr else ""))
-    lines = [f"{metric}: float {mul * record['float']:.2f}, as quantized "
+    flt = "inf (noise floor 1e-30)" if metric == "sqnr" else f"{mul * record['float']:.2f}"
+    lines = [f"{metric}: float {flt}, as quantized "
              f"{mul * record['quantized']:.2f}, all int8 {mul * record['int8']:.2f}", head,
              "-" * len(head)]
     for r in record["units"][:top]:
