@@ -252,8 +252,9 @@ def format_sensitivity(record: dict[str, Any], metric: str, top: int | None = No
              "-" * len(head)]
     for r in record["units"][:top]:
         gain = "-" if r["int16_gain"] is None else f"{mul * r['int16_gain']:+.3f}"
+        loss = "-" if metric == "sqnr" else f"{mul * r['alone_loss']:.3f}"  # vs inf: no number
         lines.append(f"{r['unit'][:44]:<44} {r['type'][:8]:<8} {r['dtype']:<6} "
-                     f"{mul * r['alone']:>10.2f} {mul * r['alone_loss']:>8.3f} {gain:>10}"
+                     f"{mul * r['alone']:>10.2f} {loss:>8} {gain:>10}"
                      + (f" {mul * r['float_gain']:>+10.3f}" if fr else ""))
     return "\n".join(lines)
 
