@@ -31,8 +31,8 @@ def collect(pipe: Pipeline) -> dict[str, Any]:
     Each row has ``AP``, ``AP50``, ``delta_AP`` (vs the first row, float),
     ``delta_prev_AP`` (vs the row before it that has results) and ``arithmetic``: what the
     scored model said it computes (its ``hat_arithmetic``, recorded in the row's metrics.json:
-    ``"integer"`` for a fake-quant model evaluated with the device's integers, e.g. hat-bpu's
-    ``exact_eval``; ``"fake quant"``; None when the model does not say).
+    ``"integer"`` for a fake-quant model evaluated with the device's integers (a quantizer's
+    bit-exact option); ``"fake quant"``; None when the model does not say).
     """
     work = pipe.workdir
     rows: list[dict[str, Any]] = []
