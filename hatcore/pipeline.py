@@ -33,8 +33,15 @@ from hatcore.protocols import Metric, Runner, metric, task_model
 from hatcore.recipe import SECTION_KINDS, Recipe, fingerprint, load_recipe, resolved
 from hatcore.stages import Stage
 from hatcore.trainer import configure_determinism, seed_everything
-from hatcore.workdir import (STAGE_STATE, WorkDir, flat_scores, metrics_record, read_json,
-                             write_json, write_metrics)
+from hatcore.workdir import (
+    STAGE_STATE,
+    WorkDir,
+    flat_scores,
+    metrics_record,
+    read_json,
+    write_json,
+    write_metrics,
+)
 
 RECIPE_SECTIONS = SECTION_KINDS
 
