@@ -5,6 +5,7 @@ Everything here is a no-op on a single process, so callers never branch on it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def init() -> None:
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
     tdist.init_process_group(backend=backend)
+    atexit.register(shutdown)  # gloo's threads must not outlive the interpreter's teardown
+
+
+def shutdown() -> None:
+    """Leave the process group (``destroy_process_group``); nothing when none was joined.
+
+    Called at exit after :func:`init`: a process group left to the interpreter's teardown can
+    abort it ("terminate called without an active exception") while gloo threads still run.
+    """
+    if is_initialized():
+        tdist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -64,6 +76,21 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over all processes (``value`` itself on one process).
+
+    MMDetection's ``reduce_mean``: a loss normaliser (e.g. a detector's number of positive
+    points) computed from the whole global batch, so that with gradients averaged by DDP,
+    ``N`` processes of batch ``B`` train like one process of batch ``N x B``. Not differentiable
+    (the result is detached).
+    """
+    if not is_initialized() or world_size() <= 1:
+        return value.detach()
+    out = value.detach().clone()
+    tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    return out / world_size()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

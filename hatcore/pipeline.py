@@ -33,7 +33,15 @@ from hatcore.protocols import Metric, Runner, metric, task_model
 from hatcore.recipe import SECTION_KINDS, Recipe, fingerprint, load_recipe, resolved
 from hatcore.stages import Stage
 from hatcore.trainer import configure_determinism, seed_everything
-from hatcore.workdir import STAGE_STATE, WorkDir, flat_scores, read_json, write_json, write_metrics
+from hatcore.workdir import (
+    STAGE_STATE,
+    WorkDir,
+    flat_scores,
+    metrics_record,
+    read_json,
+    write_json,
+    write_metrics,
+)
 
 RECIPE_SECTIONS = SECTION_KINDS
 
@@ -262,19 +270,24 @@ class Pipeline:
     def evaluate(self, model: nn.Module, runner: Runner | None = None,
                  out_dir: Path | None = None, device: torch.device | None = None,
                  desc: str = "eval") -> dict[str, Any]:
-        """Score ``runner`` (default: the model) on the val set with the recipe's metric."""
+        """Score ``runner`` (default: the model) on the val set with the recipe's metric.
+
+        On several processes each scores its share of the val set (a ``DistributedSampler``,
+        in order, padded by repeating images) and the metric gathers them (every process
+        calls this; the metric's ``compute`` combines all processes' updates).
+        """
         device = device or next(model.parameters(), torch.empty(0)).device
         scorer = self.build_metric()
         scorer.reset()
-        for batch, dets in self.predictions(model, runner, self.loader("val"), device, desc):
+        val = self.loader("val", distributed=dist.world_size() > 1)
+        for batch, dets in self.predictions(model, runner, val, device, desc):
             scorer.update(dets, batch)
         return scorer.compute(out_dir)
 
     def evaluator(self, train_mode: str | None = None) -> Callable[[nn.Module], dict[str, float]]:
-        """Validation for the trainer: the flat scores of the model (fake-quant in QAT)."""
+        """Validation for the trainer: the flat scores of the model (fake-quant in QAT), the same
+        on every process (each scores its share of the val set)."""
         def evaluate(model: nn.Module) -> dict[str, float]:
-            if not dist.is_main():
-                return {}
             if train_mode:
                 quant.set_mode(model, "fake_quant")
             try:
@@ -375,9 +388,7 @@ class Pipeline:
         if ckpt is None and state.done():
             echo(f"predict {row}: done, inputs unchanged, skipped")
             return read_json(self.workdir.predict_metrics(row)) or {}
-        if not dist.is_main():
-            return {}
-        state.start()
+        state.start()  # every process scores its share of the val set; rank 0 writes
         self.ran.append(key)
         model, runner = self.predictor(row, ckpt)
         device = self.predict_device(row)
@@ -385,9 +396,11 @@ class Pipeline:
         scores = self.evaluate(model.to(device), runner, out_dir=out, device=device,
                                desc=f"predict {row}")
         arithmetic = getattr(model, "hat_arithmetic", None)  # a quantizer's model says how it ran
-        record = write_metrics(self.workdir.predict_metrics(row), row, scores,
-                               **({"checkpoint": str(ckpt)} if ckpt else {}),
-                               **({"arithmetic": arithmetic} if arithmetic else {}))
+        extra = {"checkpoint": str(ckpt)} if ckpt else {}
+        if arithmetic:
+            extra["arithmetic"] = arithmetic
+        record = write_metrics(self.workdir.predict_metrics(row), row, scores, **extra) \
+            if dist.is_main() else metrics_record(row, scores, **extra)
         flat = flat_scores(scores)
         echo(f"predict {row}: AP {flat.get('AP', float('nan')):.4f}  "
              f"AP50 {flat.get('AP50', float('nan')):.4f}")
@@ -411,8 +424,9 @@ class StageState:
         """Mark running; wipe outputs made with other inputs. Returns True when resuming."""
         data = read_json(self.file)
         resuming = bool(data and data.get("fingerprint") == self.fp)
-        if data and not resuming and self.dir.exists():
+        if data and not resuming and self.dir.exists() and dist.is_main():
             shutil.rmtree(self.dir)
+        dist.barrier()  # no process writes into the folder before rank 0 emptied it
         if dist.is_main():
             write_json(self.file, {"fingerprint": self.fp, "status": "running",
                                    "started": time.strftime("%Y-%m-%d %H:%M:%S")})

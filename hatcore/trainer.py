@@ -261,6 +261,12 @@ class Trainer:
         }
 
     def _save_last(self, mid_epoch: dict[str, Any] | None = None) -> None:
+        """Write ``checkpoint-last.pt`` (rank 0). Called on every process: mid-epoch, each
+        process's running loss sums and RNG states are gathered into ``mid_epoch["ranks"]`` (in
+        rank order), so that every process resumes its own share of the epoch exactly."""
+        if mid_epoch is not None:
+            ranks = dist.all_gather_object({"sums": mid_epoch["sums"], "rng": rng_state()})
+            mid_epoch = {**mid_epoch, "world_size": len(ranks), "ranks": ranks}
         if dist.is_main():
             save_checkpoint(self.out_dir / CHECKPOINT_LAST, self._state(mid_epoch))
 
@@ -282,7 +288,7 @@ class Trainer:
         if state.get("rng"):
             set_rng_state(state["rng"])
         if state.get("mid_epoch"):  # replayed by _epoch: skip what was trained, then these RNGs
-            self._mid_epoch = (state["mid_epoch"], state["rng"])
+            self._mid_epoch = self._own_share(state["mid_epoch"], state["rng"], path)
         if not dist.is_main():
             return
         if self._mid_epoch:
@@ -296,6 +302,30 @@ class Trainer:
         else:
             tqdm.write(f"resuming {self.stage} from epoch {self.epoch + 1}/{self.cfg.epochs} "
                        f"({path})")
+
+    def _own_share(self, position: dict[str, Any], rng: dict[str, Any], path: Path
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This process's mid-epoch position and RNG states from a checkpoint's ``mid_epoch``.
+
+        Each rank takes its own entry of ``ranks`` (a checkpoint from before per-rank state: the
+        one ``sums``/``rng`` of rank 0). Written by another number of processes, the epoch
+        goes on after the same iteration on the new split of the data (said: not exact).
+        """
+        ranks = position.get("ranks") or [{"sums": position.get("sums", {}), "rng": rng}]
+        saved = len(ranks)
+        if saved == dist.world_size():
+            mine = ranks[dist.rank()]
+            return {**position, "sums": mine["sums"]}, mine["rng"]
+        if dist.is_main():
+            tqdm.write(f"{self.stage}: warning: {path} was written mid-epoch by {saved} "
+                       f"process(es), this run has {dist.world_size()}: epoch {self.epoch + 1} "
+                       f"continues after iteration {position['iter']} on this run's split of the "
+                       "data, not the exact data order of an uninterrupted run")
+        sums: dict[str, float] = {}
+        for r in ranks:  # the mean over the saved processes stands for each new one
+            for k, v in r["sums"].items():
+                sums[k] = sums.get(k, 0.0) + v / saved
+        return {**position, "sums": sums}, ranks[dist.rank() % saved]["rng"]
 
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main():
@@ -346,10 +376,13 @@ class Trainer:
 
     def _epoch(self) -> dict[str, Any]:
         epoch, cfg = self.epoch, self.cfg
-        seed_everything(self.seed * 1000 + epoch)
+        # each process its own random stream (augmentations differ between ranks); rank 0's
+        # is a single process's, so one process trains as before
+        seed = self.seed * 1000 + epoch + _RANK_SEED_STRIDE * dist.rank()
+        seed_everything(seed)
         gen = getattr(self.loader, "generator", None)
         if gen is not None:
-            gen.manual_seed(self.seed * 1000 + epoch)
+            gen.manual_seed(seed)
         if getattr(self.loader, "persistent_workers", False):
             # persistent workers keep their RNG running across epochs, so a resumed run would
             # draw other augmentations: new workers each epoch take their seeds from ``gen``
@@ -374,7 +407,8 @@ class Trainer:
                    desc=f"{self.stage} {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=True)
         lr = 0.0
         every = cfg.checkpoint_every_iters
-        for i, batch in enumerate(self.loader):
+        batches = iter(self.loader)
+        for i, batch in enumerate(batches):
             if i >= self.iters_per_epoch:
                 break
             if i < skip:  # resumed mid-epoch: the batches were read to replay the loader's state
@@ -404,6 +438,9 @@ class Trainer:
             if every and self.step % every == 0 and i + 1 < self.iters_per_epoch:
                 self._save_last({"iter": i + 1, "sums": dict(sums), "images": images,
                                  "seconds": time.perf_counter() - t0})
+        if not getattr(self.loader, "persistent_workers", False):
+            _shutdown_workers(batches)  # joined now, not at the interpreter's exit
+        del batches
         bar.close()
         seconds = time.perf_counter() - t0
         self.elapsed += seconds  # the checkpoint's elapsed excludes this epoch's first part
@@ -467,6 +504,16 @@ class Trainer:
         return out
 
 
+_RANK_SEED_STRIDE = 1_000_003  # rank r seeds its epochs with seed*1000 + epoch + r*stride
+
+
+def _shutdown_workers(batches: Any) -> None:
+    """Stop and join a loader iterator's worker processes (an epoch may end before the data)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+
+
 def _batch_size(loader: DataLoader[Any]) -> int:
     """Images per step of one process."""
     size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
@@ -483,6 +530,10 @@ def calibrate(model: nn.Module, loader: DataLoader[Any], batches: int, device: t
     """
     if seed is not None:
         seed_everything(seed)
+    if dist.world_size() > 1 and dist.is_main():  # the single-rank policy (docs/trainer.md)
+        tqdm.write(f"calibration: {dist.world_size()} processes each observe the same {batches} "
+                   "batches; observer statistics are not reduced across processes, rank 0's are "
+                   "saved")
     model.eval()
     done = 0
     with tqdm(total=batches, desc="calibration", disable=not dist.is_main(), dynamic_ncols=True) as bar:

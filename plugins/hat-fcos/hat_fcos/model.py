@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from hat_fcos.boxes import level_points
 from hat_fcos.decoder import FCOSDecoder, flatten_levels
 from hat_fcos.target import assign, centerness_target, focal_loss, giou_loss
+from hatcore.distributed import reduce_mean, world_size
 from hatcore.errors import UserError
 from hatcore.quant import QuantStub
 
@@ -57,7 +58,8 @@ class FCOS(nn.Module):
     def compute_loss(self, raw: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Focal loss over positives (cls), GIoU weighted by the geometric centerness of the
         target and averaged by the weights' sum (bbox), BCE towards the IoU (centerness); targets
-        from :func:`~hat_fcos.target.assign`, in units of stride."""
+        from :func:`~hat_fcos.target.assign`, in units of stride. The number of positives and
+        the weights' sum are those of the global batch (averaged over processes)."""
         cls_l, bbox_l, ctr_l = raw
         self._check_labels(batch)
         sizes = [tuple(c.shape[-2:]) for c in cls_l]
@@ -80,11 +82,16 @@ class FCOS(nn.Module):
             pos_box.append(a.box_target[pos])
             pos_iou.append(a.ctr_target[pos])
             pos_ctr.append(ctr[i, pos])
-        num_pos = max(sum(len(p) for p in pos_iou), 1)
         pred, target = torch.cat(pos_pred), torch.cat(pos_box)
+        # normalisers of the whole global batch (MMDetection's reduce_mean): with DDP averaging
+        # gradients, N processes of batch B then train exactly like one process of batch N x B
+        n = world_size()
+        num_pos = reduce_mean(cls.new_tensor(float(len(pred)))).clamp(min=1 / n)
+        weight = centerness_target(target)
+        weight_sum = reduce_mean(weight.sum()).clamp(min=1e-6 / n)
         loss_cls = focal_loss(cls, cls_t, self.alpha, self.gamma) / num_pos
-        loss_bbox = giou_loss(around_origin(pred), around_origin(target),
-                              centerness_target(target)) if len(pred) else dist.sum() * 0
+        loss_bbox = giou_loss(around_origin(pred), around_origin(target), weight,
+                              weight_sum) if len(pred) else dist.sum() * 0
         loss_ctr = F.binary_cross_entropy_with_logits(torch.cat(pos_ctr), torch.cat(pos_iou),
                                                       reduction="sum") / num_pos
         cw, bw, tw = self.loss_w

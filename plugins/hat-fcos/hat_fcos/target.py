@@ -136,7 +136,14 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
     return (a_t * (1 - p_t) ** gamma * ce).sum()
 
 
-def giou_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted mean of ``1 - GIoU`` over paired boxes ``Tensor[M, 4]``; weight ``Tensor[M]``."""
+def giou_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+              denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of ``1 - GIoU`` over paired boxes ``Tensor[M, 4]``; weight ``Tensor[M]``.
+
+    :param denominator: divides the weighted sum instead of ``weight.sum()`` (the model passes
+        the weights' sum over all processes, scaled to one process's share).
+    """
     _, giou = aligned_iou_giou(pred, target)
-    return ((1 - giou) * weight).sum() / weight.sum().clamp(min=1e-6)
+    if denominator is None:
+        denominator = weight.sum().clamp(min=1e-6)
+    return ((1 - giou) * weight).sum() / denominator
