@@ -243,14 +243,15 @@ class TinyTask:
 
 
 def tiny_sections(work_dir: Path | str) -> dict[str, Any]:
-    """The tiny recipe's tables: one float epoch of two iterations on 8 images, no deploy."""
+    """The tiny recipe's tables: one float epoch of two iterations on 8 images (each logged), no
+    deploy."""
     return {
         "task": {"name": "tiny", "work_dir": str(work_dir), "device": "cpu", "seed": 0},
         "model": {"type": "tiny_detector"},
         "data": {"train": {"type": "tiny_squares", "length": 8, "batch_size": 4},
                  "val": {"type": "tiny_squares", "length": 4, "batch_size": 4}},
         "metric": {"type": "tiny_hits"},
-        "stages": {"float": {"epochs": 1, "val_interval": 0, "channels_last": False,
+        "stages": {"float": {"epochs": 1, "val_interval": 0, "channels_last": False, "log_interval": 1,
                              "optimizer": {"lr": 0.05}},
                    "calibration": {"enabled": False, "batches": 1},
                    "qat": {"enabled": False, "epochs": 1, "val_interval": 0,
