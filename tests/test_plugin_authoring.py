@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
 import types
 from importlib.metadata import EntryPoint
 
 import pluggy
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 from hatcore import hookimpl
@@ -198,3 +198,30 @@ def test_hat_cli_runs_under_the_fixture_plugins(hat_plugins, hat_cli) -> None:
     hat_plugins(load=["hat-toy"])
     rows = {r["name"]: r for r in json.loads(hat_cli("plugins", "--json").output)["plugins"]}
     assert set(rows) == {"hatcore.builtin", "hatcore.callbacks", "hat-testing", "toy"}
+
+
+def test_the_guide_gives_every_hook_its_exact_signature() -> None:
+    """docs/plugins.md §2 lists each hook as hooks.md heads it (the generated page stays the
+    reference); a changed signature must be changed in the guide too."""
+    import inspect
+    from pathlib import Path
+
+    from hatcore import docgen, hookspecs
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    modules = [hookspecs]
+    try:
+        import hat_fcos.hookspecs
+
+        modules.append(hat_fcos.hookspecs)
+    except ImportError:
+        pass
+    missing = []
+    for mod in modules:
+        for name, fn in vars(mod).items():
+            if inspect.isfunction(fn) and hasattr(fn, "hat_spec"):
+                sig = str(inspect.signature(fn)).replace("'", "")
+                if f"`{name}{sig}`" not in guide:
+                    missing.append(f"{name}{sig}")
+    assert missing == [], f"docs/plugins.md lacks these hook signatures: {missing}"
+    assert len(docgen.hook_names()) == len([n for n in docgen.hook_names() if f"`{n}(" in guide])

@@ -15,10 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
 from hatcore.scaffold import KINDS, Names, files, sync_docs

@@ -172,7 +172,3 @@ def main(argv: list[str]) -> int:
         print(f"scaffold block {s} {'is stale' if '--check' in argv else 'rewritten'}",
               file=sys.stderr)
     return 1 if stale and "--check" in argv else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
