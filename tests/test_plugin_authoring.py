@@ -225,3 +225,20 @@ def test_the_guide_gives_every_hook_its_exact_signature() -> None:
                     missing.append(f"{name}{sig}")
     assert missing == [], f"docs/plugins.md lacks these hook signatures: {missing}"
     assert len(docgen.hook_names()) == len([n for n in docgen.hook_names() if f"`{n}(" in guide])
+
+
+def test_run_tiny_deploy_runs_the_installed_backend(hat_plugins, tiny_recipe, run_tiny) -> None:
+    """calibration → export → compile → both deployed rows, on whatever backend is installed
+    (the stage table names the files; the harness names no backend)."""
+    pytest.importorskip("hat_bpu")
+    plugins = hat_plugins(load=["hat-bpu"])
+    run = run_tiny(tiny_recipe(export={"input_shape": [1, 3, 32, 32]}), deploy=True)
+    table = plugins.stage_table()
+    deployed = [s for s in table if s.deployed]
+    assert [s.name for s in deployed] == ["export", "compile"]
+    for stage in ("calibration", *(s.name for s in deployed)):
+        assert run.stage_state(stage)["status"] == "done", stage
+    for s in deployed:
+        assert run.pipe.artifact(s.name).is_file(), s.name
+        assert run.metrics(s.predict)["stage"] == s.predict
+    assert run.metrics("calibration")["stage"] == "calibration"
