@@ -26,7 +26,7 @@ def hat_stages() -> list[Stage]:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    """The core's commands: run, predict, export, compile, info, plugins."""
+    """The core's commands: run, predict, export, compile, info, plugins, plugin new."""
     from hatcore.commands import COMMANDS
 
     for command in COMMANDS:

@@ -166,4 +166,10 @@ def plugins_cmd(hat: HatContext, as_json: bool) -> None:
         click.echo(f"{name}  FAILED TO LOAD: {err}")
 
 
-COMMANDS = (run_cmd, predict_cmd, export_cmd, compile_cmd, info_cmd, plugins_cmd)
+def _plugin_group() -> click.Group:
+    from hatcore.scaffold import plugin_group
+
+    return plugin_group
+
+
+COMMANDS = (run_cmd, predict_cmd, export_cmd, compile_cmd, info_cmd, plugins_cmd, _plugin_group())

@@ -6,7 +6,10 @@ Environment:
   empty loads none). The core's built-in plugin is always loaded.
 * ``HAT_TRACE_PLUGINS=1`` logs every hook call and its result to stderr.
 
-A plugin that fails to import is reported (name and error) and skipped; the others still work.
+A broken installed plugin - one that fails to import, implements a hook with an argument the
+hook does not have, implements a hook no loaded plugin declares, or raises in
+``hat_components`` - is reported (name and error, on stderr and by ``hat plugins``) and left
+out; the others still work.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pluggy
 
 from hatcore import __version__, hookspecs
 from hatcore.errors import UserError
-from hatcore.registry import Registry
+from hatcore.registry import DuplicateComponentError, Registry
 from hatcore.stages import Stage, StageTable
 
 BUILTIN_PLUGINS = ("hatcore.builtin", "hatcore.callbacks")
@@ -96,25 +99,66 @@ def _allowed() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+class _Manager(pluggy.PluginManager):
+    """A plugin manager that, while ``collecting``, notes an invalid hook implementation (an
+    argument its spec lacks ...) instead of raising, so one broken plugin can be left out and
+    named rather than stopping every other (pluggy checks implementations on ``register`` and
+    again when a plugin adds the spec later through ``hat_addhooks``)."""
+
+    def __init__(self) -> None:
+        super().__init__("hat")
+        self.collecting = False
+        self.invalid: dict[str, str] = {}
+
+    def _verify_hook(self, hook: Any, hookimpl: Any) -> None:
+        try:
+            super()._verify_hook(hook, hookimpl)
+        except pluggy.PluginValidationError as exc:
+            if not self.collecting:
+                raise
+            self.invalid.setdefault(hookimpl.plugin_name, " ".join(str(exc).split()))
+
+
+def _report(failed: dict[str, str], name: str, dist: str, error: str) -> None:
+    failed[name] = error
+    print(f"hat: plugin {name!r} ({dist}) failed to load: {error}", file=sys.stderr)
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """The hooks ``plugin`` implements that no loaded hookspec declares (not optional ones)."""
+    return sorted(hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()
+                  and any(i.plugin is plugin and not i.optionalhook for i in hc.get_hookimpls()))
+
+
+def _claim(claims: list[tuple[tuple[Any, ...], dict[str, Any]]], *args: Any, **kwargs: Any
+           ) -> None:
+    claims.append((args, kwargs))
+
+
 def make_plugin_manager(
     *, entrypoints: bool = True, extra: list[tuple[str, object]] | None = None,
     only: set[str] | None = None,
 ) -> Plugins:
     """Build a fresh plugin manager: built-ins, then the ``hat`` entry points, then ``extra``.
 
+    A broken entry-point plugin is left out and named in ``Plugins.failed``; a broken built-in
+    or ``extra`` plugin raises (it is the caller's own code).
+
     :param entrypoints: load installed plugins (tests turn it off to start from a clean slate).
     :param extra: ``(name, plugin object)`` pairs to register too (tests, embedding).
     :param only: load only these entry points / distributions (default: ``HAT_LOAD_PLUGINS``).
     """
-    pm = pluggy.PluginManager("hat")
+    pm = _Manager()
     pm.add_hookspecs(hookspecs)
     info: dict[str, PluginInfo] = {}
     failed: dict[str, str] = {}
+    installed: set[str] = set()  # entry-point plugins: left out, not raised, when broken
 
     for modname in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(modname), name=modname)
         info[modname] = PluginInfo(modname, "hatcore", __version__)
 
+    pm.collecting = True
     if entrypoints:
         allowed = only if only is not None else _allowed()
         for ep in entry_points(group="hat"):
@@ -124,20 +168,34 @@ def make_plugin_manager(
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down
-                failed[ep.name] = f"{type(exc).__name__}: {exc}"
-                print(f"hat: plugin {ep.name!r} ({dist}) failed to load: {failed[ep.name]}",
-                      file=sys.stderr)
+                _report(failed, ep.name, dist, f"{type(exc).__name__}: {exc}")
                 continue
             if pm.is_registered(plugin):
                 continue
             pm.register(plugin, name=ep.name)
             info[ep.name] = PluginInfo(ep.name, dist, ep.dist.version if ep.dist else "?")
+            installed.add(ep.name)
 
     for name, plugin in extra or []:
         pm.register(plugin, name=name)
         info[name] = PluginInfo(name, getattr(plugin, "__module__", name) or name, "-")
 
     pm.hook.hat_addhooks.call_historic(kwargs={"pluginmanager": pm})
+    pm.collecting = False
+
+    def leave_out(name: str, error: str) -> None:
+        if name not in installed:  # the caller's own plugin: raise as pluggy would
+            raise pluggy.PluginValidationError(pm.get_plugin(name), error)
+        pm.unregister(name=name)
+        _report(failed, name, info.pop(name).distribution, error)
+
+    for name, error in pm.invalid.items():
+        leave_out(name, error)
+    for name in sorted(installed - set(failed)):
+        unknown = _unknown_hooks(pm, pm.get_plugin(name))
+        if unknown:
+            leave_out(name, f"implements {', '.join(unknown)}, which no loaded plugin declares "
+                            "(a misspelt hook, or a plugin it builds on is not installed)")
     pm.check_pending()
     for name, pi in info.items():
         plugin = pm.get_plugin(name)
@@ -146,8 +204,16 @@ def make_plugin_manager(
     registry = Registry({pi.distribution for pi in info.values()})
     for impl in pm.hook.hat_components.get_hookimpls():
         dist = info[impl.plugin_name].distribution if impl.plugin_name in info else "?"
-        impl.function(register=partial(registry.register, plugin=impl.plugin_name,
-                                       distribution=dist))
+        claims: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        try:  # a plugin's claims count only when its whole hat_components ran
+            impl.function(register=partial(_claim, claims))
+            for args, kwargs in claims:
+                partial(registry.register, plugin=impl.plugin_name, distribution=dist)(
+                    *args, **kwargs)
+        except DuplicateComponentError:
+            raise
+        except Exception as exc:
+            leave_out(impl.plugin_name, f"hat_components raised {type(exc).__name__}: {exc}")
 
     if os.environ.get("HAT_TRACE_PLUGINS"):
         pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
