@@ -431,8 +431,6 @@ def to_onnx(g: Hbir, form: str = "int", expose: Sequence[str] = ()) -> onnx.Mode
     for n in g.nodes:  # every refusal before any work
         if n.op not in SUPPORTED:
             _unsupported(_Builder(g), n)
-    if len(g.inputs) != 1:
-        raise UnsupportedOp(f"{g.path}: {len(g.inputs)} graph inputs; hat-onnx lowers one")
     b = _Builder(g)
     lower = _lower_int if form == "int" else _lower_qdq
     for n in g.nodes:
@@ -444,7 +442,8 @@ def to_onnx(g: Hbir, form: str = "int", expose: Sequence[str] = ()) -> onnx.Mode
         return helper.make_tensor_value_info(name, ONNX_TYPE[t.dtype], ["N", *t.shape[1:]])
 
     outputs = [info(o) for o in g.outputs] + [info(t) for t in expose if t not in g.outputs]
-    graph = helper.make_graph(b.nodes, f"hat_{form}", [info(g.inputs[0])], outputs, b.inits)
+    graph = helper.make_graph(b.nodes, f"hat_{form}", [info(i) for i in g.inputs], outputs,
+                              b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="hat-onnx", doc_string=_DOC[form])
     model.ir_version = IR_VERSION

@@ -32,6 +32,8 @@ INT_FILE, QDQ_FILE, FLOAT_FILE, DESC_FILE = ("model.int.onnx", "model.qdq.onnx",
 def convert_file(src: Path, out_dir: Path) -> dict[str, Any]:
     """``src`` (.hbir) → ``out_dir``/model.int.onnx and model.qdq.onnx, both checked."""
     g = hbir.read_hbir(src)
+    if len(g.inputs) != 1:
+        raise UserError(f"{src}: {len(g.inputs)} graph inputs; a HAT model has one (the image)")
     out_dir.mkdir(parents=True, exist_ok=True)
     desc: dict[str, Any] = {"source": str(src), "march": g.meta.get("march"),
                             "opset": lower.OPSET, "files": {}}
