@@ -23,10 +23,10 @@ import torch
 from hat_bpu.ir.hbir import load_hbir
 from hat_bpu.ir.reference import run_ir
 from hat_bpu.ir.simulator import Simulator
-from torch.utils import _pytree as pytree
-
 from hat_onnx import hbir, lower
 from hat_onnx.runtime import runner, session
+from torch.utils import _pytree as pytree
+
 from hatcore.pipeline import Pipeline
 from hatcore.workdir import flat_scores, read_json
 

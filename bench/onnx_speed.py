@@ -23,7 +23,6 @@ from deploy_fixtures import calibrate, yuv_input  # noqa: E402
 from hat_bpu.ir.hbir import save_hbir  # noqa: E402
 from hat_bpu.ir.simulator import Simulator  # noqa: E402
 from hat_bpu.quant.convert import convert  # noqa: E402
-
 from hat_onnx import hbir, lower  # noqa: E402
 from hat_onnx.runtime import export_float, session  # noqa: E402
 
