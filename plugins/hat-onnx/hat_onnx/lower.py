@@ -168,7 +168,8 @@ def _int_conv(b: _Builder, n: Node) -> None:
             if len(ranges) > 1:
                 xin = b.op("Slice", [x_d, b.const([a0], np.int64), b.const([a1], np.int64),
                                      b.const([1], np.int64)], hint="xchunk")
-            wc = b.const(w[:, a0:a1].astype(np.float32), np.float32, "w")
+            # int8 in the file; ORT folds the Cast into a float32 initializer at load
+            wc = b.cast(b.const(w[:, a0:a1], np.int8, "w"), "float32")
             acc = b.cast(b.op("Conv", [xin, wc], hint="acc", **conv_attrs), "int64")
             if weight != 1:
                 acc = b.op("Mul", [acc, b.const(weight, np.int64)])
