@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
-PLUGINS := plugins/hat-coco plugins/hat-fcos plugins/hat-bpu
+PLUGINS := plugins/hat-coco plugins/hat-fcos plugins/hat-bpu plugins/hat-onnx
 STAMP   := $(VENV)/.hat-installed
 
 .PHONY: setup demo test lint wheels clean

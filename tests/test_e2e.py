@@ -8,6 +8,7 @@ demo's real figures.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -98,8 +99,13 @@ def _pycocotools_ap(cwd: Path, dets: list[dict]) -> float:
 def test_summary_table_lists_five_stages_and_the_latency(demo_run) -> None:
     cwd, proc, _ = demo_run
     summary = json.loads((cwd / "runs" / "demo" / "summary.json").read_text())
+    onnx_rows = ["onnx_int", "onnx_float"] if importlib.util.find_spec("hat_onnx") else []
     assert [r["stage"] for r in summary["stages"]] == [
-        "float", "calibration", "qat", "int_infer", "align_bpu"]
+        "float", "calibration", "qat", "int_infer", *onnx_rows, "align_bpu"]
+    rows = {r["stage"]: r for r in summary["stages"]}
+    if onnx_rows:  # ONNX Runtime on the bit-exact integer form: the simulator's AP, the float AP
+        assert rows["onnx_int"]["AP"] == rows["int_infer"]["AP"]
+        assert rows["onnx_float"]["AP"] == pytest.approx(rows["float"]["AP"], abs=0.01)
     assert summary["device"]["march"] == "bayes-e" and summary["device"]["latency_ms"] > 0
     assert "align_bpu" in proc.stdout and "ms/frame" in proc.stdout
     perf = json.loads((cwd / "runs" / "demo" / "compile" / "perf.json").read_text())
