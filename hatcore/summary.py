@@ -132,6 +132,10 @@ def plot_curves(pipe: Pipeline) -> Path | None:
         return None
     ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
     ax_ap.set(title="validation AP", xlabel="epoch", ylabel="AP (points)")
+    if not ax_ap.get_lines():  # val_interval = 0: say so rather than leave the panel empty
+        ax_ap.text(0.5, 0.5, "no validation during training\n(val_interval = 0):\nAP per stage "
+                   "is in summary.md", ha="center", va="center", transform=ax_ap.transAxes,
+                   color="0.4")
     for ax in (ax_loss, ax_ap):
         ax.grid(alpha=0.3)
         if ax.get_lines():

@@ -95,3 +95,18 @@ def test_nice_ticks_and_chart_text_are_escaped() -> None:
     heat = svg.heatmap(["a", "b"], ["a", "b"], [[2, 0], [1, 3]], title="c", xlabel="p",
                        ylabel="t")
     assert heat.count("<rect x=") == 3 + 1  # the non-zero cells and the frame
+
+
+def test_hat_report_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    work = _work(tmp_path)
+    hat = [sys.executable, "-c", "from hatcore.cli import main; main()", "report"]
+    proc = subprocess.run([*hat, str(work)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(work / "report.html")
+    assert "<section id='sec-stages'" in (work / "report.html").read_text()
+    for target, why in ((tmp_path, "not a HAT work dir"), (tmp_path / "no", "no such work dir")):
+        bad = subprocess.run([*hat, str(target)], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and why in bad.stderr and "Traceback" not in bad.stderr
