@@ -149,7 +149,9 @@ def _curves(work: WorkDir, stages: list[str]) -> Section:
 
 def _drawings(work: WorkDir) -> Section:
     compare = sorted(p for p in (work.vis / "compare").glob("*") if p.suffix in (".png", ".jpg"))
-    single = sorted(p for p in work.vis.glob("*.png") if p != work.curves)
+    # one stage's detections alone (vis/<row>_<i>.png): only when there is no comparison, which
+    # shows the same images with the ground truth (and keeps the page a few hundred KB)
+    single = [] if compare else sorted(p for p in work.vis.glob("*.png") if p != work.curves)
     parts = []
     if compare:
         parts.append("<p>Ground truth (left) and each model's detections on the same original "

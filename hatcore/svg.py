@@ -50,6 +50,20 @@ def fmt_num(v: float) -> str:
     return f"{v:.3g}"
 
 
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Tick labels with as many decimals as the step needs (2.6, 2.605, 2.61 — never 2.6, 2.6)."""
+    if len(ticks) < 2:
+        return [fmt_num(t) for t in ticks]
+    step = abs(ticks[1] - ticks[0]) or 1.0
+    big = max(abs(t) for t in ticks)
+    if big >= 1e5 or big < 1e-3:
+        return [fmt_num(t) for t in ticks]
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if abs(round(step * 10**decimals) - step * 10**decimals) > 1e-6:
+        decimals += 1  # a step of 2.5 × 10^k
+    return [f"{t:.{decimals}f}" for t in ticks]
+
+
 def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], *, title: str,
                xlabel: str, ylabel: str, width: int = 460, height: int = 260,
                ylim: tuple[float, float] | None = None, markers: bool = False) -> str:
@@ -87,16 +101,16 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], *
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * ph
 
-    for t in yt:
+    for t, lab in zip(yt, tick_labels(yt), strict=True):
         if y0 - 1e-12 <= t <= y1 + 1e-12:
             out.append(f"<line x1='{left}' x2='{left + pw}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' "
                        f"stroke='#e3e3e3'/><text x='{left - 4}' y='{sy(t) + 4:.1f}' "
-                       f"text-anchor='end'>{fmt_num(t)}</text>")
-    for t in xt:
+                       f"text-anchor='end'>{lab}</text>")
+    for t, lab in zip(xt, tick_labels(xt), strict=True):
         if x0 - 1e-12 <= t <= x1 + 1e-12:
             out.append(f"<line y1='{top}' y2='{top + ph}' x1='{sx(t):.1f}' x2='{sx(t):.1f}' "
                        f"stroke='#efefef'/><text x='{sx(t):.1f}' y='{top + ph + 14}' "
-                       f"text-anchor='middle'>{fmt_num(t)}</text>")
+                       f"text-anchor='middle'>{lab}</text>")
     out.append(f"<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' "
                f"stroke='#999'/>")
     out.append(f"<text x='{left + pw / 2}' y='{top + ph + 32}' text-anchor='middle'>"

@@ -78,9 +78,14 @@ def test_drawings_are_inlined_and_a_run_without_validation_says_so(tmp_path: Pat
     (work / "vis" / "compare").mkdir(parents=True)
     (work / "vis" / "compare" / "7.jpg").write_bytes(png)
     (work / "vis" / "float_0.png").write_bytes(png)
-    page = report.write(work, make_plugin_manager(entrypoints=False).hook).read_text()
-    assert page.count("src='data:") == 2 and "image 7" in page
+    hook = make_plugin_manager(entrypoints=False).hook
+    page = report.write(work, hook).read_text()
+    # the comparison only: the single-stage picture shows the same image without ground truth
+    assert page.count("src='data:") == 1 and "image 7" in page
     assert "No validation during training" in page
+    (work / "vis" / "compare" / "7.jpg").unlink()
+    page = report.write(work, hook).read_text()
+    assert page.count("src='data:") == 1 and "<figcaption>float_0</figcaption>" in page
 
 
 def test_nice_ticks_and_chart_text_are_escaped() -> None:
@@ -110,3 +115,11 @@ def test_hat_report_command(tmp_path: Path) -> None:
     for target, why in ((tmp_path, "not a HAT work dir"), (tmp_path / "no", "no such work dir")):
         bad = subprocess.run([*hat, str(target)], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and why in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tick_labels_keep_the_digits_the_step_needs() -> None:
+    assert svg.tick_labels(svg.nice_ticks(2.6, 2.61)) == ["2.600", "2.602", "2.604", "2.606",
+                                                          "2.608", "2.610"]
+    assert svg.tick_labels([0, 2.5, 5]) == ["0.0", "2.5", "5.0"]
+    assert svg.tick_labels([0, 0.2, 0.4]) == ["0.0", "0.2", "0.4"]
+    assert svg.tick_labels([0, 50, 100]) == ["0", "50", "100"]
