@@ -14,8 +14,10 @@ EMA, LR schedules and checkpoints live in the trainer itself (``hatcore.optim``,
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -87,6 +89,13 @@ def on_epoch_end(trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
 
 
 def _tensorboard(logdir: str) -> Any:
+    """The writer of ``logdir`` (None without tensorboard). A stage redone from scratch deletes
+    its folder, events file included: a writer whose folder is gone is replaced."""
+    writer = _writers.get(logdir)
+    if writer is not None and not Path(logdir).is_dir():
+        with contextlib.suppress(Exception):
+            writer.close()
+        del _writers[logdir]
     if logdir not in _writers:
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -115,3 +115,19 @@ def test_progress_bars_only_on_a_terminal(monkeypatch) -> None:
     bar = callbacks.progress(range(3))
     assert bar.disable is False
     bar.close()
+
+
+def test_a_stage_redone_from_scratch_gets_a_new_tensorboard_writer(tmp_path) -> None:
+    """StageState.start deletes a redone stage's folder: the cached writer must not write into
+    the deleted events file (it raised FileNotFoundError on flush)."""
+    pytest.importorskip("tensorboard", reason="pip install hatcore[tb] (make setup does)")
+    import shutil
+
+    trainer = fake_trainer(tmp_path / "qat")
+    callbacks.on_epoch_end(trainer=trainer, epoch=0, metrics={"loss": 1.0, "epoch": 0})
+    first = callbacks._writers[str(tmp_path / "qat" / "tb")]
+    shutil.rmtree(tmp_path / "qat")
+    (tmp_path / "qat").mkdir()
+    callbacks.on_epoch_end(trainer=trainer, epoch=0, metrics={"loss": 2.0, "epoch": 0})
+    assert callbacks._writers[str(tmp_path / "qat" / "tb")] is not first
+    assert list((tmp_path / "qat" / "tb").glob("events.out.tfevents.*"))
