@@ -43,7 +43,7 @@ class TableChoice(click.ParamType):
 
 
 def _finish(pipe: Any) -> None:
-    from hatcore import summary
+    from hatcore import report, summary
 
     if not dist.is_main():
         return
@@ -55,7 +55,12 @@ def _finish(pipe: Any) -> None:
             drawn = summary.draw_examples(pipe, best)
             if drawn:
                 click.echo(f"vis: {len(drawn)} images with {best} detections in {drawn[0].parent}")
+        compared = summary.draw_comparison(pipe)
+        if compared:
+            click.echo(f"vis: {len(compared)} images, ground truth beside the float and the "
+                       f"deployed model, in {compared[0].parent}")
     result = summary.write(pipe)
+    report.write(pipe.work_dir, pipe.hook)
     click.echo("")
     click.echo(summary.table(result))
 
@@ -125,6 +130,36 @@ def compile_cmd(hat: HatContext, recipe: Path, overrides: tuple[str, ...]) -> No
     hat.load(recipe, overrides).run(["compile"])
 
 
+@click.command("report")
+@click.argument("target", metavar="WORK_DIR|RECIPE", type=click.Path(path_type=Path))
+@set_opt
+@pass_hat
+def report_cmd(hat: HatContext, target: Path, overrides: tuple[str, ...]) -> None:
+    """Write WORK_DIR/report.html: one self-contained page of the run (no network needed).
+
+    With a work dir, the page is made from its files alone (summary, logs, predict results,
+    perf estimate, drawings already in vis/). With a RECIPE, the summary and the comparison
+    drawings (ground truth, float and deployed model) are made again first.
+    """
+    from hatcore import report, summary
+
+    if target.is_dir():
+        work = target
+        if not (work / "summary.json").is_file() and not (work / "recipe.resolved.json").is_file():
+            raise UserError(f"{work}: not a HAT work dir (no summary.json or "
+                            "recipe.resolved.json); give the work dir `hat run` wrote")
+    elif target.is_file():
+        pipe = hat.load(target, overrides)
+        if not pipe.workdir.resolved.is_file():
+            raise UserError(f"{pipe.work_dir}: nothing has run yet (run `hat run {target}`)")
+        summary.draw_comparison(pipe)
+        summary.write(pipe)
+        work = pipe.work_dir
+    else:
+        raise UserError(f"{target}: no such work dir or recipe file")
+    click.echo(str(report.write(work, hat.plugins.hook)))
+
+
 @click.command("info")
 @click.argument("file", type=click.Path(path_type=Path))
 @pass_hat
@@ -172,4 +207,5 @@ def _plugin_group() -> click.Group:
     return plugin_group
 
 
-COMMANDS = (run_cmd, predict_cmd, export_cmd, compile_cmd, info_cmd, plugins_cmd, _plugin_group())
+COMMANDS = (run_cmd, predict_cmd, export_cmd, compile_cmd, report_cmd, info_cmd, plugins_cmd,
+            _plugin_group())

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         TransformSpec,
     )
     from hatcore.registry import Register
+    from hatcore.report import Section
     from hatcore.stages import Stage
 
 hookspec = pluggy.HookspecMarker("hat")
@@ -273,6 +274,47 @@ def draw_detections(
     """
 
 
+@hookspec(firstresult=True)
+def draw_comparison(
+    dataset: Dataset[Any], detections: dict[str, list[dict[str, Any]]], out_dir: Path, n: int,
+    score_thr: float,
+) -> list[Path] | None:
+    """Draw the ground truth beside several predict rows' detections on the same images.
+
+    Called at the end of ``hat run`` with the first predict row (the float model) and the last
+    deployed one, read from ``predict/<row>/detections.json``; the images go to
+    ``work_dir/vis/compare/`` and into ``report.html``. The plugin that owns the dataset (it
+    knows the original images and the ground truth) draws; labels must stay inside the image.
+    Stops at the first non-None result.
+
+    :param dataset: the validation dataset the detections refer to.
+    :param detections: predict row -> its detections, as the metric wrote them.
+    :param out_dir: the folder to write the pictures into (created by the plugin).
+    :param n: how many images (``predict.vis_images``), the first ones of ``dataset``.
+    :param score_thr: detections below this score are not drawn.
+    :returns: the pictures written (PNG or JPEG), or None when this plugin cannot draw
+        ``dataset``.
+    """
+
+
+@hookspec
+def report_sections(work_dir: Path, summary: dict[str, Any]) -> list[Section]:
+    """Add sections to the run's ``report.html`` (:mod:`hatcore.report`).
+
+    Called for every plugin when the report is written: at the end of ``hat run`` and by
+    ``hat report``. A plugin reads the files its own hooks wrote into the work dir (a metric's
+    per-class results, a compiler's performance estimate ...) and returns sections; it returns
+    ``[]`` when it finds none of its files. The core's own sections are the stage table (order
+    10), the training curves (20), the drawings (60) and the resolved recipe (90).
+
+    :param work_dir: the run's work dir.
+    :param summary: ``summary.json`` of the run (its ``stages`` rows name the predict rows
+        that have results, in table order).
+    :returns: :class:`hatcore.report.Section` objects (``id``, ``title``, ``html``, ``order``).
+    """
+    return []
+
+
 @hookspec
 def register_commands(cli: click.Group) -> None:
     """Add commands to the ``hat`` command line (``hat pack``, ``hat check`` ...).
@@ -297,4 +339,20 @@ def on_epoch_end(trainer: Trainer, epoch: int, metrics: dict[str, float]) -> Non
         ``model``, ``out_dir``, ``cfg``, ``should_stop``).
     :param epoch: the epoch just finished, counting from 0.
     :param metrics: the epoch's averaged losses, learning rate and validation metrics.
+    """
+
+
+@hookspec
+def on_iter_end(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    """Run after every training iteration (float and qat).
+
+    Called by :class:`hatcore.trainer.Trainer` on rank 0 only, for every plugin, after the
+    optimizer step. Used for per-iteration logging (the built-in callbacks: TensorBoard
+    scalars, and a console line every ``log_interval`` iterations when stderr is not a
+    terminal). Keep it cheap: it runs once per batch.
+
+    :param trainer: the running trainer (``stage``, ``epoch``, ``iters_per_epoch``, ``cfg``,
+        ``out_dir``).
+    :param step: the global iteration count of the stage, after this iteration (from 1).
+    :param metrics: this iteration's losses (``loss`` is their sum), ``lr`` and ``img_s``.
     """

@@ -253,15 +253,14 @@ class Pipeline:
                     batches: Iterable[dict[str, Any]], device: torch.device,
                     desc: str = "predict") -> Iterator[tuple[dict[str, Any], list[Detections]]]:
         """THE predict loop: ``(batch, detections)`` for each batch, the model in eval mode."""
-        from tqdm import tqdm
+        from hatcore.callbacks import progress
 
         task = task_model(model)
         run = runner or (lambda b: model(b["img"]))
         was_training = model.training
         model.eval()
         try:
-            for batch in tqdm(batches, desc=desc, leave=False, disable=not dist.is_main(),
-                              dynamic_ncols=True):
+            for batch in progress(batches, desc=desc, leave=False):
                 batch = to_device(batch, device)
                 yield batch, task.postprocess(run(batch), batch)
         finally:
@@ -402,8 +401,8 @@ class Pipeline:
         record = write_metrics(self.workdir.predict_metrics(row), row, scores, **extra) \
             if dist.is_main() else metrics_record(row, scores, **extra)
         flat = flat_scores(scores)
-        echo(f"predict {row}: AP {flat.get('AP', float('nan')):.4f}  "
-             f"AP50 {flat.get('AP50', float('nan')):.4f}")
+        echo(f"predict {row}: AP {flat.get('AP', float('nan')) * 100:.2f}  "
+             f"AP50 {flat.get('AP50', float('nan')) * 100:.2f} (points)")
         if ckpt is None:
             state.finish(metrics=flat)
         return record

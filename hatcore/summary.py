@@ -4,12 +4,13 @@ latency), plots and drawings. Rows and artifacts are read from the stage table a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hatcore.workdir import LOG, WorkDir, flat_scores, read_json, write_json
+from hatcore.workdir import DETECTIONS, LOG, WorkDir, flat_scores, read_json, write_json
 
 if TYPE_CHECKING:
     from hatcore.pipeline import Pipeline
@@ -141,6 +142,10 @@ def plot_curves(pipe: Pipeline) -> Path | None:
         return None
     ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
     ax_ap.set(title="validation AP", xlabel="epoch", ylabel="AP (points)")
+    if not ax_ap.get_lines():  # val_interval = 0: say so rather than leave the panel empty
+        ax_ap.text(0.5, 0.5, "no validation during training\n(val_interval = 0):\nAP per stage "
+                   "is in summary.md", ha="center", va="center", transform=ax_ap.transAxes,
+                   color="0.4")
     for ax in (ax_loss, ax_ap):
         ax.grid(alpha=0.3)
         if ax.get_lines():
@@ -177,6 +182,25 @@ def draw_examples(pipe: Pipeline, stage: str) -> list[Path]:
     return paths
 
 
+def draw_comparison(pipe: Pipeline) -> list[Path]:
+    """Ground truth beside the first predict row (float) and the last deployed row with results,
+    on the first ``predict.vis_images`` val images: ``vis/compare/`` (``draw_comparison`` hook)."""
+    n = pipe.recipe.predict.vis_images
+    work = pipe.workdir
+    done = [r for r in pipe.table.rows if (work.predict(r) / DETECTIONS).is_file()]
+    if n <= 0 or not done:
+        return []
+    deployed = [r for r in done if pipe.table.scored_by(r).deployed]
+    rows = list(dict.fromkeys([done[0], (deployed or done)[-1]]))
+    detections = {r: read_json(work.predict(r) / DETECTIONS) or [] for r in rows}
+    out = work.vis / "compare"
+    if out.is_dir():
+        shutil.rmtree(out)  # pictures of an earlier run would mix with these
+    drawn = pipe.hook.draw_comparison(dataset=pipe.build_dataset("val"), detections=detections,
+                                      out_dir=out, n=n, score_thr=pipe.recipe.predict.vis_score_thr)
+    return list(drawn or [])
+
+
 def table(summary: dict[str, Any]) -> str:
     """The console table."""
     head = f"{'stage':<12} {'AP':>7} {'AP50':>7} {'ΔAP':>7} {'Δprev':>7}"
@@ -189,5 +213,8 @@ def table(summary: dict[str, Any]) -> str:
     if dev and dev.get("latency_ms") is not None:
         lines.append(f"estimated on {dev['march']} (modelled device): {dev['latency_ms']:.2f} ms/frame,"
                      f" {dev['fps']:.1f} FPS")
-    lines.append(f"summary: {WorkDir(Path(summary['work_dir'])).summary_md}")
+    work = WorkDir(Path(summary["work_dir"]))
+    lines.append(f"summary: {work.summary_md}")
+    if (work.root / "report.html").is_file():
+        lines.append(f"report:  {work.root / 'report.html'}")
     return "\n".join(lines)

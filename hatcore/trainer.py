@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hatcore import distributed as dist
+from hatcore.callbacks import progress
 from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from hatcore.data import to_device
 from hatcore.errors import UserError
@@ -403,8 +404,8 @@ class Trainer:
         sums: dict[str, float] = dict(position.get("sums", {}))
         images, steps = int(position.get("images", 0)), skip
         t0 = time.perf_counter() - float(position.get("seconds", 0.0))
-        bar = tqdm(total=self.iters_per_epoch, initial=skip, disable=not dist.is_main(),
-                   desc=f"{self.stage} {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=True)
+        bar = progress(total=self.iters_per_epoch, initial=skip,
+                       desc=f"{self.stage} {epoch + 1}/{cfg.epochs}", leave=True)
         lr = 0.0
         every = cfg.checkpoint_every_iters
         batches = iter(self.loader)
@@ -432,6 +433,9 @@ class Trainer:
                 "stage ETA": tqdm.format_interval(left * spent / max(1, steps - skip))},
                 refresh=False)
             bar.update(1)
+            if self.hook is not None and dist.is_main():
+                self.hook.on_iter_end(trainer=self, step=self.step,
+                                      metrics={**losses, "lr": lr, "img_s": rate})
             if cfg.log_interval and self.step % cfg.log_interval == 0:
                 self._log({"kind": "iter", "epoch": epoch, "iter": i, "step": self.step,
                            **losses, "lr": lr, "img_s": rate})
@@ -536,7 +540,7 @@ def calibrate(model: nn.Module, loader: DataLoader[Any], batches: int, device: t
                    "saved")
     model.eval()
     done = 0
-    with tqdm(total=batches, desc="calibration", disable=not dist.is_main(), dynamic_ncols=True) as bar:
+    with progress(total=batches, desc="calibration") as bar:
         while done < batches:
             for batch in loader:
                 model(to_device(batch, device)["img"])

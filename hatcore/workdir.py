@@ -10,7 +10,7 @@
                                             the plugin's spec (``ExportSpec.artifact``)
     predict/<row>/metrics.json              one schema for every metrics.json: see docs/formats.md
     predict/<row>/detections.json
-    summary.json, summary.md, vis/
+    summary.json, summary.md, vis/, report.html
 
 Code that needs a path asks a :class:`WorkDir`; nothing else joins file names onto the work dir.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_every_stage_leaves_its_artifacts(demo_run) -> None:
     for rel in ["recipe.toml", "recipe.resolved.json", "float/checkpoint-best.pt", "float/log.jsonl",
                 "calibration/checkpoint-best.pt", "qat/checkpoint-best.pt", "export/model.hbir",
                 "compile/model.hbm", "compile/perf.json", "compile/perf.html", "summary.md",
-                "vis/curves.png", "vis/qat_0.png"]:
+                "vis/curves.png", "vis/qat_0.png", "report.html"]:
         assert (work / rel).is_file(), rel
     assert (cwd / "tmp_data" / "shapes" / "train_lmdb").is_dir()
     ann = json.loads((cwd / "tmp_data" / "shapes" / "annotations" / "instances_val2017.json")
@@ -77,6 +78,14 @@ def test_every_stage_leaves_its_artifacts(demo_run) -> None:
         assert all(len(d["bbox"]) == 4 and d["bbox"][2] > 0 and d["bbox"][3] > 0 for d in dets)
         # the AP written is the AP of the detections written: recomputed with pycocotools
         assert metrics["bbox"]["AP"] == pytest.approx(_pycocotools_ap(cwd, dets), abs=1e-4), stage
+
+
+def test_logs_are_lines_and_ap_is_in_points(demo_run) -> None:
+    """Run without a terminal (as in CI or `> log`): no progress-bar frames, AP in points."""
+    _, proc, _ = demo_run
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout
+    ap = re.findall(r"^predict (\w+): AP (\S+)  AP50 (\S+) \(points\)$", proc.stderr, re.M)
+    assert [row for row, _, _ in ap] == ["float", "calibration", "qat", "int_infer", "align_bpu"]
 
 
 def _pycocotools_ap(cwd: Path, dets: list[dict]) -> float:
@@ -173,3 +182,58 @@ def test_calops_and_perf_and_check_on_the_demo_recipe(demo_run) -> None:
     assert json.loads(perf.stdout)["latency_ms"] > 0
     check = hat("check", "recipes/demo.toml", cwd=cwd)
     assert check.returncode == 0, check.stderr[-3000:]
+
+
+def _browser():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("hat_test_browser", ROOT / "tests" / "browser.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REPORT_SECTIONS = ["stages", "curves", "per_class_ap", "pr_curves", "confusion", "drawings", "perf",
+                   "recipe"]
+
+
+def test_comparison_drawings_show_float_and_deployed_on_the_same_images(demo_run) -> None:
+    import cv2
+
+    cwd, proc, _ = demo_run
+    pictures = sorted((cwd / "runs" / "demo" / "vis" / "compare").glob("*.jpg"))
+    assert [p.stem for p in pictures] == ["1"]  # predict.vis_images = 1: the first val image
+    ann = json.loads((cwd / "tmp_data" / "shapes" / "annotations" / "instances_val2017.json")
+                     .read_text())
+    first = next(im for im in ann["images"] if im["id"] == 1)
+    original = cv2.imread(str(cwd / "tmp_data" / "shapes" / "val2017" / first["file_name"]))
+    scale = min(1.0, 480 / max(original.shape[:2]))
+    pw, ph = round(original.shape[1] * scale), round(original.shape[0] * scale)
+    img = cv2.imread(str(pictures[0]))
+    # three panels (ground truth, float, align_bpu) of the original image, 6 px apart, titled
+    assert img.shape[1] == 3 * pw + 2 * 6 and img.shape[0] > ph
+    assert "ground truth beside the float and the deployed model" in proc.stdout
+
+
+def test_report_html_renders_in_chromium(demo_run, tmp_path) -> None:
+    """report.html of the run, opened in headless Chromium: every section there, no image broken,
+    nothing fetched from a network; and the check sees a broken image when there is one."""
+    browser = _browser()
+    if browser.chromium() is None:
+        pytest.skip("chromium is not installed: `make setup` installs the Debian package "
+                    "`chromium` where it can (as root, with apt-get); here it could not")
+    cwd, _, _ = demo_run
+    page = cwd / "runs" / "demo" / "report.html"
+    text = page.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//)""", text), "fetches from a network"
+    check = browser.report_check(browser.dump_dom(page))
+    assert check.get("ready") == "1", check
+    assert check["sections"].split(",") == REPORT_SECTIONS
+    # the one comparison picture (vis_images = 1); vis/qat_0.png shows the same image without
+    # ground truth and is left out
+    assert check["images"] == "1" and check["broken"] == "0", check["broken-alt"]
+    assert int(check["svgs"]) >= 8  # loss, lr, 2 overall PR, per-class PR, 2 confusion, perf
+    bad = tmp_path / "bad.html"
+    bad.write_text(text.replace("</main>", "<img alt='bad one' src='data:image/png;base64,AAAA'>"
+                                           "</main>"))
+    check = browser.report_check(browser.dump_dom(bad))
+    assert (check["broken"], check["broken-alt"]) == ("1", "bad one")

@@ -330,3 +330,11 @@ def describe_file(path: Path) -> str | None:
 
         return describe_hbm(path)
     return None
+
+
+@hookimpl
+def report_sections(work_dir: Path, summary: dict[str, Any]) -> list[Any]:
+    """The device estimate and quant-debug's worst layers in ``report.html`` (hat_bpu.report)."""
+    from hat_bpu.report import sections
+
+    return sections(work_dir)

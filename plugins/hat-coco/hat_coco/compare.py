@@ -1,6 +1,6 @@
 """Ground truth next to each stage's detections, on the same original images (for the report).
 
-``compare_stages(dataset, {"float": results, "align_bpu": results}, out_dir)`` writes one PNG
+``compare_stages(dataset, {"float": results, "align_bpu": results}, out_dir)`` writes one picture
 per image: a panel per source, side by side, each titled, so the float and the deployed model
 are seen on the same pixels as the labels. ``results`` are in the COCO results format
 (``predict/<stage>/detections.json``: original-image xywh, category ids).
@@ -22,6 +22,8 @@ from hatcore.errors import UserError
 
 GAP = 6
 """Pixels between two panels."""
+MAX_SIDE = 480
+"""Longest side of one panel, in pixels (the original image is scaled down to it)."""
 
 
 def _titled(panel_bgr: np.ndarray, title: str) -> np.ndarray:
@@ -49,11 +51,15 @@ def side_by_side(panels: list[np.ndarray]) -> np.ndarray:
 
 def compare_stages(dataset: DetectionDataset, detections: dict[str, list[dict[str, Any]]],
                    out_dir: Path, *, image_ids: list[int] | None = None, n: int = 4,
-                   score_thr: float = 0.3) -> list[Path]:
+                   score_thr: float = 0.3, max_side: int = MAX_SIDE,
+                   suffix: str = ".png") -> list[Path]:
     """Draw the ground truth and each source's detections (score >= ``score_thr``) of the
-    first ``n`` images of ``dataset`` (or of ``image_ids``) into ``out_dir/{image_id}.png``.
+    first ``n`` images of ``dataset`` (or of ``image_ids``) into ``out_dir/{image_id}{suffix}``
+    (``.png``, or ``.jpg`` at quality 90 — the report's choice: a tenth of the size on photos).
+    Each panel is scaled so that its longer side is at most ``max_side`` pixels before drawing,
+    so labels keep their size.
 
-    :returns: the PNGs written.
+    :returns: the pictures written.
     """
     index = {r["image_id"]: i for i, r in enumerate(dataset.records)}
     ids = list(image_ids) if image_ids is not None else [r["image_id"] for r in
@@ -74,19 +80,25 @@ def compare_stages(dataset: DetectionDataset, detections: dict[str, list[dict[st
     for image_id in ids:
         rec = dataset.records[index[image_id]]
         img = decode_rgb(dataset.load_bytes(index[image_id]))
-        gt = [(b, label_of[c]) for b, c, crowd in zip(rec["bboxes"], rec["category_ids"],
-                                                      rec["iscrowd"], strict=True)
-              if not crowd and c in label_of]
+        scale = min(1.0, max_side / max(img.shape[:2]))
+        if scale < 1.0:
+            img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
+                             interpolation=cv2.INTER_AREA)
+        gt = [([v * scale for v in b], label_of[c])
+              for b, c, crowd in zip(rec["bboxes"], rec["category_ids"], rec["iscrowd"],
+                                     strict=True) if not crowd and c in label_of]
         panels = [_titled(_draw(img, gt, [dataset.class_names[k] for _, k in gt]),
                           f"ground truth ({len(gt)})")]
         for name, table in by_image.items():
-            found = [(r["bbox"], label_of[r["category_id"]]) for r in table.get(image_id, [])]
+            found = [([v * scale for v in r["bbox"]], label_of[r["category_id"]])
+                     for r in table.get(image_id, [])]
             texts = [f"{dataset.class_names[k]} {r['score']:.2f}"
                      for (_, k), r in zip(found, table.get(image_id, []), strict=True)]
             panels.append(_titled(_draw(img, found, texts),
                                   f"{name} ({len(found)} >= {score_thr:.2f})"))
-        path = out_dir / f"{image_id}.png"
-        if not cv2.imwrite(str(path), side_by_side(panels)):
+        path = out_dir / f"{image_id}{suffix}"
+        params = [cv2.IMWRITE_JPEG_QUALITY, 90] if suffix in (".jpg", ".jpeg") else []
+        if not cv2.imwrite(str(path), side_by_side(panels), params):
             raise UserError(f"{path}: cannot write the PNG")
         written.append(path)
     return written

@@ -152,3 +152,21 @@ def draw_detections(batch: Any, detections: list[Any], class_names: list[str],
     from hat_coco.draw import draw_batch
 
     return draw_batch(batch, detections, class_names, paths, score_thr)
+
+
+@hookimpl
+def draw_comparison(dataset: Any, detections: dict[str, list[dict[str, Any]]], out_dir: Path,
+                    n: int, score_thr: float) -> list[Path] | None:
+    from hat_coco.compare import compare_stages
+    from hat_coco.datasets import DetectionDataset
+
+    if not isinstance(dataset, DetectionDataset):
+        return None
+    return compare_stages(dataset, detections, out_dir, n=n, score_thr=score_thr, suffix=".jpg")
+
+
+@hookimpl
+def report_sections(work_dir: Path, summary: dict[str, Any]) -> list[Any]:
+    from hat_coco.report import sections
+
+    return sections(work_dir, summary)

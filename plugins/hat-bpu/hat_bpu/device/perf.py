@@ -138,27 +138,101 @@ def table(perf: dict[str, Any], top: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def to_html(perf: dict[str, Any]) -> str:
-    """A standalone HTML page: totals and an inline SVG bar chart of time per layer."""
-    layers = perf["layers"]
-    tmax = max((r["time_ms"] for r in layers), default=1.0) or 1.0
-    bar_h, width, label_w = 14, 520, 300
-    bars = []
-    for i, r in enumerate(layers):
-        w = r["time_ms"] / tmax * width
-        color = "#d9534f" if r["bound"] == "memory" else "#337ab7"
-        y = i * (bar_h + 2)
-        bars.append(f'<text x="{label_w - 4}" y="{y + 11}" text-anchor="end" font-size="10">'
-                    f'{html.escape(r["name"][:48])}</text><rect x="{label_w}" y="{y}" '
-                    f'width="{w:.1f}" height="{bar_h}" fill="{color}"><title>'
-                    f'{html.escape(r["op"])} {r["time_ms"]:.4f} ms ({r["bound"]})</title></rect>')
-    h = len(layers) * (bar_h + 2)
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 20}" '
-           f'height="{h}">{"".join(bars)}</svg>')
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>hat perf "
-            f"{html.escape(perf['march'])}</title></head><body><h1>Estimated performance: "
-            f"{html.escape(perf['march'])}</h1><p><b>Estimates of a modelled device</b>, not "
-            f"measurements. Input {perf['input_shape']}: latency {perf['latency_ms']:.3f} ms, "
-            f"{perf['fps']:.1f} FPS, {perf['gops_per_frame']:.2f} GOPs/frame, "
+def block_of(name: str, depth: int = 2) -> str:
+    """The block a layer belongs to: the first ``depth`` parts of its dotted module name, with
+    a list index kept with its list (``backbone.blocks.3.0.conv`` → ``backbone.blocks.3``)."""
+    parts = name.split(".")
+    keep = parts[:depth]
+    if len(parts) > depth and parts[depth].isdigit():
+        keep.append(parts[depth])
+    return ".".join(keep)
+
+
+def frame_costs(perf: dict[str, Any]) -> dict[str, float]:
+    """What the per-layer times leave out, per frame: ``overhead_ms`` (the fixed frame overhead
+    plus input/output DMA, as :func:`estimate` charges them) and ``layers_ms``."""
+    batch = (perf.get("input_shape") or [1])[0] or 1
+    layers_ms = sum(r["time_ms"] for r in perf["layers"]) / batch
+    return {"layers_ms": layers_ms, "overhead_ms": max(0.0, perf["latency_ms"] - layers_ms)}
+
+
+def blocks(perf: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-block totals (``block``, ``layers``, ``time_ms``, ``mops``, ``ddr_kib``), slowest first.
+
+    A block is :func:`block_of` a layer's name; a layer named after a bare function
+    (``interpolate_1``) or a quantizer-made op (``_hat_q.add_9``) counts in the block of the
+    layer before it."""
+    out: dict[str, dict[str, Any]] = {}
+    current = ""
+    for r in perf["layers"]:
+        # an op without a module of its own (interpolate_1, _hat_q.add_9) runs inside the block
+        # of the layer before it in execution order
+        own = "." in r["name"] and not r["name"].startswith("_")
+        current = block_of(r["name"]) if own or not current else current
+        b = out.setdefault(current, {"block": current, "layers": 0, "time_ms": 0.0,
+                                     "mops": 0.0, "ddr_kib": 0.0})
+        b["layers"] += 1
+        b["time_ms"] += r["time_ms"]
+        b["mops"] += r["ops"] / 1e6
+        b["ddr_kib"] += r["ddr_bytes"] / 1024
+    return sorted(out.values(), key=lambda b: -b["time_ms"])
+
+
+TOP_LAYERS = 40
+"""Layers in the per-layer chart (the slowest); the table lists them all."""
+
+
+def html_body(perf: dict[str, Any]) -> str:
+    """The estimate as HTML (no page around it): totals, the frame overhead, per-block totals
+    (chart and table), the slowest layers (chart) and every layer (a sortable table). Used by
+    ``perf.html`` and by the run's ``report.html``."""
+    from hatcore.report import table
+    from hatcore.svg import hbar_chart
+
+    costs = frame_costs(perf)
+    lat = perf["latency_ms"]
+    head = (f"<p><b>Estimates of a modelled device</b> ({html.escape(str(perf.get('device', '')))}"
+            f"), not measurements. March <b>{html.escape(perf['march'])}</b>, input "
+            f"{perf['input_shape']}: latency <b>{lat:.3f} ms</b>/frame, {perf['fps']:.1f} FPS, "
+            f"{perf['gops_per_frame']:.2f} GOPs/frame, "
             f"{perf['ddr_bytes_per_frame'] / 2**20:.2f} MiB DDR/frame.</p>"
-            f"<p>Per-layer time (blue: compute-bound, red: memory-bound)</p>{svg}</body></html>")
+            f"<p>Of the latency, {costs['layers_ms']:.3f} ms ({100 * costs['layers_ms'] / lat:.1f}"
+            f" %) is the {len(perf['layers'])} layers and {costs['overhead_ms']:.3f} ms "
+            f"({100 * costs['overhead_ms'] / lat:.1f} %) the frame overhead (fixed per-frame cost "
+            "and input/output DMA).</p>")
+    blk = blocks(perf)
+    items = [(b["block"], b["time_ms"], f"{b['layers']} layers, {b['mops']:.1f} MOPs")
+             for b in blk] + [("(frame overhead)", costs["overhead_ms"], "fixed + input/output DMA")]
+    items.sort(key=lambda t: -t[1])
+    colours = ["#7f7f7f" if t[0] == "(frame overhead)" else "#1f77b4" for t in items]
+    block_chart = hbar_chart(items, title="time per block (ms), slowest first",
+                             xlabel="ms per frame", unit=" ms", colours=colours)
+    block_table = table(["block", "layers", "ms", "% of latency", "MOPs", "DDR KiB"],
+                        [[b["block"], b["layers"], f"{b['time_ms']:.4f}",
+                          f"{100 * b['time_ms'] / lat:.1f}", f"{b['mops']:.2f}",
+                          f"{b['ddr_kib']:.1f}"] for b in blk])
+    slow = sorted(perf["layers"], key=lambda r: -r["time_ms"])[:TOP_LAYERS]
+    layer_chart = hbar_chart(
+        [(r["name"], r["time_ms"], f"{r['op']}, {r['bound']}-bound, util {r['utilisation']:.3f}")
+         for r in slow], title=f"the {len(slow)} slowest layers (ms; blue: compute-bound, red: "
+        "memory-bound)", xlabel="ms per frame", unit=" ms",
+        colours=["#d62728" if r["bound"] == "memory" else "#1f77b4" for r in slow])
+    layer_table = table(
+        ["#", "layer", "op", "output", "MOPs", "DDR KiB", "util", "compute ms", "memory ms", "ms",
+         "bound"],
+        [[i, r["name"], r["op"], "×".join(map(str, r["out_shape"])), f"{r['ops'] / 1e6:.2f}",
+          f"{r['ddr_bytes'] / 1024:.1f}", f"{r['utilisation']:.3f}", f"{r['compute_ms']:.4f}",
+          f"{r['memory_ms']:.4f}", f"{r['time_ms']:.4f}", r["bound"]]
+         for i, r in enumerate(perf["layers"])], numeric_from=4)
+    return (head + "<h3>Per block</h3><div class=row>" + block_chart
+            + f"<div class=scroll>{block_table}</div></div><h3>Per layer</h3>" + layer_chart
+            + "<details><summary>every layer, in execution order (click a header to sort)"
+            f"</summary><div class=scroll>{layer_table}</div></details>")
+
+
+def to_html(perf: dict[str, Any]) -> str:
+    """``perf.html``: a standalone page of :func:`html_body` (the report's styles and script)."""
+    from hatcore.report import Section, render
+
+    return render(f"hat perf — {perf['march']} (modelled device)",
+                  [Section("perf", "Estimated performance", html_body(perf))])
