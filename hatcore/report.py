@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hatcore import svg
+from hatcore.summary import row_label
 from hatcore.workdir import LOG, WorkDir, read_json
 
 REPORT = "report.html"
@@ -83,8 +84,7 @@ def image_tag(path: Path, alt: str, max_width: int | None = None) -> str:
 def _stages(summary: dict[str, Any]) -> Section:
     rows = []
     for r in summary.get("stages", []):
-        label = r.get("label") or ""
-        rows.append([r["stage"] + (f" ({label})" if label else ""), fmt_points(r.get("AP")),
+        rows.append([row_label(r), fmt_points(r.get("AP")),
                      fmt_points(r.get("AP50")), fmt_points(r.get("delta_AP"), signed=True),
                      fmt_points(r.get("delta_prev_AP"), signed=True)])
     body = table(["stage", "AP", "AP50", "Δ AP vs float", "Δ AP vs previous"], rows)

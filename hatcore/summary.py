@@ -79,7 +79,7 @@ def _fmt(v: float | None, pct: bool = True, signed: bool = False) -> str:
     return f"{v * 100:+.2f}" if signed else (f"{v * 100:.2f}" if pct else f"{v:.2f}")
 
 
-def _label(row: dict[str, Any]) -> str:
+def row_label(row: dict[str, Any]) -> str:
     """A row's name, marked where its model was evaluated with integer arithmetic."""
     return f"{row['stage']} (integer)" if row.get("arithmetic") == "integer" else row["stage"]
 
@@ -88,7 +88,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["| stage | AP | AP50 | Δ AP vs float | Δ AP vs previous |",
              "|---|---:|---:|---:|---:|"]
     for r in summary["stages"]:
-        lines.append(f"| {_label(r)} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
+        lines.append(f"| {row_label(r)} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
                      f"{_fmt(r['delta_AP'], signed=True)} | "
                      f"{_fmt(r['delta_prev_AP'], signed=True)} |")
     out = ["# HAT run summary", "", f"work dir: `{summary['work_dir']}`", "",
@@ -206,7 +206,7 @@ def table(summary: dict[str, Any]) -> str:
     head = f"{'stage':<12} {'AP':>7} {'AP50':>7} {'ΔAP':>7} {'Δprev':>7}"
     lines = [head, "-" * len(head)]
     for r in summary["stages"]:
-        lines.append(f"{_label(r):<12} {_fmt(r['AP']):>7} {_fmt(r['AP50']):>7} "
+        lines.append(f"{row_label(r):<12} {_fmt(r['AP']):>7} {_fmt(r['AP50']):>7} "
                      f"{_fmt(r['delta_AP'], signed=True):>7} "
                      f"{_fmt(r['delta_prev_AP'], signed=True):>7}")
     dev = summary.get("device")
