@@ -26,7 +26,7 @@ def _work(tmp_path: Path) -> Path:
     (work / "summary.json").write_text(json.dumps({"work_dir": str(work), "stages": [
         {"stage": "float", "AP": 0.8625, "AP50": 0.9, "delta_AP": 0.0, "delta_prev_AP": None},
         {"stage": "qat", "AP": 0.85, "AP50": 0.89, "delta_AP": -0.0125, "delta_prev_AP": -0.0125,
-         "label": "integer arithmetic"}],
+         "arithmetic": "integer"}],
         "device": {"march": "m1", "input_shape": [1, 3, 8, 8], "latency_ms": 1.5, "fps": 666.7}}))
     (work / "recipe.resolved.json").write_text(json.dumps(
         {"source": "r.toml", "overrides": ["a=1"], "recipe": {"task": {"name": "toy<run>"}}}))
@@ -57,7 +57,7 @@ def test_the_core_sections_show_points_deltas_curves_and_the_recipe(tmp_path: Pa
     page = report.write(work, make_plugin_manager(entrypoints=False).hook).read_text()
     rows = re.findall(r"<tr><td>([^<]+)</td>" + r"<td class=num>([^<]+)</td>" * 4, page)
     assert rows == [("float", "86.25", "90.00", "+0.00", "-"),
-                    ("qat (integer arithmetic)", "85.00", "89.00", "-1.25", "-1.25")]
+                    ("qat (integer)", "85.00", "89.00", "-1.25", "-1.25")]
     assert "1.500 ms/frame" in page and "<title>HAT run report — toy&lt;run&gt;</title>" in page
     assert "name = &#x27;toy&lt;run&gt;&#x27;" in page and "a=1" in page  # recipe.toml, the overrides
     curves = page[page.index("<section id='sec-curves'"):page.index("<section id='sec-drawings'")]
