@@ -109,4 +109,7 @@ params = {k: v.detach() for k, v in trainer.raw_model.named_parameters()}
 torch.save({"params": params, "epochs": trainer.epoch, "step": trainer.step,
             "loss": trainer.history[-1]["loss"],
             "gathered": dist.all_gather_object(dist.rank())}, out / f"rank{dist.rank()}.pt")
+# tear down in order: the DDP model (its reducer holds the process group) before the group
+del trainer
+dist.shutdown()
 """
