@@ -24,7 +24,7 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nice -n 10 "$here/.venv/bin/hat" predict "
 "$here/.venv/bin/python" - "$here/runs/abl-$name" <<'PY'
 import json, sys
 run = sys.argv[1]
-m = json.load(open(f"{run}/float/metrics.json"))["last"]
+m = json.load(open(f"{run}/float/metrics.json"))["train"]["last"]
 ap = json.load(open(f"{run}/predict/float/metrics.json"))["bbox"]
 row = {k: round(100 * ap[k], 2) for k in ("AP", "AP50", "APs", "APm")}
 row.update({k: round(m[k], 3) for k in ("img_s", "loss", "loss_cls", "loss_bbox", "loss_centerness")})
