@@ -106,7 +106,7 @@ def test_hook_build_backbone_lets_a_third_party_add_a_backbone() -> None:
     try:
         model = build(plugins, num_classes=2, backbone={"type": "tiny", "width": 8})
         assert isinstance(model.backbone, TinyBackbone)
-        assert model.neck.lateral[0][0].in_channels == 8
+        assert model.neck.layers[0].td[0].resample[0].lateral[0].in_channels == 8  # finest input
         assert len(model.eval()(torch.randn(1, 3, 128, 128))[0]) == 5
     finally:
         set_plugins(None)
