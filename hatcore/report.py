@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hatcore import svg
-from hatcore.summary import row_label
+from hatcore.summary import fmt_points, row_label
 from hatcore.workdir import LOG, WorkDir, read_json
 
 REPORT = "report.html"
@@ -48,11 +48,6 @@ class Section:
     order: int = 50
 
 
-def fmt_points(v: float | None, signed: bool = False) -> str:
-    """A 0..1 score as COCO points (``0.8625`` → ``86.25``); ``-`` when missing."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v * 100:+.2f}" if signed else f"{v * 100:.2f}"
 
 
 def table(head: list[str], rows: list[list[Any]], *, sortable: bool = True,

@@ -4,6 +4,7 @@ latency), plots and drawings. Rows and artifacts are read from the stage table a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,10 +74,11 @@ def collect(pipe: Pipeline) -> dict[str, Any]:
     }
 
 
-def _fmt(v: float | None, pct: bool = True, signed: bool = False) -> str:
-    if v is None:
+def fmt_points(v: float | None, signed: bool = False) -> str:
+    """A 0..1 score as COCO points (``0.8625`` -> ``86.25``); ``-`` when missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v * 100:+.2f}" if signed else (f"{v * 100:.2f}" if pct else f"{v:.2f}")
+    return f"{v * 100:+.2f}" if signed else f"{v * 100:.2f}"
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -88,9 +90,9 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["| stage | AP | AP50 | Δ AP vs float | Δ AP vs previous |",
              "|---|---:|---:|---:|---:|"]
     for r in summary["stages"]:
-        lines.append(f"| {row_label(r)} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
-                     f"{_fmt(r['delta_AP'], signed=True)} | "
-                     f"{_fmt(r['delta_prev_AP'], signed=True)} |")
+        lines.append(f"| {row_label(r)} | {fmt_points(r['AP'])} | {fmt_points(r['AP50'])} | "
+                     f"{fmt_points(r['delta_AP'], signed=True)} | "
+                     f"{fmt_points(r['delta_prev_AP'], signed=True)} |")
     out = ["# HAT run summary", "", f"work dir: `{summary['work_dir']}`", "",
            "AP in points (COCO mAP@[.5:.95] × 100).", "", *lines, ""]
     dev = summary.get("device")
@@ -206,9 +208,9 @@ def table(summary: dict[str, Any]) -> str:
     head = f"{'stage':<12} {'AP':>7} {'AP50':>7} {'ΔAP':>7} {'Δprev':>7}"
     lines = [head, "-" * len(head)]
     for r in summary["stages"]:
-        lines.append(f"{row_label(r):<12} {_fmt(r['AP']):>7} {_fmt(r['AP50']):>7} "
-                     f"{_fmt(r['delta_AP'], signed=True):>7} "
-                     f"{_fmt(r['delta_prev_AP'], signed=True):>7}")
+        lines.append(f"{row_label(r):<12} {fmt_points(r['AP']):>7} {fmt_points(r['AP50']):>7} "
+                     f"{fmt_points(r['delta_AP'], signed=True):>7} "
+                     f"{fmt_points(r['delta_prev_AP'], signed=True):>7}")
     dev = summary.get("device")
     if dev and dev.get("latency_ms") is not None:
         lines.append(f"estimated on {dev['march']} (modelled device): {dev['latency_ms']:.2f} ms/frame,"
