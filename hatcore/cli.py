@@ -12,12 +12,16 @@ import sys
 import traceback
 from typing import Any
 
-import click
+from hatcore.runtime import apply_process_settings
 
-from hatcore import __version__
-from hatcore.context import HatContext
-from hatcore.errors import UserError
-from hatcore.plugins import Plugins, get_plugins
+apply_process_settings()  # before torch (and its OpenMP runtime) loads: docs/trainer.md
+
+import click  # noqa: E402
+
+from hatcore import __version__  # noqa: E402
+from hatcore.context import HatContext  # noqa: E402
+from hatcore.errors import UserError  # noqa: E402
+from hatcore.plugins import Plugins, get_plugins  # noqa: E402
 
 
 class HatGroup(click.Group):
