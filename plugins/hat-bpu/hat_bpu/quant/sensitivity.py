@@ -340,6 +340,7 @@ def recipe_sensitivity(run: Any, stage: str, metric: str, batches: int, out: Pat
     st = ckpt.stat()
     key = {"checkpoint": str(ckpt), "mtime": st.st_mtime_ns, "size": st.st_size,
            "quantize": pipe.resolved.get("quantize"), "metric": metric,
+           "val": (pipe.resolved.get("data") or {}).get("val"),
            "batches": batches if metric == "sqnr" else None, "version": 2}
     n = len(units(model))
     seen = [0]
