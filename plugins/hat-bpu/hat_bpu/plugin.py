@@ -151,8 +151,8 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--metric", type=click.Choice(["sqnr", "ap"]), default="sqnr",
                   show_default=True, help="--sensitivity: output SQNR on --batches val batches, "
                   "or AP on the whole val set (slow: two evaluations per layer)")
-    @click.option("--float-reverse", is_flag=True,
-                  help="--sensitivity: also all quantized but the layer float")
+    @click.option("--float-reverse/--no-float-reverse", default=True, show_default=True,
+                  help="--sensitivity: also all quantized but the layer float (one more pass)")
     @click.option("--set", "overrides", multiple=True, help="override a recipe value KEY=VALUE")
     @pass_hat
     def quant_debug_cmd(hat: HatContext, recipe: Path, stage: str, batches: int,

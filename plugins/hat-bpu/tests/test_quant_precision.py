@@ -75,6 +75,10 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_int16_fixes_it(tmp_path: 
     assert max(gains, key=gains.__getitem__) == FRAGILE
     assert gains[FRAGILE] > 10  # dB: int16 at the same range resolves the small channels
     assert rec["float"] > rec["quantized"]
+    # the float reverse (on by default): the fragile layer left float buys nothing, as its
+    # output is still the int8 tensor c4 reads (a range problem of a tensor: int16 fixes it)
+    row = next(r for r in rec["units"] if r["unit"] == FRAGILE)
+    assert abs(row["float_gain"]) < 1 < 10 < row["int16_gain"], row
     # the model is back as it was: fake quant, the same outputs as before the measurement
     with torch.no_grad():
         again = sqnr_score(inputs)(qm)
@@ -85,6 +89,65 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_int16_fixes_it(tmp_path: 
     assert len(calls) == n and rec2["units"] == rec["units"]
     sensitivity(qm, score, tmp_path / "s.json", {"k": 2})  # another key: measured again
     assert len(calls) > n
+
+
+def _prepared_with(overrides: dict[str, str], inputs: list[torch.Tensor]) -> nn.Module:
+    from hat_bpu.plugin import HorizonQuantizeSpec, quantize_model
+
+    qm = quantize_model(Fragile().eval(), HorizonQuantizeSpec(
+        type="horizon", observer="minmax", overrides=overrides), "calibration")
+    qm.eval()
+    quant.set_mode(qm, "observe")
+    with torch.no_grad():
+        for x in inputs:
+            qm(x)
+    quant.set_mode(qm, "fake_quant")
+    return qm
+
+
+def test_the_float_reverse_equals_a_model_prepared_with_that_layer_float() -> None:
+    """``float_rest`` switches one unit to float in place; the same configuration prepared
+    from the recipe's ``overrides = { unit = "float" }`` and calibrated from scratch scores
+    the same output SQNR against an independently built float model."""
+    from hat_bpu.quant.sensitivity import sensitivity, sqnr_db, sqnr_score
+
+    qm, inputs = _calibrated()
+    rec = sensitivity(qm, sqnr_score(inputs))
+    ref = Fragile().eval()
+    with torch.no_grad():
+        want = [[ref(x).double()] for x in inputs]
+        for r in rec["units"]:
+            if r["type"] != "QConv2d":
+                continue
+            other = _prepared_with({r["unit"]: "float"}, inputs)
+            got = [[other(x).double()] for x in inputs]
+            assert sqnr_db(want, got) == pytest.approx(r["float_rest"], abs=1e-6), r["unit"]
+
+
+def test_a_cached_report_without_the_float_reverse_measures_only_that(tmp_path: Path) -> None:
+    from hat_bpu.quant.sensitivity import sensitivity, sqnr_score, units
+
+    qm, inputs = _calibrated()
+    calls = []
+    base = sqnr_score(inputs)
+
+    def score(model):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return base(model)
+
+    cache = tmp_path / "s.json"
+    rec = sensitivity(qm, score, cache, {"k": 1}, float_reverse=False)
+    assert not any("float_rest" in r for r in rec["units"])
+    n = len(calls)
+    full = sensitivity(qm, score, cache, {"k": 1})  # the default adds the float reverse
+    assert len(calls) - n == len(units(qm))  # one score per unit, nothing else remeasured
+    assert [(r["unit"], r["alone"], r["int16"]) for r in full["units"]] == \
+        [(r["unit"], r["alone"], r["int16"]) for r in rec["units"]]
+    assert all(r["float_gain"] == r["float_rest"] - full["quantized"] for r in full["units"])
+    n = len(calls)
+    sensitivity(qm, score, cache, {"k": 1}, float_reverse=False)  # a superset serves it
+    sensitivity(qm, score, cache, {"k": 1})
+    assert len(calls) == n
 
 
 def test_search_picks_the_fragile_layer_under_a_one_layer_budget_and_respects_it() -> None:
@@ -206,6 +269,7 @@ def test_quant_debug_sensitivity_and_tune_precision_commands(tmp_path: Path) -> 
                                   catch_exceptions=False)
         assert sens.exit_code == 0, sens.output
         assert "sensitivity [1/" in sens.output and "int16 gain" in sens.output
+        assert "float gain" in sens.output  # the float reverse is the default
         again = CliRunner().invoke(group, ["quant-debug", str(recipe), "--sensitivity"],
                                    catch_exceptions=False)
         assert "sensitivity [" not in again.output  # cached: nothing measured

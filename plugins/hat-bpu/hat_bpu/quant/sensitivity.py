@@ -9,13 +9,17 @@ recalibration):
 * ``alone``: only this unit quantized (its int8 weights, its output quantizer; its input
   rounded to its input scale), every other op float;
 * ``int16``: every unit quantized in **int8** except this one, whose output is int16 at the same
-  range (``amax = scale · qmax``): what int16 buys here — the gain the precision search uses.
+  range (``amax = scale · qmax``): what int16 buys here — the gain the precision search uses;
+* ``float_rest`` (the float reverse, on by default): every unit quantized as the recipe says
+  except this one, left float: what removing this unit's quantization entirely buys, with the
+  error of every other layer present (the complement of ``alone``).
 
 The score of a configuration is the output SQNR against the float model (``sqnr``: mean over the
 model's raw output tensors of ``10·log10(Σf² / Σ(f − q)²)`` on ``batches`` validation batches) or
 the validation AP (``ap``: the recipe's metric on the whole validation set; slow). Results are
 cached per unit in ``sensitivity.json`` under a key of the checkpoint, the quantizer settings
-and the metric, so a rerun only measures what is missing.
+and the metric, so a rerun only measures what is missing (a row measured without the float
+reverse gets only that column when it is asked for).
 """
 
 from __future__ import annotations
@@ -165,22 +169,23 @@ def _key(parts: dict[str, Any]) -> str:
 
 def sensitivity(model: QuantModel, score: Score, cache: Path | None = None,
                 key: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
-                float_reverse: bool = False) -> dict[str, Any]:
+                float_reverse: bool = True) -> dict[str, Any]:
     """Measure every unit (see the module docstring); returns the report record.
 
     :param score: higher is better (SQNR dB, or AP).
     :param cache: ``sensitivity.json``; rows measured under the same ``key`` are reused.
+    :param float_reverse: also measure ``float_rest`` per unit (one more score per unit).
     :returns: ``{"key", "float", "quantized", "int8", "units": [rows]}``; a row has ``unit``,
         ``order``, ``dtype`` (as the recipe quantizes it), ``alone`` (score with only it
         quantized), ``alone_loss`` (float score − alone), ``int16`` (all int8 but it int16;
-        None where it cannot be int16) and ``int16_gain`` (int16 − the all-int8 score). Rows
-        are sorted by ``alone_loss``, largest first. With ``float_reverse`` also
-        ``float_rest`` (everything quantized as the recipe says but this unit, float) and
-        ``float_gain`` (float_rest − the quantized score).
+        None where it cannot be int16), ``int16_gain`` (int16 − the all-int8 score) and, with
+        ``float_reverse`` (or from the cache), ``float_rest`` (everything quantized as the recipe
+        says but this unit, float) and ``float_gain`` (float_rest − the quantized score). Rows
+        are sorted by ``alone_loss``, largest first.
     """
     was_training = model.training
     model.eval()
-    k = _key({**(key or {}), "float_reverse": float_reverse})
+    k = _key(key or {})
     old: dict[str, Any] = {}
     if cache is not None and cache.is_file():
         rec = json.loads(cache.read_text())
@@ -199,29 +204,32 @@ def sensitivity(model: QuantModel, score: Score, cache: Path | None = None,
                 base[what] = score(model)
         rows = []
         for order, (name, mods) in enumerate(groups.items()):
-            if name in done:
-                rows.append(done[name])
-                continue
-            if progress:
-                progress(name)
-            with configured(model, {name}):
-                alone = score(model)
-            int16 = None
-            if can_int16(mods):
-                with configured(model, None, {name}, int8_rest=True):
-                    int16 = score(model)
-            fq = out_quantizers(mods)
-            row = {"unit": name, "order": order, "type": type(mods[0]).__name__,
-                   "dtype": fq[0].dtype if fq else "float", "calls": len(mods),
-                   "alone": alone, "alone_loss": base["float"] - alone, "int16": int16,
-                   "int16_gain": None if int16 is None else int16 - base["int8"]}
-            if float_reverse:
+            row = done.get(name)
+            fresh = row is None or (float_reverse and "float_rest" not in row)
+            if row is None:
+                if progress:
+                    progress(name)
+                with configured(model, {name}):
+                    alone = score(model)
+                int16 = None
+                if can_int16(mods):
+                    with configured(model, None, {name}, int8_rest=True):
+                        int16 = score(model)
+                fq = out_quantizers(mods)
+                row = {"unit": name, "order": order, "type": type(mods[0]).__name__,
+                       "dtype": fq[0].dtype if fq else "float", "calls": len(mods),
+                       "alone": alone, "alone_loss": base["float"] - alone, "int16": int16,
+                       "int16_gain": None if int16 is None else int16 - base["int8"]}
+            if float_reverse and "float_rest" not in row:
+                if progress and name in done:
+                    progress(f"{name} (float reverse)")
                 with configured(model, set(groups) - {name}):
                     row["float_rest"] = score(model)
                 row["float_gain"] = row["float_rest"] - base["quantized"]
             rows.append(row)
-            if cache is not None:  # partial results survive an interruption
-                _write(cache, {"key": k, **base, "units": rows})
+            if cache is not None and fresh:  # partial results survive an interruption
+                _write(cache, {"key": k, **base, "units": [*rows, *(
+                    r for n, r in done.items() if n not in {x["unit"] for x in rows})]})
     finally:
         quant.set_mode(model, "fake_quant")
         model.train(was_training)
@@ -255,7 +263,8 @@ def format_sensitivity(record: dict[str, Any], metric: str, top: int | None = No
         loss = "-" if metric == "sqnr" else f"{mul * r['alone_loss']:.3f}"  # vs inf: no number
         lines.append(f"{r['unit'][:44]:<44} {r['type'][:8]:<8} {r['dtype']:<6} "
                      f"{mul * r['alone']:>10.2f} {loss:>8} {gain:>10}"
-                     + (f" {mul * r['float_gain']:>+10.3f}" if fr else ""))
+                     + ((f" {mul * r['float_gain']:>+10.3f}" if "float_gain" in r
+                         else f" {'-':>10}") if fr else ""))
     return "\n".join(lines)
 
 
@@ -279,7 +288,10 @@ def write_sensitivity(record: dict[str, Any], metric: str, out_dir: Path) -> dic
     xs = range(len(rows))
     ax.bar(xs, [mul * r["alone_loss"] for r in rows], color="tab:red", label="loss, alone")
     ax.bar(xs, [mul * (r["int16_gain"] or 0) for r in rows], color="tab:blue", alpha=0.6,
-           label="gain, int16")
+           label="gain, int16 (rest int8)")
+    if any("float_gain" in r for r in rows):
+        ax.plot(xs, [mul * r.get("float_gain", float("nan")) for r in rows], "g.",
+                label="gain, float (rest as quantized)")
     ax.set_xticks(list(xs), [r["unit"] for r in rows], rotation=90,
                   fontsize=6 if len(rows) > 40 else 8)
     ax.set_ylabel("SQNR (dB)" if metric == "sqnr" else "AP (points)")
@@ -303,7 +315,7 @@ def ap_score(pipe: Any) -> Score:
 
 
 def recipe_sensitivity(run: Any, stage: str, metric: str, batches: int, out: Path | None,
-                       float_reverse: bool = False, echo: Callable[[str], None] | None = None
+                       float_reverse: bool = True, echo: Callable[[str], None] | None = None
                        ) -> tuple[QuantModel, dict[str, Any], Path]:
     """The sensitivity of a recipe's ``stage`` model, cached in ``WORK_DIR/quant_debug/STAGE``.
 
@@ -328,7 +340,8 @@ def recipe_sensitivity(run: Any, stage: str, metric: str, batches: int, out: Pat
     st = ckpt.stat()
     key = {"checkpoint": str(ckpt), "mtime": st.st_mtime_ns, "size": st.st_size,
            "quantize": pipe.resolved.get("quantize"), "metric": metric,
-           "batches": batches if metric == "sqnr" else None, "version": 1}
+           "val": (pipe.resolved.get("data") or {}).get("val"),
+           "batches": batches if metric == "sqnr" else None, "version": 2}
     n = len(units(model))
     seen = [0]
 
