@@ -158,9 +158,10 @@ def load_hbm(path: Path) -> tuple[dict[str, Any], Program]:
     _, header, body = hbir.read_container(Path(path), MAGIC, (HBM_VERSION,))
     try:
         prog = _program(header, body, where)
+        problems = _check(prog) or check_schedule(prog)
+        prog.stats()
     except hbir.MALFORMED as exc:
         raise UserError(f"{where}: malformed program ({exc!r} missing or wrong)") from None
-    problems = _check(prog) or check_schedule(prog)
     if problems:
         raise UserError(f"{where}: invalid program: " + "; ".join(problems[:5]))
     return header, prog
@@ -290,7 +291,10 @@ def describe_hbm(path: Path) -> str:
                 f"({header['input_layout']}), sections: {secs}")
     except hbir.MALFORMED as exc:
         raise UserError(f"{path}: malformed header ({exc!r} missing or wrong)") from None
-    return head + "\n" + describe_program(prog)
+    try:
+        return head + "\n" + describe_program(prog)
+    except hbir.MALFORMED as exc:
+        raise UserError(f"{path}: malformed program ({exc!r} missing or wrong)") from None
 
 
 def describe_program(prog: Program) -> str:

@@ -163,11 +163,22 @@ def _head(ins: Instr, tensors: dict[str, TensorInfo]) -> Callable[[list[torch.Te
 def _conv(ins: Instr, src: TensorInfo) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     a = ins.attrs
     ftype = torch.float32 if ins.arith == "f32" else torch.float64
-    w = torch.from_numpy(np.ascontiguousarray(ins.params["weight"])).to(ftype)
+    w = torch.from_numpy(np.ascontiguousarray(ins.params["weight"])).to(ftype).contiguous(
+        memory_format=torch.channels_last)  # oneDNN's fast path on the NHWC activations
     b = torch.from_numpy(np.ascontiguousarray(ins.params["bias"])).to(ftype)
     geo = ([int(v) for v in a["stride"]], [int(v) for v in a["padding"]],
            [int(v) for v in a["dilation"]])
     layout = a["layout"]
+    if layout == "dense" and w.shape[2:] == (1, 1) and geo[1] == [0, 0]:
+        # a 1x1 conv is a matmul over the NHWC pixels: [H·W, C] @ [C, O]
+        sh, sw = geo[0]
+        wt = w.reshape(w.shape[0], -1).t().contiguous()
+
+        def pointwise(xs: list[torch.Tensor]) -> torch.Tensor:
+            x = xs[0][:, :, ::sh, ::sw].permute(0, 2, 3, 1)  # [1, H, W, C]
+            y = torch.addmm(b, x.reshape(-1, x.shape[-1]).to(ftype), wt)
+            return y.reshape(*x.shape[:3], -1).permute(0, 3, 1, 2)
+        return pointwise
     if layout == "dense":
         return lambda xs: F.conv2d(xs[0].to(ftype), w, b, *geo, 1)
     if layout == "depthwise":

@@ -3,11 +3,12 @@
 What :func:`hat_bpu.device.lower.lower` produces from an integer graph, what ``.hbm`` stores
 (docs/formats.md) and what :class:`hat_bpu.device.runtime.Runtime` executes.
 
-* **Layout.** Every 4-D activation (NCHW, batch 1: the device runs one frame at a time) is
-  stored with its channel axis zero-padded to ``align`` (the march's MAC alignment); other ranks
-  are stored as they are. Pad channels hold zeros. Dense conv weights are
-  ``[O_pad, I_pad, kh, kw]``, depthwise ones ``[C_pad, 1, kh, kw]`` (zeros in the pads); other
-  grouped convs keep ``[O, I/groups, kh, kw]`` and read the logical channels.
+* **Layout.** Every 4-D activation (batch 1: the device runs one frame at a time) is stored
+  NHWC with its channel axis zero-padded to ``align`` (the march's MAC alignment); ``stored``
+  gives its NCHW shape. Other ranks are stored as they are, row-major. Pad channels hold zeros.
+  Dense conv weights are ``[O_pad, I_pad, kh, kw]``, depthwise ones ``[C_pad, 1, kh, kw]``
+  (zeros in the pads); other grouped convs keep ``[O, I/groups, kh, kw]`` and read the logical
+  channels.
 * **Instruction** = a head (``conv2d``, ``maxpool``, ``upsample_nearest``, ``concat``,
   ``reshape``, ``permute``, ``quantize`` or ``load``: read input 0) that leaves an integer
   value in the "register", then an epilogue of stages applied to it before the one write of

@@ -67,8 +67,11 @@ class Runtime:
     def _view(self, name: str) -> torch.Tensor:
         info = self.program.tensors[name]
         assert info.buffer is not None
-        raw = self._buffers[info.buffer][:info.nbytes]
-        return raw.view(_TORCH[info.dtype]).view(info.stored)
+        raw = self._buffers[info.buffer][:info.nbytes].view(_TORCH[info.dtype])
+        if len(info.stored) == 4:  # NHWC in the buffer, seen as NCHW (channels-last strides)
+            n, c, h, w = info.stored
+            return raw.view(n, h, w, c).permute(0, 3, 1, 2)
+        return raw.view(info.stored)
 
     @torch.no_grad()
     def run_int(self, x: torch.Tensor) -> list[torch.Tensor]:
