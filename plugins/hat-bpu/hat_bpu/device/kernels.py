@@ -44,7 +44,7 @@ def _channels(a: np.ndarray, ndim: int) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     if t.numel() > 1:
         return t.reshape(1, -1, *([1] * (ndim - 2)))
-    return t.reshape(())
+    return t.reshape([1] * ndim)  # dimensioned: it takes part in type promotion
 
 
 def logical(x: torch.Tensor, info: TensorInfo) -> torch.Tensor:
@@ -72,7 +72,7 @@ def requant_stage(st: Stage, ndim: int) -> Callable[[torch.Tensor, list[torch.Te
         def f64(reg: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
             v = None
             for k, r in zip(st.terms, ratios, strict=True):
-                term = (reg if k < 0 else xs[k]).to(torch.float64)
+                term = reg if k < 0 else xs[k]  # promoted to float64 by the product (exact)
                 v = term * r if v is None else v.add_(term * r)
             assert v is not None
             return v.round_().clamp_(lo, hi)
