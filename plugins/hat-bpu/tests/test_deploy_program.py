@@ -189,3 +189,10 @@ def test_mini_fcos_program_equals_simulator(tmp_path: Path) -> None:
     with torch.no_grad():  # and the fake-quant model (exact_eval) agrees with both
         want = [t for lvl in q(x) for t in lvl]
     assert all(torch.equal(a, b) for a, b in zip(rts[2].run(x), want, strict=True))
+
+
+def test_wrong_input_size_is_a_user_error(tmp_path: Path) -> None:
+    q, x = small_model(width=8)
+    rt = Runtime(write_hbm(convert(q, x[:1], march="bayes-e"), tmp_path / "m.hbm", 2))
+    with pytest.raises(UserError, match=r"shape \[1, 3, 32, 32\], got \[1, 3, 64, 64\]"):
+        rt.run(yuv_input(1, 64))

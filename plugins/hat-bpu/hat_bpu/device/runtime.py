@@ -61,6 +61,9 @@ class Runtime:
             self._steps = [kernels.build(ins, prog.tensors) for ins in prog.instrs]
             tree = prog.meta.get("output_tree")
             self._spec = None if tree is None else pytree.treespec_loads(tree)
+            # one dry run on a zero image: shapes are value-independent, so a program that
+            # runs once runs on every input
+            self.run_int(torch.zeros(prog.tensors[prog.input].shape))
         except (*hbir.MALFORMED, RuntimeError, NotImplementedError) as exc:
             raise UserError(f"{path}: the program cannot be loaded: {exc}") from None
 
@@ -78,6 +81,10 @@ class Runtime:
         """The device's integer outputs (logical shapes, int64) for one image ``x``
         (Tensor[1, 3, H, W], normalised), in the order of ``program.outputs``."""
         prog = self.program
+        want = prog.tensors[prog.input].shape
+        if list(x.shape) != want:
+            raise UserError(f"the compiled program takes one image of shape {want}, got "
+                            f"{list(x.shape)} (compile for this input size)")
         env = dict(self._views)
         env[prog.input] = x.detach().cpu().to(torch.float32)
         for ins, step in zip(prog.instrs, self._steps, strict=True):
