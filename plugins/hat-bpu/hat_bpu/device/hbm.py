@@ -311,12 +311,13 @@ def describe_program(prog: Program) -> str:
              f"input  {prog.input}: {prog.tensors[prog.input].shape} float32 (host)"]
     lines += [f"output {o.name}: {prog.tensors[o.tensor].shape} {prog.tensors[o.tensor].dtype} "
               f"x {o.scale:.6g} (dequantized on the host)" for o in prog.outputs]
-    lines.append("  #  instruction                          inputs -> output [buffer]  epilogue")
+    lines.append("  #  instruction                  node (first)                      "
+                 "reads -> writes [buffer]  epilogue")
     for i, ins in enumerate(prog.instrs):
         out = prog.tensors[ins.output]
         epi = " ".join(f"{st.op}({st.src},{st.arith})" if st.op == "requant" else "relu"
                        for st in ins.stages)
         kind = fused_name(ins) + (f" {ins.arith}" if ins.arith else "")
-        lines.append(f"{i:3d}  {kind:<36} {len(ins.inputs)} -> {out.dtype}{out.stored} "
-                     f"[b{out.buffer}]  {epi}")
+        lines.append(f"{i:3d}  {kind:<28} {ins.name[-32:]:<33} {len(ins.inputs)} -> "
+                     f"{out.dtype}{out.stored} [b{out.buffer}]  {epi}")
     return "\n".join(lines)
