@@ -98,7 +98,10 @@ def int_graphs(draw: Any) -> ir.Graph:
         elif op == "add":
             same = [t for t in pool if b.tensors[t].shape == shape]
             xs = [x] + draw(st.lists(st.sampled_from(same), min_size=1, max_size=2))
-            ms, s = qspec.shared_requant_params([2.0 ** rng.uniform(-2, 1) for _ in xs])
+            # the march's add arithmetic: bayes-family multipliers reach 2**45
+            march = draw(st.sampled_from([None, "bayes-e", "bernoulli2"] if len(xs) == 2
+                                         else [None, "bayes-e"]))
+            ms, s = qspec.add_params([float(2.0 ** rng.uniform(-2, 1)) for _ in xs], 1.0, march)
             m = np.concatenate(ms)
             act, clip = b.clip(dtype)
             pool.append(b.node("add", xs, shape, draw(st.sampled_from(["int8", "int16"])),
@@ -122,6 +125,8 @@ def int_graphs(draw: Any) -> ir.Graph:
                 oh -= 1
             if ceil and (ow - 1) * stride >= shape[3] + pad:
                 ow -= 1
+            if min(oh, ow) < 1:
+                continue
             pool.append(b.node("maxpool", [x], [1, shape[1], oh, ow], dtype,
                                {"kernel": [k, k], "stride": [stride, stride],
                                 "padding": [pad, pad], "ceil_mode": ceil}))

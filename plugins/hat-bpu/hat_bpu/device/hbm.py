@@ -51,6 +51,10 @@ from hatcore.errors import UserError
 
 MAGIC = b"HATHBM\0\0"
 HBM_VERSION = 2
+#: largest multiplier magnitude a stage may hold: a conv's are < 2**31, a bayes-family add's
+#: integer weight (<= 2**14) times its multiplier goes beyond; below 2**48 an int16 term times
+#: it stays inside int64
+MAX_MULT = 2**48
 
 
 class _Arrays:
@@ -271,7 +275,7 @@ def _check_stage(st: Stage, ins: Instr, t: dict[str, TensorInfo], where: str) ->
         all(m.ndim == 1 and m.shape[0] in (1, ch) for m in [*st.m, st.shift]) and \
         all(t[ins.inputs[k]].stored == out.stored for k in st.terms if k >= 0) and \
         int(st.shift.min(initial=0)) >= 0 and int(st.shift.max(initial=0)) <= 62 and \
-        all(int(np.abs(m).max(initial=0)) < 2**31 for m in st.m) and \
+        all(int(np.abs(m).max(initial=0)) < MAX_MULT for m in st.m) and \
         (st.clip is None or len(st.clip) == 2)
     return [] if ok else [f"{where}: stage {st.node!r} does not fit its instruction"]
 
