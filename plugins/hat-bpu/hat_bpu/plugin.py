@@ -219,8 +219,9 @@ class HbmCompileSpec(CompileSpec):
 
     march: str = option("bayes-e", doc=f"BPU architecture ({', '.join(MARCHES)})")
 
-    opt_level: int = option(2, doc="0: no layout work; 1: channel padding; 2: + fusion of "
-                            "requantize/relu into the producing conv where the IR allows")
+    opt_level: int = option(2, doc="0: one instruction per IR node, a buffer per tensor; 1: + "
+                            "fusion (conv+add+relu, requantize into its producer) and buffer "
+                            "reuse; 2: + elementwise outputs written in place (docs/bpu.md)")
     input_layout: Literal["yuv444", "nv12"] = option(
         "nv12", doc="input of the compiled program (align_bpu's board input path)")
 

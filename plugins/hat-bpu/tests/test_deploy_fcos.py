@@ -84,18 +84,29 @@ def test_fcos_fake_quant_as_trained_agrees_with_the_integer_model() -> None:
 
 
 @pytest.mark.skipif(not RECIPE.is_file(), reason="the FCOS recipe is not in this checkout")
-def test_fcos_hbm_runtime_bit_exact_with_simulator(tmp_path: Path) -> None:
+def test_fcos_hbm_program_bit_exact_with_simulator_at_every_opt_level(tmp_path: Path) -> None:
+    """The compiled FCOS-B0 program on the runtime's own kernels vs the graph on the simulator
+    (no shared code), at opt levels 0, 1, 2; fusion shrinks the program and its buffers."""
     q, x = fcos_model(exact=True)
     g = convert(q, x[:1], march="bayes-e")
     hbir.save_hbir(g, tmp_path / "model.hbir")
-    est = hbm.compile_file(tmp_path / "model.hbir", "bayes-e", tmp_path / "c")
-    assert est["latency_ms"] > 0 and (tmp_path / "c" / "perf.html").is_file()
     sim = Simulator(hbir.load_hbir(tmp_path / "model.hbir")).run(x[:1])
-    rt = Runtime(tmp_path / "c" / "model.hbm").run(x[:1])
-    assert all(torch.equal(a, b) for a, b in zip(sim, rt, strict=True))
+    stats = {}
+    for opt in (0, 1, 2):
+        est = hbm.compile_file(tmp_path / "model.hbir", "bayes-e", tmp_path / f"c{opt}", opt)
+        assert est["latency_ms"] > 0 and (tmp_path / f"c{opt}" / "perf.html").is_file()
+        rt = Runtime(tmp_path / f"c{opt}" / "model.hbm")
+        got = rt.run(x[:1])
+        assert all(torch.equal(a, b) for a, b in zip(sim, got, strict=True)), opt
+        stats[opt] = est["program"]
+    assert stats[0]["instructions"] == stats[0]["ir_nodes"] == len(g.nodes) - len(g.outputs)
+    assert stats[1]["instructions"] < stats[0]["instructions"]
+    assert any(k.startswith("conv2d+add") for k in stats[1]["fused"]), stats[1]["fused"]
+    assert stats[1]["buffer_bytes"] < stats[0]["buffer_bytes"] / 2
+    assert stats[2]["buffer_bytes"] <= stats[1]["buffer_bytes"]
     with torch.no_grad():
         want = pytree.tree_structure(q(x[:1]))  # the float model's raw structure: lists, tuple
-    for stage, path in (("int_infer", "model.hbir"), ("align_bpu", "c/model.hbm")):
+    for stage, path in (("int_infer", "model.hbir"), ("align_bpu", "c2/model.hbm")):
         runner = plugin.load_deployed(path=tmp_path / path, stage=stage)
         assert runner is not None
         assert pytree.tree_structure(runner({"img": x[:1]})) == want

@@ -1,10 +1,12 @@
-"""The reference runtime of ``.hbm`` files (what the board would run, modelled on the host).
+"""The runtime of ``.hbm`` files: executes the compiled device program on the host.
 
-It loads and verifies the file, rebuilds the program with the march-laid-out weights cut back to
-their logical shapes, and executes the instructions with the simulator's exact integer kernels,
-so its raw outputs are bit-identical to ``int_infer`` on the same input tensor (tested).
-``board_runner`` adds the board's input path (:func:`hat_bpu.device.nv12.board_input`) and runs one
-image at a time, as the device does.
+It loads and verifies the file, allocates the program's buffers once, and runs its
+instructions with its own integer kernels (:mod:`hat_bpu.device.kernels`) on the padded weight
+and activation layout, each instruction writing its output into the buffer the compiler
+assigned. It shares no code with the integer simulator (``int_infer``): that the two agree bit
+for bit on the same input is what ``align_bpu``'s tests check (tests/test_deploy_program.py).
+``board_runner`` adds the board's input path (:func:`hat_bpu.device.nv12.board_input`) and runs
+one image at a time, as the device does.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils import _pytree as pytree
 
-from hat_bpu.device import hbm, nv12
-from hat_bpu.ir.simulator import Simulator
+from hat_bpu.device import hbm, kernels, nv12
+from hat_bpu.device.program import Program
+from hat_bpu.ir import hbir
+from hatcore.errors import UserError
+
+_TORCH = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
 
 
 def plain_tree(tree: Any) -> Any:
@@ -34,22 +40,74 @@ def plain_tree(tree: Any) -> Any:
 
 
 class Runtime:
-    """A loaded ``.hbm``: ``Runtime(path).run(x) -> flat float32 outputs`` for Tensor[N,3,H,W]."""
+    """A loaded ``.hbm``: ``Runtime(path).run(x) -> flat float32 outputs`` for Tensor[N,3,H,W].
 
-    def __init__(self, path: Path) -> None:
-        self.header, graph = hbm.load_hbm(Path(path))
-        self.graph = graph
-        self._exec = Simulator(graph)
+    :param arith: ``"i64"`` runs every epilogue stage in int64 whatever the compiler proved
+        (tests use it to check both arithmetic paths); None: as compiled.
+    """
+
+    def __init__(self, path: Path, arith: str | None = None) -> None:
+        self.header, self.program = hbm.load_hbm(Path(path))
+        prog = self.program
+        try:
+            if arith is not None:
+                for ins in prog.instrs:
+                    for st in ins.stages:
+                        st.arith = arith
+                    if ins.op == "concat":
+                        ins.attrs["arith"] = [arith] * len(ins.inputs)
+            self._buffers = [torch.zeros(n, dtype=torch.uint8) for n in prog.buffers]
+            self._views = {name: self._view(name) for name in prog.lifetimes()}
+            self._steps = [kernels.build(ins, prog.tensors) for ins in prog.instrs]
+            tree = prog.meta.get("output_tree")
+            self._spec = None if tree is None else pytree.treespec_loads(tree)
+            # one dry run on a zero image: shapes are value-independent, so a program that
+            # runs once runs on every input
+            self.run_int(torch.zeros(prog.tensors[prog.input].shape))
+        except (*hbir.MALFORMED, RuntimeError, NotImplementedError) as exc:
+            raise UserError(f"{path}: the program cannot be loaded: {exc}") from None
+
+    def _view(self, name: str) -> torch.Tensor:
+        info = self.program.tensors[name]
+        assert info.buffer is not None
+        raw = self._buffers[info.buffer][:info.nbytes].view(_TORCH[info.dtype])
+        if len(info.stored) == 4:  # NHWC in the buffer, seen as NCHW (channels-last strides)
+            n, c, h, w = info.stored
+            return raw.view(n, h, w, c).permute(0, 3, 1, 2)
+        return raw.view(info.stored)
+
+    @torch.no_grad()
+    def run_int(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The device's integer outputs (logical shapes, int64) for one image ``x``
+        (Tensor[1, 3, H, W], normalised), in the order of ``program.outputs``."""
+        prog = self.program
+        want = prog.tensors[prog.input].shape
+        if list(x.shape) != want:
+            raise UserError(f"the compiled program takes one image of shape {want}, got "
+                            f"{list(x.shape)} (compile for this input size)")
+        env = dict(self._views)
+        env[prog.input] = x.detach().cpu().to(torch.float32)
+        for ins, step in zip(prog.instrs, self._steps, strict=True):
+            self._views[ins.output].copy_(step(env))
+        return [kernels.logical(self._views[o.tensor], prog.tensors[o.tensor]).to(torch.int64)
+                for o in prog.outputs]
 
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Execute the program on the normalised input (one or more images)."""
-        return self._exec.run(x)
+        """Flat float32 outputs for a batch: each image through the program, the host's
+        dequantization ``float32(q · scale)`` (product in float64), concatenated on the batch."""
+        outs = []
+        for i in range(x.shape[0]):
+            ints = self.run_int(x[i:i + 1])
+            outs.append([(q.to(torch.float64) * o.scale).to(torch.float32)
+                         for q, o in zip(ints, self.program.outputs, strict=True)])
+        return [torch.cat([o[k] for o in outs], 0) for k in range(len(self.program.outputs))]
 
     def __call__(self, x: torch.Tensor) -> Any:
-        """The model's output structure, one image at a time, concatenated on the batch axis."""
-        outs = [self.run(x[i:i + 1]) for i in range(x.shape[0])]
-        flat = [torch.cat([o[k] for o in outs], 0) for k in range(len(outs[0]))]
-        return plain_tree(self.graph.unflatten_outputs(flat))
+        """The model's output structure (``output_tree``) of float32 tensors."""
+        flat = self.run(x)
+        if self._spec is None:
+            return flat[0] if len(flat) == 1 else tuple(flat)
+        return plain_tree(pytree.tree_unflatten(flat, self._spec))
 
 
 def board_runner(path: Path) -> Callable[[Any], Any]:
@@ -64,3 +122,6 @@ def board_runner(path: Path) -> Callable[[Any], Any]:
         return pytree.tree_map(lambda t: t.to(img.device) if isinstance(t, torch.Tensor) else t,
                                out)
     return run
+
+
+__all__ = ["Program", "Runtime", "board_runner", "plain_tree"]
