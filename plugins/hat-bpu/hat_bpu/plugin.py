@@ -223,6 +223,14 @@ class HbmCompileSpec(CompileSpec):
                             "requantize/relu into the producing conv where the IR allows")
     input_layout: Literal["yuv444", "nv12"] = option(
         "nv12", doc="input of the compiled program (align_bpu's board input path)")
+    device_filter: bool = option(
+        True, doc="filter a dense detection head's outputs on the device (DESIGN): a point leaves "
+        "the device only when one of its class logits is above logit(filter_score_thr), "
+        "compared in the integer domain with the output's scale; align_bpu's decoder sees "
+        "only the survivors. Applies to outputs that are groups of per-level maps, class "
+        "logits first (FCOS); other outputs stay dense (docs/bpu.md)")
+    filter_score_thr: float = option(
+        0.05, doc="device_filter: the class score a point must exceed (0.05: logit -2.944)")
 
 
 def _deploy_components(register: Register) -> None:
@@ -271,8 +279,61 @@ def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] 
 
     if not hbir.is_hbir(Path(artifact)):
         raise UserError(f"{artifact}: not an .hbir file; run the export stage first")
-    return compile_file(Path(artifact), spec.march, Path(out_dir), spec.opt_level,
-                        spec.input_layout)
+    if not 0 < spec.filter_score_thr < 1:
+        raise UserError(f"[compile] filter_score_thr must lie in (0, 1), got "
+                        f"{spec.filter_score_thr}")
+    estimate = compile_file(Path(artifact), spec.march, Path(out_dir), spec.opt_level,
+                            spec.input_layout)
+    filt = None
+    if spec.device_filter:
+        from hat_bpu.device.filter import plan
+
+        filt = plan(hbir.load_hbir(Path(artifact)), spec.filter_score_thr)
+    _set_device_filter(Path(out_dir) / HbmCompileSpec.artifact, filt)
+    estimate["device_filter"] = None if filt is None else {
+        "score_thr": filt["score_thr"], "threshold": filt["threshold"]}
+    return estimate
+
+
+def _set_device_filter(path: Path, filt: dict[str, Any] | None) -> None:
+    """Record the device-side filter in the ``.hbm`` header (``device_filter``; None: off)."""
+    from hat_bpu.device import hbm
+
+    _, header, body = hbir.read_container(path, hbm.MAGIC, (hbm.HBM_VERSION,))
+    header = {k: v for k, v in header.items() if k not in ("body_len", "body_sha256")}
+    hbir.write_container(path, hbm.MAGIC, hbm.HBM_VERSION, {**header, "device_filter": filt},
+                         body)
+
+
+def filtered_runner(path: Path, runner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``runner`` (the board: batch → output tree) with the ``.hbm``'s device-side filter
+    (:mod:`hat_bpu.device.filter`) between the runtime's outputs and the host's decoder; the
+    runner's ``stats`` counts survivors and DDR bytes dense vs filtered."""
+    from torch.utils import _pytree as pytree
+
+    from hat_bpu.device import filter as devfilter
+    from hat_bpu.device import hbm
+
+    _, header, _ = hbir.read_container(Path(path), hbm.MAGIC, (hbm.HBM_VERSION,))
+    filt = header.get("device_filter")
+    if not filt:
+        return runner
+    stats = {"images": 0, "points": 0, "survivors": 0, "dense_bytes": 0, "filtered_bytes": 0}
+
+    def run(batch: Any) -> Any:
+        flat, tree = pytree.tree_flatten(runner(batch))
+        device = flat[0].device
+        q = devfilter.to_integers([t.cpu() for t in flat], filt)
+        kept = devfilter.Survivors(q, filt)
+        stats["images"] += kept.batch
+        stats["points"] += sum(int(q[i][:, 0].numel()) for i in filt["groups"][0])
+        stats["survivors"] += kept.count()
+        stats["dense_bytes"] += devfilter.dense_nbytes(q, filt)
+        stats["filtered_bytes"] += kept.nbytes()
+        return pytree.tree_unflatten([t.to(device) for t in kept.to_dense()], tree)
+
+    run.stats = stats  # type: ignore[attr-defined]
+    return run
 
 
 def _batch_img(batch: Any) -> torch.Tensor:
@@ -304,7 +365,7 @@ def load_deployed(path: Path, stage: str) -> Callable[[Any], Any] | None:
     if stage == "align_bpu" and _is_hbm(path):
         from hat_bpu.device.runtime import board_runner
 
-        return board_runner(path)
+        return filtered_runner(path, board_runner(path))
     return None
 
 

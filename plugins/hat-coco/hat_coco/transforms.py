@@ -9,7 +9,8 @@ A sample before ``ToTensor`` (docs/coco.md)::
               source ({"path": ...} or {"lmdb": ..., "key": ...})
 
 ``ToTensor`` turns ``img`` into ``Tensor[3, H, W]`` float (0..255, YUV or RGB; through the board's
-NV12 input conversion with ``board_input = "nv12"``) and the boxes and labels into tensors; ``Normalize`` then gives ``(p - mean) / std``.
+NV12 input conversion with ``board_input = "nv12"``) and the boxes and labels into tensors;
+``Normalize`` then gives ``(p - mean) / std``.
 """
 
 from __future__ import annotations
