@@ -45,8 +45,8 @@ def measure(recipe: str, sets: list[str], over: dict[str, str] | None) -> tuple[
               seed=pipe.recipe.task.seed)
     quant.set_mode(model, "fake_quant")
     ap = flat_scores(pipe.evaluate(model, device=pipe.device))["AP"]
-    graph = convert(model.cpu().eval(), pipe.example_input(), march=pipe.recipe.quantize.march)
-    return ap, float(estimate(graph, get_march(pipe.recipe.compile.march))["latency_ms"])
+    graph = convert(model.cpu().eval(), pipe.example_input(), march=pipe.recipe.target.march)
+    return ap, float(estimate(graph, get_march(pipe.recipe.target.march))["latency_ms"])
 
 
 def main() -> None:
@@ -63,8 +63,8 @@ def main() -> None:
     model, record, _ = recipe_sensitivity(pipe, "calibration", "sqnr", args.batches, None)
     print(f"sensitivity: {len(record['units'])} units in {time.perf_counter() - t0:.0f} s",
           flush=True)
-    march = get_march(pipe.recipe.compile.march)
-    graph = convert(model, pipe.example_input(), march=pipe.recipe.quantize.march)
+    march = get_march(pipe.recipe.target.march)
+    graph = convert(model, pipe.example_input(), march=pipe.recipe.target.march)
     gains = [r["unit"] for r in record["units"] if r["int16_gain"] is not None]
     lo, hi = latency_ms(graph, march, set()), latency_ms(graph, march, set(gains))
     configs: list[tuple[str, dict[str, str] | None, str]] = [

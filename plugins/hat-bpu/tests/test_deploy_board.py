@@ -105,9 +105,9 @@ def _head_hbm(tmp_path: Path, **compile_opts: object) -> tuple[Path, Path]:
     q = calibrate(TwoLevelHead().eval(), x)
     art = tmp_path / "model.hbir"
     plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir"), path=art,
-                  example_input=x[:1])
+                  example_input=x[:1], target=None)
     spec = plugin.HbmCompileSpec(type="hbm", **compile_opts)  # type: ignore[arg-type]
-    plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "compile")
+    plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "compile", target=None)
     return art, tmp_path / "compile" / "model.hbm"
 
 
@@ -206,3 +206,99 @@ def test_align_bpu_runs_the_device_filter(tmp_path: Path) -> None:
     assert not hasattr(plain, "stats")
     with pytest.raises(UserError, match="filter_score_thr"):
         _head_hbm(tmp_path / "bad", filter_score_thr=1.5)
+
+
+# --------------------------------------------------------------------------- one target
+
+def _hbir(tmp_path: Path, march: str) -> Path:
+    from deploy_fixtures import small_model
+    from hat_bpu import plugin
+    from hat_bpu.device.march import get_march
+
+    q, x = small_model(pow2=get_march(march).pow2_scales)
+    art = tmp_path / f"{march}.hbir"
+    plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir"), path=art,
+                  example_input=x[:1], target=plugin.BpuTargetSpec(type="bpu", march=march))
+    return art
+
+
+def test_compile_refuses_a_hbir_of_another_march(tmp_path: Path) -> None:
+    from hat_bpu import plugin
+
+    art = _hbir(tmp_path, "bayes-e")
+    spec = plugin.HbmCompileSpec(type="hbm")
+    with pytest.raises(UserError, match="built for march 'bayes-e'.*\\[target\\] march is "
+                       "'bernoulli2'"):
+        plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "c",
+                       target=plugin.BpuTargetSpec(type="bpu", march="bernoulli2"))
+    assert not (tmp_path / "c" / "model.hbm").exists()
+    res = plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "c",
+                         target=plugin.BpuTargetSpec(type="bpu", march="bayes-e"))
+    assert res is not None and res["march"] == "bayes-e"
+
+
+def test_compile_refuses_a_hbir_of_another_scale_policy(tmp_path: Path) -> None:
+    from hat_bpu import plugin
+    from hat_bpu.ir import hbir
+
+    # a graph that says bernoulli but holds multiplier scales (e.g. pow2_scales = false)
+    graph = hbir.load_hbir(_hbir(tmp_path, "bayes-e"))
+    graph.meta["march"] = "bernoulli"
+    art = tmp_path / "forged.hbir"
+    hbir.save_hbir(graph, art)
+    with pytest.raises(UserError, match="scale policy 'multiplier'.*'bernoulli'.*scale policy "
+                       "'pow2'"):
+        plugin.compile(artifact=art, spec=plugin.HbmCompileSpec(type="hbm"),
+                       out_dir=tmp_path / "c",
+                       target=plugin.BpuTargetSpec(type="bpu", march="bernoulli"))
+
+
+def test_target_is_read_by_quantize_export_and_compile(tmp_path: Path) -> None:
+    from deploy_fixtures import yuv_input
+    from example_net import SmallNet
+    from hat_bpu import plugin
+    from hat_bpu.device import hbm
+    from hat_bpu.ir import hbir
+
+    from hatcore import quant
+
+    target = plugin.BpuTargetSpec(type="bpu", march="bernoulli", input_layout="yuv444")
+    torch.manual_seed(0)
+    q = plugin.quantize(model=SmallNet().eval(), spec=plugin.HorizonQuantizeSpec(
+        type="horizon", observer="minmax"), stage="calibration", target=target)
+    x = yuv_input(2, 32)
+    quant.set_mode(q, "observe")
+    with torch.no_grad():
+        q(x)
+    quant.set_mode(q, "fake_quant")
+    art = tmp_path / "m.hbir"
+    plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir"), path=art,
+                  example_input=x[:1], target=target)
+    meta = hbir.load_hbir(art).meta  # pow2_scales: the quantizer took bernoulli's policy
+    assert (meta["march"], meta["pow2_scales"], meta["input_layout"]) == ("bernoulli", True,
+                                                                          "yuv444")
+    plugin.compile(artifact=art, spec=plugin.HbmCompileSpec(type="hbm"),
+                   out_dir=tmp_path / "c", target=target)
+    header, _ = hbm.load_hbm(tmp_path / "c" / "model.hbm")
+    assert (header["march"], header["input_layout"]) == ("bernoulli", "yuv444")
+
+
+@pytest.mark.parametrize(("table", "key"), [("quantize", "march"), ("export", "march"),
+                                            ("export", "input_layout"), ("compile", "march"),
+                                            ("compile", "input_layout")])
+def test_old_target_keys_say_where_they_moved(tmp_path: Path, table: str, key: str) -> None:
+    from hatcore.errors import RecipeError
+    from hatcore.plugins import get_plugins
+    from hatcore.recipe import load_recipe
+
+    value = "yuv444" if key == "input_layout" else "bernoulli2"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[task]\nname = "t"\nwork_dir = "w"\n[model]\ntype = "fcos"\n'
+                      '[data.val]\ntype = "coco_lmdb"\npath = "x"\n'
+                      f'[{table}]\n{key} = "{value}"\n')
+    with pytest.raises(RecipeError, match=f"\\$.{table}.{key}: this key moved to "
+                       f"\\[target\\] {key}"):
+        load_recipe(recipe, get_plugins().registry)
+    recipe.write_text(recipe.read_text().replace(f"[{table}]\n{key}", f"[target]\n{key}"))
+    r, _ = load_recipe(recipe, get_plugins().registry)
+    assert getattr(r.target, key) == value and r.target.type == "bpu"

@@ -177,7 +177,8 @@ def test_quantize_hook_through_the_plugin_manager_on_the_toy_detector() -> None:
     plugins = get_plugins()
     qs = make_converter(plugins.registry).structure({"observer": "percentile"}, QuantizeSpec)
     assert isinstance(qs, HorizonQuantizeSpec)  # horizon is the default quantizer type
-    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qs, stage="calibration")
+    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qs, stage="calibration",
+                                  target=None)
     ds = ToyDataset(32, 4, 2, 0, [])
     batch = ds.collate_fn([ds[i] for i in range(4)])
     calibrate(model, batch["img"])
