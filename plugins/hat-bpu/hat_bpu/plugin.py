@@ -351,17 +351,20 @@ def _set_device_filter(path: Path, filt: dict[str, Any] | None) -> None:
                          body)
 
 
-def filtered_runner(path: Path, runner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def filtered_runner(path: Path, runner: Callable[[Any], Any],
+                    filt: dict[str, Any] | None = None) -> Callable[[Any], Any]:
     """``runner`` (the board: batch → output tree) with the ``.hbm``'s device-side filter
-    (:mod:`hat_bpu.device.filter`) between the runtime's outputs and the host's decoder; the
-    runner's ``stats`` counts survivors and DDR bytes dense vs filtered."""
+    (:mod:`hat_bpu.device.filter`; ``filt``: another plan instead) between the runtime's
+    outputs and the host's decoder; the runner's ``stats`` counts survivors and DDR bytes
+    dense vs filtered."""
     from torch.utils import _pytree as pytree
 
     from hat_bpu.device import filter as devfilter
     from hat_bpu.device import hbm
 
-    _, header, _ = hbir.read_container(Path(path), hbm.MAGIC, (hbm.HBM_VERSION,))
-    filt = header.get("device_filter")
+    if filt is None:
+        _, header, _ = hbir.read_container(Path(path), hbm.MAGIC, (hbm.HBM_VERSION,))
+        filt = header.get("device_filter")
     if not filt:
         return runner
     stats = {"images": 0, "points": 0, "survivors": 0, "dense_bytes": 0, "filtered_bytes": 0}
