@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from hat_bpu.plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.plugin import BpuTargetSpec, HorizonQuantizeSpec, quantize
 from hat_bpu.quant.debug import compare_layers
 
 from hatcore import quant
@@ -52,8 +52,9 @@ def main() -> None:
         if i >= args.calib:
             break
         batches.append(batch["img"])
-    spec = HorizonQuantizeSpec(type="horizon", march=args.march, exact_eval=args.exact)
-    q = quantize(model=net, spec=spec, stage="calibration")
+    spec = HorizonQuantizeSpec(type="horizon", exact_eval=args.exact)
+    target = BpuTargetSpec(type="bpu", march=args.march)
+    q = quantize(model=net, spec=spec, stage="calibration", target=target)
     quant.set_mode(q, "observe")
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -56,8 +56,8 @@ def measure(recipe: str, sets: list[str], over: dict[str, str] | None, qat: bool
               seed=pipe.recipe.task.seed)
     quant.set_mode(model, "fake_quant")
     out: dict[str, Any] = {"cal": flat_scores(pipe.evaluate(model, device=pipe.device))["AP"]}
-    graph = convert(model.cpu().eval(), pipe.example_input(), march=pipe.recipe.quantize.march)
-    out["ms"] = float(estimate(graph, get_march(pipe.recipe.compile.march))["latency_ms"])
+    graph = convert(model.cpu().eval(), pipe.example_input(), march=pipe.recipe.target.march)
+    out["ms"] = float(estimate(graph, get_march(pipe.recipe.target.march))["latency_ms"])
     if qat:  # as the qat stage does: a fresh qat model with the calibrated state
         qm = pipe.quantize(pipe.load_stage_model("float"), "qat")
         qm.load_state_dict(model.state_dict())
@@ -79,8 +79,8 @@ def tuned_configs(pipe: Pipeline, args: argparse.Namespace
                                           args.float_reverse)
     print(f"sensitivity: {len(record['units'])} units in {time.perf_counter() - t0:.0f} s",
           flush=True)
-    march = get_march(pipe.recipe.compile.march)
-    graph = convert(model, pipe.example_input(), march=pipe.recipe.quantize.march)
+    march = get_march(pipe.recipe.target.march)
+    graph = convert(model, pipe.example_input(), march=pipe.recipe.target.march)
     gains = [r["unit"] for r in record["units"] if r["int16_gain"] is not None]
     lo, hi = latency_ms(graph, march, set()), latency_ms(graph, march, set(gains))
     out = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hat_bpu.ir.reference import run_ir
-from hat_bpu.plugin import HorizonQuantizeSpec, quantize
+from hat_bpu.plugin import BpuTargetSpec, HorizonQuantizeSpec, quantize
 from hat_bpu.quant.convert import convert
 
 from hatcore import quant
@@ -40,8 +40,9 @@ def main() -> None:
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randint(0, 256, (args.batch, 3, args.size, args.size)).float().sub(128).div(128)
     for march in ("bayes-e", "bernoulli2"):
-        spec = HorizonQuantizeSpec(type="horizon", march=march, observer="percentile")
-        q = quantize(model=net, spec=spec, stage="calibration")
+        spec = HorizonQuantizeSpec(type="horizon", observer="percentile")
+        target = BpuTargetSpec(type="bpu", march=march)
+        q = quantize(model=net, spec=spec, stage="calibration", target=target)
         quant.set_mode(q, "observe")
         q(x)
         quant.set_mode(q, "fake_quant")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         MetricSpec,
         ModelSpec,
         QuantizeSpec,
+        TargetSpec,
         TransformSpec,
     )
     from hatcore.registry import Register
@@ -158,7 +159,8 @@ def build_metric(spec: MetricSpec, dataset: Dataset[Any]) -> Metric | None:
 
 
 @hookspec(firstresult=True)
-def quantize(model: nn.Module, spec: QuantizeSpec, stage: str) -> nn.Module | None:
+def quantize(model: nn.Module, spec: QuantizeSpec, stage: str, target: TargetSpec | None
+             ) -> nn.Module | None:
     """Prepare a float model for a quantized stage.
 
     Called by the pipeline at the start of ``calibration`` (on the best float weights) and
@@ -170,13 +172,16 @@ def quantize(model: nn.Module, spec: QuantizeSpec, stage: str) -> nn.Module | No
     :param model: the float model (eval mode, float weights loaded).
     :param spec: the structured ``[quantize]`` table.
     :param stage: ``"calibration"`` or ``"qat"``.
+    :param target: the structured ``[target]`` table (the device: its chip and input layout),
+        None when no installed plugin provides one.
     :returns: the prepared model, or None when ``spec.type`` is not this plugin's.
     """
 
 
 @hookspec(firstresult=True)
 def export(
-    model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.Tensor
+    model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.Tensor,
+    target: TargetSpec | None
 ) -> dict[str, Any] | None:
     """Write the deployable fixed-point model of a quantized model (the exporter's file).
 
@@ -188,12 +193,15 @@ def export(
     :param path: where to write the file (``work_dir/export/<spec.artifact>``: the exporter's
         spec class names its file).
     :param example_input: an input of the deployed shape, ``Tensor[1, 3, H, W]``.
+    :param target: the structured ``[target]`` table (the device: its chip and input layout),
+        None when no installed plugin provides one.
     :returns: a JSON-able description (ops, tensors, sizes) or None when not this plugin's.
     """
 
 
 @hookspec(firstresult=True)
-def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] | None:
+def compile(artifact: Path, spec: CompileSpec, out_dir: Path, target: TargetSpec | None
+            ) -> dict[str, Any] | None:
     """Check and compile an exported model for the device.
 
     Called by the pipeline's ``compile`` stage with the export stage's file. Writes
@@ -203,6 +211,8 @@ def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] 
     :param artifact: the exported model file.
     :param spec: the structured ``[compile]`` table.
     :param out_dir: ``work_dir/compile``.
+    :param target: the structured ``[target]`` table (the device the artifact must have been
+        built for: its chip and input layout), None when no installed plugin provides one.
     :returns: the performance estimate (``perf.json`` contents: ``march`` (the target),
         ``latency_ms``, ``fps``, ...) or None when not this plugin's.
     """
@@ -210,7 +220,8 @@ def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] 
 
 @hookspec(firstresult=True)
 def check_model(
-    model: nn.Module, spec: CompileSpec, example_input: torch.Tensor
+    model: nn.Module, spec: CompileSpec, example_input: torch.Tensor,
+    target: TargetSpec | None
 ) -> dict[str, Any] | None:
     """Check that a float model can be deployed, before any training.
 
@@ -220,6 +231,8 @@ def check_model(
     :param model: the float model.
     :param spec: the structured ``[compile]`` table (it decides the limits).
     :param example_input: an input of the deployed shape.
+    :param target: the structured ``[target]`` table (the device: its chip and input layout),
+        None when no installed plugin provides one.
     :returns: ``{"ok": bool, "text": str, "target": str, ...}`` (a printable per-op report; the
         target's name for messages) or None.
     """

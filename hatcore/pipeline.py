@@ -30,7 +30,14 @@ from hatcore.data import Detections, to_device
 from hatcore.errors import RecipeError, UserError
 from hatcore.plugins import Plugins, get_plugins
 from hatcore.protocols import Metric, Runner, metric, task_model
-from hatcore.recipe import SECTION_KINDS, Recipe, fingerprint, load_recipe, resolved
+from hatcore.recipe import (
+    OPTIONAL_SECTIONS,
+    SECTION_KINDS,
+    Recipe,
+    fingerprint,
+    load_recipe,
+    resolved,
+)
 from hatcore.stages import Stage
 from hatcore.trainer import configure_determinism, seed_everything
 from hatcore.workdir import (
@@ -120,7 +127,8 @@ class Pipeline:
                 continue
             for section in stage.inputs:
                 top = section.split(".")[0]
-                if top in RECIPE_SECTIONS and getattr(self.recipe, top) is None:
+                if top in RECIPE_SECTIONS and top not in OPTIONAL_SECTIONS \
+                        and getattr(self.recipe, top) is None:
                     kind = RECIPE_SECTIONS[top]
                     problems.append(
                         f"$.{top}: the {stage.name} stage needs a {kind}, the recipe names none "
@@ -200,7 +208,8 @@ class Pipeline:
     def quantize(self, model: nn.Module, stage: str) -> nn.Module:
         """``model`` prepared by the recipe's quantizer for ``stage`` (calibration or qat)."""
         prepared: nn.Module = self.call_owner("quantize", "quantizer", self.section("quantize"),
-                                              model=model, stage=stage)
+                                              model=model, stage=stage,
+                                              target=self.recipe.target)
         return prepared
 
     def quantized_model(self, stage: str) -> nn.Module:
@@ -359,7 +368,8 @@ class Pipeline:
             return
         model = self.build_model().eval()
         report = self.plugins.call_owner("check_model", "compiler", spec, model=model,
-                                         example_input=self.example_input(), required=False)
+                                         example_input=self.example_input(),
+                                         target=self.recipe.target, required=False)
         if report is None:
             return
         target = report.get("target", spec.type)

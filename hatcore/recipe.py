@@ -105,6 +105,14 @@ class MetricSpec(Spec):
     """``[metric]``: how predictions are scored (default: the installed plugins' default metric)."""
 
 
+@polymorphic("target")
+@spec
+class TargetSpec(Spec):
+    """``[target]``: the device the model is deployed to, stated once (default: the installed
+    plugins' default target); the quantizer, the exporter and the compiler all read it (their
+    hooks' ``target`` argument)."""
+
+
 @polymorphic("quantizer")
 @spec
 class QuantizeSpec(Spec):
@@ -290,6 +298,9 @@ class Recipe:
     data: Data = option(doc="datasets")
     stages: Stages = option(factory=Stages, doc="training stages")
     metric: MetricSpec | None = option(None, doc="evaluation; default: the installed default metric")
+    target: TargetSpec | None = option(None, doc="the deployment target (chip, input layout) that "
+                                       "quantize, export and compile read; default: the "
+                                       "installed default target")
     quantize: QuantizeSpec | None = option(None, doc="quantizer for calibration and qat; default: "
                                            "the installed default quantizer")
     export: ExportSpec | None = option(None, doc="fixed-point export; default: the installed "
@@ -379,7 +390,11 @@ def _describe(exc: BaseException, path: str, typ: Any) -> list[str]:
     if isinstance(exc, ForbiddenExtraKeysError):
         valid = _field_names(exc.cl)
         out = []
+        moved = getattr(exc.cl, "moved_keys", {})
         for key in sorted(exc.extra_fields):
+            if key in moved:  # a spec class's ``moved_keys``: where an old key lives now
+                out.append(f"{path}.{key}: this key moved to {moved[key]}")
+                continue
             msg = f"{path}.{key}: unknown key {key!r}"
             close = difflib.get_close_matches(key, valid, n=1)
             msg += f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
@@ -490,9 +505,13 @@ def load_recipe(
     return recipe, data
 
 
-SECTION_KINDS = {"metric": "metric", "quantize": "quantizer", "export": "exporter",
-                 "compile": "compiler"}
+SECTION_KINDS = {"metric": "metric", "target": "target", "quantize": "quantizer",
+                 "export": "exporter", "compile": "compiler"}
 """The recipe's plugin-chosen sections and the registry kind each one's ``type`` names."""
+
+OPTIONAL_SECTIONS = ("target",)
+"""Sections a stage may read without needing them: its hooks get None when no plugin provides
+one (a quantizer without a device target)."""
 
 
 def check_requires(path: Path, data: dict[str, Any], loaded: set[str] | None = None) -> None:

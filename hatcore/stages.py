@@ -215,7 +215,7 @@ def run_export(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     desc = pipe.call_owner("export", "exporter", spec, model=model, path=path,
-                           example_input=pipe.example_input())
+                           example_input=pipe.example_input(), target=pipe.recipe.target)
     pipe.echo(f"export: wrote {path} from the {source} model in {time.perf_counter() - t0:.1f}s")
     write_json(pipe.workdir.stage(stage.name) / "export.json", desc)
     return {"source": source}
@@ -229,7 +229,8 @@ def run_compile(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     spec = pipe.section("compile")
     out = pipe.workdir.stage(stage.name)
     out.mkdir(parents=True, exist_ok=True)
-    perf = pipe.call_owner("compile", "compiler", spec, artifact=artifact, out_dir=out)
+    perf = pipe.call_owner("compile", "compiler", spec, artifact=artifact, out_dir=out,
+                           target=pipe.recipe.target)
     target = perf.get("march", spec.type)
     pipe.echo(f"compile: {pipe.artifact(stage.name)} — estimated "
               f"{perf.get('latency_ms', float('nan')):.2f} ms/frame on {target} (modelled device)")
@@ -273,17 +274,17 @@ CORE_STAGES = (
     Stage("float", run_float, inputs=("task.seed", "model", "data", "metric", "stages.float"),
           artifacts=lambda r: TRAINED_FILES, predict="float", load=load_trained,
           enabled=lambda r: r.stages.float.enabled),
-    Stage("calibration", run_calibration, inputs=("quantize", "stages.calibration"),
+    Stage("calibration", run_calibration, inputs=("target.march", "quantize", "stages.calibration"),
           needs=("float",), artifacts=lambda r: (CHECKPOINT_BEST, CHECKPOINT_LAST, METRICS),
           predict="calibration", load=load_trained,
           enabled=lambda r: r.stages.calibration.enabled),
     Stage("qat", run_qat, inputs=("stages.qat",), needs=("calibration",),
           artifacts=lambda r: TRAINED_FILES, predict="qat", load=load_trained,
           enabled=lambda r: r.stages.qat.enabled),
-    Stage("export", run_export, inputs=("export",), needs=("qat",),
+    Stage("export", run_export, inputs=("target", "export"), needs=("qat",),
           artifacts=lambda r: (_need(r.export).artifact, "export.json"), predict="int_infer",
           load=load_deployed, deployed=True, enabled=_quantized),
-    Stage("compile", run_compile, inputs=("compile",), needs=("export",),
+    Stage("compile", run_compile, inputs=("target", "compile"), needs=("export",),
           artifacts=lambda r: (_need(r.compile).artifact, "perf.json", "perf.html"),
           predict="align_bpu",
           load=load_deployed, deployed=True, enabled=_quantized),

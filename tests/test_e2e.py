@@ -132,7 +132,7 @@ def test_int_infer_and_align_bpu_detect_the_same_with_the_same_input(demo_run) -
     cwd, _, sets = demo_run
     shutil.copytree(cwd / "runs" / "demo", cwd / "runs" / "yuv444")
     proc = hat("run", "recipes/demo.toml", *sets, "--set", "task.work_dir=runs/yuv444",
-               "--set", "export.input_layout=yuv444", "--set", "compile.input_layout=yuv444",
+               "--set", "target.input_layout=yuv444",
                cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("float", "calibration", "qat"):

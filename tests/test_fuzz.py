@@ -141,7 +141,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Plugins, dict[st
     torch.manual_seed(0)
     model = plugins.hook.quantize(model=ToyDetector().eval(), stage="calibration",
                                   spec=conv.structure({"type": "horizon", "observer": "minmax"},
-                                                      QuantizeSpec))
+                                                      QuantizeSpec), target=None)
     quant.set_mode(model, "observe")
     with torch.no_grad():
         model(torch.rand(4, 3, 32, 32) - 0.5)
@@ -149,9 +149,10 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Plugins, dict[st
     out = tmp_path_factory.mktemp("fuzz_deployed")
     export = conv.structure({"type": "hbir", "input_shape": [1, 3, 32, 32]}, ExportSpec)
     assert plugins.hook.export(model=model.eval(), spec=export, path=out / "model.hbir",
-                               example_input=torch.zeros(1, 3, 32, 32))
-    compile_spec = conv.structure({"type": "hbm", "march": "bayes-e"}, CompileSpec)
-    assert plugins.hook.compile(artifact=out / "model.hbir", spec=compile_spec, out_dir=out)
+                               example_input=torch.zeros(1, 3, 32, 32), target=None)
+    compile_spec = conv.structure({"type": "hbm"}, CompileSpec)
+    assert plugins.hook.compile(artifact=out / "model.hbir", spec=compile_spec, out_dir=out,
+                                target=None)
     files = Valid(hbir=(out / "model.hbir").read_bytes(), hbm=(out / "model.hbm").read_bytes())
     return plugins, files
 

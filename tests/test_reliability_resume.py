@@ -53,7 +53,8 @@ def assert_same_optimizer(a: torch.optim.Optimizer, b: torch.optim.Optimizer) ->
 
 def _qat_model(plugins: Any, qspec: QuantizeSpec) -> nn.Module:
     torch.manual_seed(0)
-    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qspec, stage="qat")
+    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qspec, stage="qat",
+                                  target=None)
     quant.set_mode(model, "observe")
     with torch.no_grad():
         for batch in toy_loader():

@@ -23,19 +23,46 @@ from hat_bpu.quant.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
 from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
-from hatcore.recipe import CompileSpec, ExportSpec, QuantizeSpec, option, spec
+from hatcore.recipe import CompileSpec, ExportSpec, QuantizeSpec, TargetSpec, option, spec
 from hatcore.registry import Register
 
 DTYPE_CHOICES = ("int8", "int16", "float")
+DEFAULT_MARCH = "bayes-e"
+
+
+@spec
+class BpuTargetSpec(TargetSpec):
+    """``[target]`` with ``type = "bpu"`` (the default target): the chip and its input, stated
+    once; quantize (scale policy, add rule), export (recorded in the .hbir) and compile (the
+    program, refused for a .hbir of another march or scale policy) all read it."""
+
+    march: str = option(DEFAULT_MARCH, doc=f"BPU architecture ({', '.join(MARCHES)}): its "
+                        "integer arithmetic (scale policy: bernoulli power-of-two scales; add "
+                        "rule), op limits and cost model (docs/bpu.md)")
+    input_layout: Literal["yuv444", "nv12"] = option(
+        "nv12", doc="the board's input: nv12 (the camera path; align_bpu converts each image as "
+        "the device does, train with to_tensor's board_input = \"nv12\") or yuv444")
+
+
+_MOVED = {"march": "[target] march", "input_layout": "[target] input_layout"}
+
+
+def target_of(target: TargetSpec | None) -> BpuTargetSpec:
+    """The recipe's ``[target]`` as hat-bpu reads it (the default target when None)."""
+    if target is None:
+        return BpuTargetSpec(type="bpu")
+    if not isinstance(target, BpuTargetSpec):
+        raise UserError(f"[target] type {target.type!r} is not a BPU target; hat-bpu's "
+                        "quantizer, exporter and compiler need type = \"bpu\"")
+    return target
 
 
 @spec
 class HorizonQuantizeSpec(QuantizeSpec):
-    """``[quantize]`` with ``type = "horizon"`` (the default quantizer)."""
+    """``[quantize]`` with ``type = "horizon"`` (the default quantizer; the march it models is
+    ``[target] march``)."""
 
-    march: str = option("bayes-e", doc="BPU architecture whose integer arithmetic fake quant "
-                        "models: scale policy (bernoulli: power-of-two scales) and add rule "
-                        "(docs/bpu.md)")
+    moved_keys: ClassVar[dict[str, str]] = _MOVED
     observer: Literal["minmax", "ma_minmax", "percentile", "mse", "kl", "auto"] = option(
         "auto", doc="activation range observer; auto keeps, per tensor, the candidate of "
         "minmax/percentile/mse/kl with the best SQNR on the calibration histogram")
@@ -71,25 +98,26 @@ def march_pow2(march: str) -> bool:
     return bool(get_march(march).pow2_scales)
 
 
-def qconfig_from_spec(qspec: HorizonQuantizeSpec) -> QConfig:
-    """Turn the recipe table into the quantizer's typed settings."""
+def qconfig_from_spec(qspec: HorizonQuantizeSpec, march: str = DEFAULT_MARCH) -> QConfig:
+    """Turn the recipe table (and the target's ``march``) into the quantizer's typed settings."""
     if qspec.observer not in OBSERVERS:
         raise UserError(f"[quantize] observer = {qspec.observer!r}; expected one of {OBSERVERS}")
-    pow2 = march_pow2(qspec.march) if qspec.pow2_scales is None else qspec.pow2_scales
+    pow2 = march_pow2(march) if qspec.pow2_scales is None else qspec.pow2_scales
     if pow2 and qspec.lsq:
         raise UserError("[quantize] lsq = true cannot learn power-of-two scales "
-                        f"(march {qspec.march!r}); set lsq = false")
+                        f"(march {march!r}); set lsq = false")
     return QConfig(observer=qspec.observer, pow2=pow2, overrides=dict(qspec.overrides),
                    type_overrides=dict(qspec.type_overrides), percentile=qspec.percentile,
                    averaging_constant=qspec.averaging_constant, qat_averaging=qspec.qat_averaging,
-                   lsq=qspec.lsq, exact_eval=qspec.exact_eval, march=qspec.march)
+                   lsq=qspec.lsq, exact_eval=qspec.exact_eval, march=march)
 
 
-def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str) -> QuantModel:
+def quantize_model(model: nn.Module, qspec: HorizonQuantizeSpec, stage: str,
+                   march: str = DEFAULT_MARCH) -> QuantModel:
     """Prepare ``model`` for ``calibration`` or ``qat`` (see :func:`hat_bpu.quant.prepare.prepare`)."""
     if stage not in ("calibration", "qat"):
         raise ValueError(f"quantize stage must be calibration or qat, got {stage!r}")
-    config = qconfig_from_spec(qspec)
+    config = qconfig_from_spec(qspec, march)
     try:
         qm = prepare(model, config)
     except ValueError as exc:
@@ -116,14 +144,17 @@ def hat_components(register: Register) -> None:
     register("quantizer", "horizon", HorizonQuantizeSpec,
              "Horizon-style symmetric int8/int16 quantizer: fusion, observers, calibration, QAT",
              default=True)
+    register("target", "bpu", BpuTargetSpec, "a Horizon-style BPU: march and board input "
+             "layout", default=True)
     _deploy_components(register)
 
 
 @hookimpl
-def quantize(model: nn.Module, spec: QuantizeSpec, stage: str) -> nn.Module | None:
+def quantize(model: nn.Module, spec: QuantizeSpec, stage: str, target: TargetSpec | None
+             ) -> nn.Module | None:
     if not isinstance(spec, HorizonQuantizeSpec):
         return None
-    return quantize_model(model, spec, stage)
+    return quantize_model(model, spec, stage, target_of(target).march)
 
 
 @hookimpl
@@ -177,8 +208,7 @@ def register_commands(cli: click.Group) -> None:
     @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
     @click.option("--latency-budget-ms", type=float, required=True,
                   help="estimated latency allowed (the perf model of --march)")
-    @click.option("--march", default=None, help="perf model's march (default: [compile] march, "
-                  "else [quantize] march)")
+    @click.option("--march", default=None, help="perf model's march (default: [target] march)")
     @click.option("--stage", type=click.Choice(["calibration", "qat"]), default="calibration",
                   show_default=True, help="whose checkpoint the sensitivity is measured on")
     @click.option("--metric", type=click.Choice(["sqnr", "ap"]), default="sqnr",
@@ -204,11 +234,7 @@ class HbirExportSpec(ExportSpec):
     """``[export]`` with ``type = "hbir"`` (the default exporter)."""
 
     artifact: ClassVar[str] = "model.hbir"
-
-    march: str = option("bayes-e", doc=f"BPU architecture recorded in the file ({', '.join(MARCHES)})")
-    input_layout: Literal["yuv444", "nv12"] = option(
-        "nv12", doc="the board's input: nv12 (the camera path; align_bpu converts as the device "
-        "does) or yuv444")
+    moved_keys: ClassVar[dict[str, str]] = _MOVED
 
 
 @spec
@@ -216,14 +242,19 @@ class HbmCompileSpec(CompileSpec):
     """``[compile]`` with ``type = "hbm"`` (the default compiler)."""
 
     artifact: ClassVar[str] = "model.hbm"
-
-    march: str = option("bayes-e", doc=f"BPU architecture ({', '.join(MARCHES)})")
+    moved_keys: ClassVar[dict[str, str]] = _MOVED
 
     opt_level: int = option(2, doc="0: one instruction per IR node, a buffer per tensor; 1: + "
                             "fusion (conv+add+relu, requantize into its producer) and buffer "
                             "reuse; 2: + elementwise outputs written in place (docs/bpu.md)")
-    input_layout: Literal["yuv444", "nv12"] = option(
-        "nv12", doc="input of the compiled program (align_bpu's board input path)")
+    device_filter: bool = option(
+        True, doc="filter a dense detection head's outputs on the device (DESIGN): a point leaves "
+        "the device only when one of its class logits is above logit(filter_score_thr), "
+        "compared in the integer domain with the output's scale; align_bpu's decoder sees "
+        "only the survivors. Applies to outputs that are groups of per-level maps, class "
+        "logits first (FCOS); other outputs stay dense (docs/bpu.md)")
+    filter_score_thr: float = option(
+        0.05, doc="device_filter: the class score a point must exceed (0.05: logit -2.944)")
 
 
 def _deploy_components(register: Register) -> None:
@@ -235,45 +266,124 @@ def _deploy_components(register: Register) -> None:
 
 
 @hookimpl
-def export(model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.Tensor
-           ) -> dict[str, Any] | None:
+def export(model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.Tensor,
+           target: TargetSpec | None) -> dict[str, Any] | None:
     if not isinstance(spec, HbirExportSpec):
         return None
     from hat_bpu.device.checker import check_scales
     from hat_bpu.quant.convert import convert
 
-    march = get_march(spec.march)
-    graph = convert(model, example_input, march=spec.march)
+    tgt = target_of(target)
+    march = get_march(tgt.march)
+    graph = convert(model, example_input, march=tgt.march)
     problems = check_scales(graph, march)
     if problems:
         raise UserError(f"the quantized model cannot be exported for {march.name}:\n  "
                         + "\n  ".join(problems))
-    graph.meta["input_layout"] = spec.input_layout
+    graph.meta["input_layout"] = tgt.input_layout
     return hbir.save_hbir(graph, Path(path))
 
 
 @hookimpl
-def check_model(model: nn.Module, spec: CompileSpec, example_input: torch.Tensor
-                ) -> dict[str, Any] | None:
+def check_model(model: nn.Module, spec: CompileSpec, example_input: torch.Tensor,
+                target: TargetSpec | None) -> dict[str, Any] | None:
     if not isinstance(spec, HbmCompileSpec):
         return None
     from hat_bpu.device.checker import check
 
-    return {"target": spec.march, **check(model, get_march(spec.march), example_input[:1])}
+    march = target_of(target).march
+    return {"target": march, **check(model, get_march(march), example_input[:1])}
+
+
+def check_built_for(graph_meta: dict[str, Any], march_name: str, where: str) -> None:
+    """Refuse a graph built for another march or scale policy than ``march_name``'s.
+
+    :raises UserError: naming the graph's march / policy and the target's.
+    """
+    built = graph_meta.get("march")
+    if built is not None and built != march_name:
+        raise UserError(f"{where} was built for march {built!r}, but [target] march is "
+                        f"{march_name!r}: quantize and export again for {march_name!r} (or set "
+                        f"[target] march = {built!r})")
+    pow2 = graph_meta.get("pow2_scales")
+    if pow2 is not None and not pow2 and get_march(march_name).pow2_scales:
+        raise UserError(f"{where} has multiplier-based scales (scale policy 'multiplier'), but "
+                        f"march {march_name!r} takes only power-of-two scales (scale policy "
+                        "'pow2'): quantize again with [quantize] pow2_scales unset or true")
 
 
 
 
 @hookimpl
-def compile(artifact: Path, spec: CompileSpec, out_dir: Path) -> dict[str, Any] | None:
+def compile(artifact: Path, spec: CompileSpec, out_dir: Path, target: TargetSpec | None
+            ) -> dict[str, Any] | None:
     if not isinstance(spec, HbmCompileSpec):
         return None
     from hat_bpu.device.hbm import compile_file
 
+    tgt = target_of(target)
     if not hbir.is_hbir(Path(artifact)):
         raise UserError(f"{artifact}: not an .hbir file; run the export stage first")
-    return compile_file(Path(artifact), spec.march, Path(out_dir), spec.opt_level,
-                        spec.input_layout)
+    graph = hbir.load_hbir(Path(artifact))
+    check_built_for(graph.meta, tgt.march, str(artifact))
+    if not 0 < spec.filter_score_thr < 1:
+        raise UserError(f"[compile] filter_score_thr must lie in (0, 1), got "
+                        f"{spec.filter_score_thr}")
+    estimate = compile_file(Path(artifact), tgt.march, Path(out_dir), spec.opt_level,
+                            tgt.input_layout)
+    filt = None
+    if spec.device_filter:
+        from hat_bpu.device.filter import plan
+
+        filt = plan(graph, spec.filter_score_thr)
+    _set_device_filter(Path(out_dir) / HbmCompileSpec.artifact, filt)
+    estimate["device_filter"] = None if filt is None else {
+        "score_thr": filt["score_thr"], "threshold": filt["threshold"]}
+    return estimate
+
+
+def _set_device_filter(path: Path, filt: dict[str, Any] | None) -> None:
+    """Record the device-side filter in the ``.hbm`` header (``device_filter``; None: off)."""
+    from hat_bpu.device import hbm
+
+    _, header, body = hbir.read_container(path, hbm.MAGIC, (hbm.HBM_VERSION,))
+    header = {k: v for k, v in header.items() if k not in ("body_len", "body_sha256")}
+    hbir.write_container(path, hbm.MAGIC, hbm.HBM_VERSION, {**header, "device_filter": filt},
+                         body)
+
+
+def filtered_runner(path: Path, runner: Callable[[Any], Any],
+                    filt: dict[str, Any] | None = None) -> Callable[[Any], Any]:
+    """``runner`` (the board: batch → output tree) with the ``.hbm``'s device-side filter
+    (:mod:`hat_bpu.device.filter`; ``filt``: another plan instead) between the runtime's
+    outputs and the host's decoder; the runner's ``stats`` counts survivors and DDR bytes
+    dense vs filtered."""
+    from torch.utils import _pytree as pytree
+
+    from hat_bpu.device import filter as devfilter
+    from hat_bpu.device import hbm
+
+    if filt is None:
+        _, header, _ = hbir.read_container(Path(path), hbm.MAGIC, (hbm.HBM_VERSION,))
+        filt = header.get("device_filter")
+    if not filt:
+        return runner
+    stats = {"images": 0, "points": 0, "survivors": 0, "dense_bytes": 0, "filtered_bytes": 0}
+
+    def run(batch: Any) -> Any:
+        flat, tree = pytree.tree_flatten(runner(batch))
+        device = flat[0].device
+        q = devfilter.to_integers([t.cpu() for t in flat], filt)
+        kept = devfilter.Survivors(q, filt)
+        stats["images"] += kept.batch
+        stats["points"] += sum(int(q[i][:, 0].numel()) for i in filt["groups"][0])
+        stats["survivors"] += kept.count()
+        stats["dense_bytes"] += devfilter.dense_nbytes(q, filt)
+        stats["filtered_bytes"] += kept.nbytes()
+        return pytree.tree_unflatten([t.to(device) for t in kept.to_dense()], tree)
+
+    run.stats = stats  # type: ignore[attr-defined]
+    return run
 
 
 def _batch_img(batch: Any) -> torch.Tensor:
@@ -305,7 +415,7 @@ def load_deployed(path: Path, stage: str) -> Callable[[Any], Any] | None:
     if stage == "align_bpu" and _is_hbm(path):
         from hat_bpu.device.runtime import board_runner
 
-        return board_runner(path)
+        return filtered_runner(path, board_runner(path))
     return None
 
 

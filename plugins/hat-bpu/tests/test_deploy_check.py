@@ -70,13 +70,14 @@ def test_checker_tensor_size_and_missing_quantstub() -> None:
 
 
 def test_hook_check_model() -> None:
-    spec_ = plugin.HbmCompileSpec(type="hbm", march="bernoulli2")  # type: ignore[call-arg]
+    spec_ = plugin.HbmCompileSpec(type="hbm")
     report = plugin.check_model(model=BadNet(), spec=spec_,
-                                       example_input=torch.zeros(1, 3, 16, 16))
+                                example_input=torch.zeros(1, 3, 16, 16),
+                                target=plugin.BpuTargetSpec(type="bpu", march="bernoulli2"))
     assert report is not None and report["ok"] is False
     with pytest.raises(UserError, match="bayes-e"):
-        spec2 = plugin.HbmCompileSpec(type="hbm", march="x")  # type: ignore[call-arg]
-        plugin.check_model(model=BadNet(), spec=spec2, example_input=torch.zeros(1, 3, 8, 8))
+        plugin.check_model(model=BadNet(), spec=spec_, example_input=torch.zeros(1, 3, 8, 8),
+                           target=plugin.BpuTargetSpec(type="bpu", march="x"))
 
 
 RECIPE = """
@@ -113,7 +114,7 @@ enabled = false
 [export]
 input_shape = [1, 3, 32, 32]
 
-[compile]
+[target]
 march = "bayes-e"
 """
 

@@ -22,10 +22,11 @@ def _compiled(tmp_path: Path, march: str = "bayes-e", width: int = 16
               ) -> tuple[Path, torch.nn.Module]:
     q, x = small_model(width=width, pow2=get_march(march).pow2_scales)
     art = tmp_path / "model.hbir"
-    plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir", march=march),
-                         path=art, example_input=x[:1])
-    spec = plugin.HbmCompileSpec(type="hbm", march=march)  # type: ignore[call-arg]
-    res = plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "compile")
+    target = plugin.BpuTargetSpec(type="bpu", march=march)
+    plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir"), path=art,
+                  example_input=x[:1], target=target)
+    spec = plugin.HbmCompileSpec(type="hbm")
+    res = plugin.compile(artifact=art, spec=spec, out_dir=tmp_path / "compile", target=target)
     assert res is not None and res["march"] == march
     return tmp_path / "compile" / "model.hbm", q
 

@@ -21,11 +21,15 @@ def _spec(**kw: object) -> plugin.HbirExportSpec:
     return plugin.HbirExportSpec(type="hbir", **kw)  # type: ignore[arg-type]
 
 
+def _target(march: str = "bayes-e") -> plugin.BpuTargetSpec:
+    return plugin.BpuTargetSpec(type="bpu", march=march)
+
+
 def test_hook_export_round_trip(tmp_path: Path) -> None:
     q, x = small_model()
     path = tmp_path / "model.hbir"
-    desc = plugin.export(model=q, spec=_spec(march="bernoulli2"), path=path,
-                                example_input=x[:1])
+    desc = plugin.export(model=q, spec=_spec(), path=path,
+                         example_input=x[:1], target=_target("bernoulli2"))
     assert desc["format"] == "hbir" and desc["march"] == "bernoulli2"
     assert desc["ops"]["conv2d"] >= 5
     g = convert(q, x[:1], march="bernoulli2")
@@ -47,14 +51,14 @@ def test_hook_export_other_type_is_not_ours(tmp_path: Path) -> None:
 
     q, x = small_model()
     assert plugin.export(model=q, spec=ExportSpec(type="other"), path=tmp_path / "m",
-                                example_input=x[:1]) is None
+                                example_input=x[:1], target=None) is None
 
 
 def test_export_unknown_march_is_user_error(tmp_path: Path) -> None:
     q, x = small_model()
     with pytest.raises(UserError, match="bayes-e"):
-        plugin.export(model=q, spec=_spec(march="nope"), path=tmp_path / "m.hbir",
-                             example_input=x[:1])
+        plugin.export(model=q, spec=_spec(), path=tmp_path / "m.hbir",
+                      example_input=x[:1], target=_target("nope"))
 
 
 @pytest.mark.parametrize(("width", "pow2"), [(16, False), (16, True), (96, False)])
@@ -93,7 +97,7 @@ def test_simulator_chunks_long_reductions_exactly() -> None:
 def test_hook_load_deployed_int_infer(tmp_path: Path) -> None:
     q, x = small_model()
     path = tmp_path / "model.hbir"
-    plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
+    plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1], target=None)
     runner = plugin.load_deployed(path=path, stage="int_infer")
     assert runner is not None
     img = yuv_input(3, 32, seed=5)
@@ -109,7 +113,7 @@ def test_hook_load_deployed_int_infer(tmp_path: Path) -> None:
 def test_hook_describe_file_hbir_and_damage(tmp_path: Path) -> None:
     q, x = small_model()
     path = tmp_path / "model.hbir"
-    plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1])
+    plugin.export(model=q, spec=_spec(), path=path, example_input=x[:1], target=None)
     text = plugin.describe_file(path=path)
     assert text is not None and "conv2d" in text and "checksum ok" in text
     data = bytearray(path.read_bytes())

@@ -55,12 +55,12 @@ def test_pow2_scales_only_on_bernoulli() -> None:
     # Horizon's pow_quantization() is true only for March.BERNOULLI (X2/J2)
     from hat_bpu.plugin import HorizonQuantizeSpec, qconfig_from_spec
 
-    cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernoulli"))
+    cfg = qconfig_from_spec(HorizonQuantizeSpec(type="horizon"), "bernoulli")
     assert cfg.pow2 and cfg.march == "bernoulli"
     for march in ("bernoulli2", "bayes", "bayes-e"):
-        assert not qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march=march)).pow2
+        assert not qconfig_from_spec(HorizonQuantizeSpec(type="horizon"), march).pow2
     with pytest.raises(UserError, match="bernoulli2"):
-        qconfig_from_spec(HorizonQuantizeSpec(type="horizon", march="bernouli2"))
+        qconfig_from_spec(HorizonQuantizeSpec(type="horizon"), "bernouli2")
     torch.manual_seed(0)
     q = prepare(SmallNet().eval(), cfg)
     quant.set_mode(q, "observe")

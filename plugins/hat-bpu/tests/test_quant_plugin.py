@@ -5,16 +5,23 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from example_net import SmallNet
-from hat_bpu.plugin import HorizonQuantizeSpec, apply_freezes, on_epoch_end, quantize
+from hat_bpu.plugin import HorizonQuantizeSpec, apply_freezes, on_epoch_end
+from hat_bpu.plugin import quantize as quantize_hook
 from hat_bpu.quant.debug import compare_layers, format_table, write_report
 from hat_bpu.quant.fake_quant import ActFQ, QConv2d
 from torch.nn import functional as F
 
 from hatcore import quant
+
+
+def quantize(**kw: Any) -> Any:
+    """The hook with the default [target] (bayes-e)."""
+    return quantize_hook(target=None, **kw)
 
 
 def spec(**kw: object) -> HorizonQuantizeSpec:
@@ -177,7 +184,8 @@ def test_quantize_hook_through_the_plugin_manager_on_the_toy_detector() -> None:
     plugins = get_plugins()
     qs = make_converter(plugins.registry).structure({"observer": "percentile"}, QuantizeSpec)
     assert isinstance(qs, HorizonQuantizeSpec)  # horizon is the default quantizer type
-    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qs, stage="calibration")
+    model = plugins.hook.quantize(model=ToyDetector().eval(), spec=qs, stage="calibration",
+                                  target=None)
     ds = ToyDataset(32, 4, 2, 0, [])
     batch = ds.collate_fn([ds[i] for i in range(4)])
     calibrate(model, batch["img"])

@@ -189,7 +189,7 @@ def test_the_snippet_is_a_recipe_table_that_quantizes_the_choice_in_int16(tmp_pa
 
     over = overrides_for([FRAGILE], {"c1.0": "float", "c2.0": "int16"})
     assert list(over) == [FRAGILE, "c1.0", "*"]
-    text = snippet(over, {"type": "horizon", "march": "bayes-e", "observer": "minmax"})
+    text = snippet(over, {"type": "horizon", "observer": "minmax"})
     recipe = tmp_path / "r.toml"
     recipe.write_text('[task]\nname = "t"\nwork_dir = "w"\n[model]\ntype = "toy_detector"\n'
                       '[data.val]\ntype = "toy_squares"\n' + text)

@@ -26,8 +26,9 @@ _TRANSFORMS: dict[type, tuple[str, Callable[[Any], Any], str]] = {
     S.MosaicSpec: ("mosaic", lambda s: T.Mosaic(s.size, s.prob, s.mixup_prob, s.off_last_epochs,
                                                 s.min_box),
                    "mosaic of four images (+ MixUp); first in the list, train split"),
-    S.ToTensorSpec: ("to_tensor", lambda s: T.ToTensor(s.to_yuv),
-                     "HWC uint8 -> CHW float tensor (YUV444 BT.601 when to_yuv)"),
+    S.ToTensorSpec: ("to_tensor", lambda s: T.ToTensor(s.to_yuv, s.board_input),
+                     "HWC uint8 -> CHW float tensor (YUV444 BT.601 when to_yuv; the board's "
+                     "NV12 round trip with board_input)"),
     S.NormalizeSpec: ("normalize", lambda s: T.Normalize(s.mean, s.std), "(img - mean) / std"),
 }
 

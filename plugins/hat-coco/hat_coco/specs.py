@@ -89,6 +89,11 @@ class MosaicSpec(TransformSpec):
 @spec
 class ToTensorSpec(TransformSpec):
     to_yuv: bool = option(True, doc="convert RGB to YUV444 (BT.601 full range) as the BPU sees it")
+    board_input: Literal["none", "nv12"] = option(
+        "none", doc="nv12: pass the YUV image through the board's NV12 input conversion (4:2:0 "
+        "chroma: 2x2 blocks averaged, then repeated; bit for bit as hat-bpu's align_bpu input "
+        "path), so train, val and the board see the same pixels; needs to_yuv and an even size "
+        "(pad before); none: full-resolution YUV444")
 
 
 @spec

@@ -8,8 +8,9 @@ A sample before ``ToTensor`` (docs/coco.md)::
     meta      dict: image_id, file_name, orig_size, img_shape, pad_shape, scale (sy, sx), flip,
               source ({"path": ...} or {"lmdb": ..., "key": ...})
 
-``ToTensor`` turns ``img`` into ``Tensor[3, H, W]`` float (0..255, YUV or RGB) and the boxes and
-labels into tensors; ``Normalize`` then gives ``(p - mean) / std``.
+``ToTensor`` turns ``img`` into ``Tensor[3, H, W]`` float (0..255, YUV or RGB; through the board's
+NV12 input conversion with ``board_input = "nv12"``) and the boxes and labels into tensors;
+``Normalize`` then gives ``(p - mean) / std``.
 """
 
 from __future__ import annotations
@@ -244,16 +245,53 @@ def rgb_to_yuv444(img: np.ndarray) -> np.ndarray:
     return out
 
 
-class ToTensor:
-    """HWC uint8 -> ``Tensor[3, H, W]`` float32 (0..255; YUV444 when ``to_yuv``), boxes to tensors."""
+def nv12_round_trip(yuv: np.ndarray) -> np.ndarray:
+    """YUV444 ``np.ndarray[H, W, 3]`` uint8 -> the same image through NV12 (4:2:0) and back.
 
-    def __init__(self, to_yuv: bool = True) -> None:
+    What the board's input stage does (hat-bpu ``device/nv12.py``, ``board_input``): Y kept; the
+    chroma of each 2x2 block is ``(a + b + c + d + 2) >> 2`` of its four U (V) samples, and the
+    expansion back to YUV444 repeats it over the block. H and W must be even (NV12 has no
+    half block); idempotent: a 4:2:0 image passes unchanged.
+    """
+    h, w = yuv.shape[:2]
+    if h % 2 or w % 2:
+        raise UserError(f"to_tensor: board_input = 'nv12' needs an even image height and width "
+                        f"(NV12 has no half chroma block), got {h}x{w}; put `pad` with an even "
+                        "divisor before `to_tensor`")
+    c = yuv[..., 1:].astype(np.uint16).reshape(h // 2, 2, w // 2, 2, 2)
+    block = (c[:, 0, :, 0] + c[:, 0, :, 1] + c[:, 1, :, 0] + c[:, 1, :, 1] + 2) >> 2
+    out = yuv.copy()
+    out[..., 1:] = block.astype(np.uint8).repeat(2, 0).repeat(2, 1)
+    return out
+
+
+BOARD_INPUTS = ("none", "nv12")
+
+
+class ToTensor:
+    """HWC uint8 -> ``Tensor[3, H, W]`` float32 (0..255; YUV444 when ``to_yuv``), boxes to tensors.
+
+    :param board_input: ``"nv12"``: the YUV image goes through the board's NV12 (4:2:0) input
+        conversion (:func:`nv12_round_trip`), so training and validation see what the deployed
+        model sees; ``"none"``: full-resolution YUV444.
+    """
+
+    def __init__(self, to_yuv: bool = True, board_input: str = "none") -> None:
+        if board_input not in BOARD_INPUTS:
+            raise UserError(f"to_tensor: board_input must be one of {BOARD_INPUTS}, got "
+                            f"{board_input!r}")
+        if board_input != "none" and not to_yuv:
+            raise UserError(f"to_tensor: board_input = {board_input!r} converts YUV; set "
+                            "to_yuv = true")
         self.to_yuv = to_yuv
+        self.board_input = board_input
 
     def __call__(self, sample: Sample) -> Sample:
         img = _image(sample, "to_tensor")
         if self.to_yuv:
             img = rgb_to_yuv444(img)
+        if self.board_input == "nv12":
+            img = nv12_round_trip(img)
         sample["img"] = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
         sample["gt_boxes"] = torch.as_tensor(sample["gt_boxes"], dtype=torch.float32).reshape(-1, 4)
         sample["gt_labels"] = torch.as_tensor(sample["gt_labels"], dtype=torch.int64).reshape(-1)

@@ -34,9 +34,8 @@ def integer_graph(pipe: Any, model: nn.Module, shape: list[int], march: str) -> 
     YUV input of ``shape`` through the recipe's ``[quantize]`` plugin."""
     from hat_bpu.quant.convert import convert
 
-    qspec = pipe.section("quantize")
-    if hasattr(qspec, "march"):
-        qspec.march = march
+    if hasattr(pipe.recipe.target, "march"):
+        pipe.recipe.target.march = march  # the quantizer models the march asked for
     qm = pipe.quantize(model.eval(), "calibration")
     x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float()
     x = (x - 128) / 128
@@ -52,7 +51,7 @@ def register(cli: click.Group) -> None:
     from hat_bpu.device.checker import check
 
     march_opt = click.option("--march", type=click.Choice(MARCHES), default=None,
-                             help="BPU architecture (default: the recipe's [compile] march)")
+                             help="BPU architecture (default: the recipe's [target] march)")
     set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                            help="override a recipe value")
 
@@ -66,7 +65,7 @@ def register(cli: click.Group) -> None:
                   overrides: tuple[str, ...]) -> None:
         """List every op of RECIPE's model as BPU / not supported (exit 1 on a failure)."""
         pipe = hat.load(recipe, overrides)
-        m = get_march(march or pipe.section("compile").march)
+        m = get_march(march or pipe.section("target").march)
         shape = _shape(input_shape, pipe.section("export").input_shape)
         report = check(pipe.build_model().eval(), m, torch.zeros([1, *shape[1:]]))
         click.echo(report["text"])
@@ -87,7 +86,7 @@ def register(cli: click.Group) -> None:
         """Estimated latency/FPS/DDR traffic of RECIPE's architecture (random weights) on a
         modelled BPU - estimates of a modelled device, not board measurements."""
         pipe = hat.load(recipe, overrides)
-        name = march or pipe.section("compile").march
+        name = march or pipe.section("target").march
         m = get_march(name)
         shape = _shape(input_shape, pipe.section("export").input_shape)
         graph = integer_graph(pipe, pipe.build_model(), shape, name)

@@ -13,6 +13,9 @@ interleaved UV plane: 4:2:0); the BPU's input stage expands it back to YUV444 an
 
 NV12 chroma of a 2×2 block = ``(a + b + c + d + 2) >> 2`` of the full-resolution U (V); the
 YUV444 expansion repeats each chroma sample over its 2×2 block (nearest). H and W must be even.
+hat-coco's ``to_tensor`` with ``board_input = "nv12"`` computes the same round trip in its own
+code (numpy), so training sees these pixels; ``tests/test_deploy_board.py`` checks the two agree
+bit for bit.
 """
 
 from __future__ import annotations
@@ -44,15 +47,21 @@ def rgb_to_yuv(rgb: torch.Tensor) -> torch.Tensor:
     return _round8(torch.stack([y, u, v], 1))
 
 
-def rgb_to_nv12(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGB pixels Tensor[N, 3, H, W] → (Y uint8 Tensor[N, H, W], UV uint8 Tensor[N, H/2, W/2, 2])."""
-    n, _, h, w = rgb.shape
+def yuv_to_nv12(yuv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """YUV444 pixels Tensor[N, 3, H, W] (integers 0..255) → (Y uint8 Tensor[N, H, W], UV uint8
+    Tensor[N, H/2, W/2, 2]): the luma plane as is, each 2×2 block's chroma averaged."""
+    n, _, h, w = yuv.shape
     if h % 2 or w % 2:
         raise UserError(f"NV12 needs an even input height and width, got {h}x{w}")
-    yuv = rgb_to_yuv(rgb).long()
+    yuv = yuv.long()
     uv = yuv[:, 1:].reshape(n, 2, h // 2, 2, w // 2, 2).sum((3, 5))
     uv = torch.bitwise_right_shift(uv + 2, 2)
     return yuv[:, 0].to(torch.uint8), uv.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
+
+
+def rgb_to_nv12(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB pixels Tensor[N, 3, H, W] → (Y uint8 Tensor[N, H, W], UV uint8 Tensor[N, H/2, W/2, 2])."""
+    return yuv_to_nv12(rgb_to_yuv(rgb))
 
 
 def nv12_to_yuv444(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -65,9 +74,13 @@ def nv12_to_yuv444(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 def board_input(img: torch.Tensor) -> torch.Tensor:
     """The batch's normalised YUV444 tensor → what the board feeds the BPU, normalised again.
 
-    ``img = (p - 128) / 128`` → pixels ``p`` → RGB → NV12 → YUV444 → ``(p' - 128) / 128``
-    (exactly the int8 ``p' - 128`` at scale 1/128). Tensor[N, 3, H, W] → Tensor[N, 3, H, W].
+    ``img = (p - 128) / 128`` → YUV pixels ``p`` → NV12 (the frame as the camera / decoder
+    delivers it) → YUV444 → ``(p' - 128) / 128`` (exactly the int8 ``p' - 128`` at scale 1/128).
+    The batch's YUV444 is the dataset's RGB through the BT.601 formula above (hat-coco's
+    ``to_tensor``, bit-exact), so this is the NV12 of that RGB image with no second colour
+    conversion; on an image already through ``to_tensor``'s ``board_input = "nv12"`` it changes
+    nothing. Tensor[N, 3, H, W] → Tensor[N, 3, H, W].
     """
     pix = torch.round(img.detach().cpu().double() * 128 + 128).clamp_(0, 255)
-    y, uv = rgb_to_nv12(yuv_to_rgb(pix))
+    y, uv = yuv_to_nv12(pix)
     return (nv12_to_yuv444(y, uv).float() - 128) / 128

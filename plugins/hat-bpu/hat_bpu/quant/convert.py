@@ -161,7 +161,7 @@ class _Converter:
             want = self.meta.get("march")
             if mod.march is not None and want is not None and mod.march != want:
                 raise UserError(f"{name!r} was quantized for march {mod.march!r}, exported for "
-                                f"{want!r}: state the march once ([quantize] and [export] march)")
+                                f"{want!r}: state the march once ([target] march)")
             ms, s = qspec.add_params([float(x.scale) for x in xs], s_out, mod.march)
             self.add("add", node, xs, dtype, s_out, name, attrs,
                      {"m": np.concatenate(ms), "shift": s})

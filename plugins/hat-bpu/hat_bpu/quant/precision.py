@@ -192,10 +192,10 @@ def tune_recipe(run: Any, recipe: Path, budget_ms: float, march_name: str | None
     qspec = pipe.section("quantize")
     if not hasattr(qspec, "overrides"):
         raise UserError(f"{recipe}: [quantize] type {qspec.type!r} has no overrides to tune")
-    compile_spec = getattr(pipe.recipe, "compile", None)
-    march = get_march(march_name or getattr(compile_spec, "march", None) or qspec.march)
+    target = pipe.section("target").march
+    march = get_march(march_name or target)
     model, record, out_dir = recipe_sensitivity(pipe, stage, metric, batches, None, False, echo)
-    graph = convert(model, pipe.example_input(), march=qspec.march)
+    graph = convert(model, pipe.example_input(), march=target)
     res = tune(record, graph, march, budget_ms)
     gains = {r["unit"]: r["int16_gain"] for r in record["units"]}
     mul, unit = (1.0, "dB SQNR") if metric == "sqnr" else (100.0, "AP")
