@@ -105,8 +105,8 @@ def test_the_scaffolds_are_installed_editable(installed) -> None:
         assert url["dir_info"] == {"editable": True}, kind
         assert url["url"] == (root / n.dist).as_uri(), kind
     modules = [Names.of(f"ex-{kind}").module for kind in KINDS]
-    proc = subprocess.run([str(python), "-c", "import importlib; print('\\n'.join("
-                           f"importlib.import_module(m + '.plugin').__file__ for m in {modules!r}))"],
+    proc = subprocess.run([str(python), "-c", "import importlib.util; print('\\n'.join("
+                           f"importlib.util.find_spec(m + '.plugin').origin for m in {modules!r}))"],
                           cwd=root, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [str(root / f"hat-ex-{k}" / m / "plugin.py")

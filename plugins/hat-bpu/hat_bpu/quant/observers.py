@@ -45,7 +45,8 @@ _PLUGIN_RULES: dict[str, RangeFn] = {}
 
 def resolve(name: str) -> None:
     """Check ``[quantize] observer = name``: one of :data:`OBSERVERS`, else a rule a loaded
-    plugin adds through ``bpu_observers`` (registered here for :class:`Observer`).
+    plugin adds through ``bpu_observers`` (the run's plugins' rules are then the ones
+    :class:`Observer` accepts).
 
     :raises UserError: no loaded plugin adds ``name``, listing every known observer.
     """
@@ -55,6 +56,8 @@ def resolve(name: str) -> None:
     from hatcore.errors import UserError
 
     added = collect("bpu_observers", OBSERVERS, "observer")
+    _PLUGIN_RULES.clear()  # the current plugin manager's rules only
+    _PLUGIN_RULES.update({n: rule for n, (_, rule) in added.items() if callable(rule)})
     if name not in added:
         known = [*OBSERVERS, *(f"{n} (plugin {p})" for n, (p, _) in added.items())]
         raise UserError(f"[quantize] observer = {name!r}: unknown observer; expected one of "
@@ -63,7 +66,6 @@ def resolve(name: str) -> None:
     if not callable(rule):
         raise UserError(f"plugin {plugin!r}: bpu_observers gives {name!r} = {rule!r}, not a "
                         "callable range rule")
-    _PLUGIN_RULES[name] = rule
 
 
 class Observer(nn.Module):
