@@ -502,8 +502,9 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{t['role']} | {t['source']} |")
         ho, hn = r["held_out_old"], r["held_out_new"]
         lines.append(f"\nHeld out: old knobs MAPE {ho['mape_pct']} % (max {ho['max_pct']} %), "
-                     f"refitted MAPE {hn['mape_pct']} % (max {hn['max_pct']} %); on the training "
-                     f"points MAPE {r['train_new']['mape_pct']} %. "
+                     f"refitted MAPE {hn['mape_pct']} % (max {hn['max_pct']} %)"
+                     + (f"; on the training points MAPE {r['train_new']['mape_pct']} %"
+                        if not math.isnan(r["train_new"]["mape_pct"]) else "") + ". "
                      f"Knobs old → new: " + ", ".join(
                          f"{k} {r['old_knobs'][k]} → {r['new_knobs'][k]}" for k in KNOBS)
                      + (" (= march.py)" if r["new_knobs"] == r["march_py_knobs"] else

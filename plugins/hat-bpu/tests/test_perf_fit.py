@@ -74,5 +74,6 @@ def test_the_march_table_holds_the_fit() -> None:
     (rerun bench/bpu_perf_fit.py and update march.py when a point or the model changes)."""
     res = fit.run()
     for march, r in res["marches"].items():
-        assert r["new_knobs"] == r["march_py_knobs"], march
+        for knob, value in r["new_knobs"].items():  # to the fit's rounding
+            assert r["march_py_knobs"][knob] == pytest.approx(value, rel=2e-3, abs=1e-3), knob
         assert r["held_out_new"]["mape_pct"] < r["held_out_old"]["mape_pct"], march

@@ -104,7 +104,7 @@ _MARCHES: dict[str, March] = {
         mac_align=(8, 8), max_kernel=7, max_stride=2, max_channels=2048,
         max_tensor_bytes=16 << 20, pow2_scales=False,
         layer_overhead_us=15.0, frame_overhead_us=300.0,
-        peak_utilisation=0.2269, depthwise_efficiency=0.3635,
+        peak_utilisation=0.2268, depthwise_efficiency=0.3635,
         sources={
             "peak_tops_int8": "public: Horizon Robotics Sunrise 3 / Journey 3 product pages and "
                               "RDK X3 spec sheet (5 TOPS equivalent, dual-core Bernoulli 2.0 BPU)",
