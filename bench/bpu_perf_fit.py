@@ -505,7 +505,7 @@ def markdown(res: dict[str, Any]) -> str:
                      f"refitted MAPE {hn['mape_pct']} % (max {hn['max_pct']} %)"
                      + (f"; on the training points MAPE {r['train_new']['mape_pct']} %"
                         if not math.isnan(r["train_new"]["mape_pct"]) else "") + ". "
-                     f"Knobs old → new: " + ", ".join(
+                     "Knobs old → new: " + ", ".join(
                          f"{k} {r['old_knobs'][k]} → {r['new_knobs'][k]}" for k in KNOBS)
                      + (" (= march.py)" if r["new_knobs"] == r["march_py_knobs"] else
                         f" (march.py holds {r['march_py_knobs']})")
