@@ -90,6 +90,7 @@ class Observer(nn.Module):
                              "or auto for int16 tensors (e.g. an override of the head)")
         self.method, self.dtype, self.pow2 = method, dtype, pow2
         self.averaging_constant, self.percentile = averaging_constant, percentile
+        self._histogram = method in HIST_OBSERVERS or method not in OBSERVERS  # plugin rules too
         self.register_buffer("max_abs", torch.tensor(0.0))  # minmax
         self.register_buffer("ma_abs", torch.tensor(0.0))  # moving average
         self.register_buffer("count", torch.tensor(0, dtype=torch.long))
@@ -98,10 +99,6 @@ class Observer(nn.Module):
             self.register_buffer("hist_max", torch.tensor(0.0))
         # auto: the method that won, as an index into CHOICES (persisted for quant-debug)
         self.register_buffer("choice_idx", torch.tensor(-1, dtype=torch.long))
-
-    @property
-    def _histogram(self) -> bool:
-        return self.method in HIST_OBSERVERS or self.method in _PLUGIN_RULES
 
     @property
     def choice(self) -> str:
@@ -158,7 +155,10 @@ class Observer(nn.Module):
             return self.ma_abs.clone()
         if int(self.count) == 0 or float(self.hist_max) <= 0:
             return self.max_abs.clone()
-        if self.method in _PLUGIN_RULES:
+        if self.method not in OBSERVERS:
+            if self.method not in _PLUGIN_RULES:
+                raise ValueError(f"observer {self.method!r} is a plugin's, and the plugins of "
+                                 "the current run do not give it")
             top = float(self.max_abs)
             amax = float(_PLUGIN_RULES[self.method](
                 hist=self.hist.detach().cpu(), hist_max=float(self.hist_max), max_abs=top,
