@@ -1,11 +1,14 @@
-"""`hat plugin new`: every kind scaffolded, pip-installed and found by `hat plugins`; its own tests
-(the harness's fixtures, a recipe naming the plugin) pass as written; broken plugins installed
-beside them are named and do not stop the others.
+"""`hat plugin new`: every kind scaffolded, `pip install -e`'d as its README says and found by
+`hat plugins`; its own tests (the harness's fixtures, a recipe naming the plugin) pass as
+written; broken plugins installed beside them are named and do not stop the others.
 
-One `pip install --no-deps --target` of every package into a temporary folder put on
-PYTHONPATH (the test environment provides hatcore and the real plugins), then one `hat plugins`
-and one `pytest` subprocess over all the scaffolds' tests: honest (the entry points are read from
-the installed metadata by fresh interpreters) and quick.
+One temporary venv layered on the test environment (a ``.pth`` file in its site-packages adds
+the test environment's, so hatcore, torch and the real plugins come from there), one
+`pip install -e` of every package into it (no network: ``--no-index --no-deps
+--no-build-isolation``; setuptools comes from the test environment), then one `hat plugins`
+and one `pytest` subprocess of the venv's interpreter over all the scaffolds' tests: honest
+(editable installs, entry points read from the installed metadata by fresh interpreters) and
+quick.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -46,9 +50,25 @@ def _broken_package(root: Path, dist: str, entry: str, source: str) -> Path:
     return pkg
 
 
-def _env(site: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAT_", "PYTEST_"))}
-    return {**env, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HAT_", "PYTEST_")) and k != "PYTHONPATH"}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _layered_venv(root: Path) -> tuple[Path, Path]:
+    """A venv (no pip of its own) whose site-packages also reads the test environment's:
+    ``(python, site-packages)``."""
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; "
+                                "print(sysconfig.get_paths()['purelib'])"], check=True,
+                               capture_output=True, text=True, timeout=60).stdout.strip())
+    outer = sysconfig.get_paths()["purelib"]
+    (site / "_hat_test_env.pth").write_text(f"import site; site.addsitedir({outer!r})\n")
+    return python, site
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +86,37 @@ def installed(tmp_path_factory):  # type: ignore[no-untyped-def]
         packages.append(dest)
     for dist, (entry, source) in BROKEN.items():
         packages.append(_broken_package(root, dist, entry, source))
-    site = root / "site"
+    python, site = _layered_venv(root)
     pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--no-index", "--target", str(site), *map(str, packages)],
-        capture_output=True, text=True, timeout=300)
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--no-index", *[a for p in packages for a in ("-e", str(p))]],
+        capture_output=True, text=True, timeout=300, env=_env())
     assert pip.returncode == 0, pip.stderr[-3000:]
-    return root, site
+    return root, python, site
+
+
+def test_the_scaffolds_are_installed_editable(installed) -> None:
+    """`pip install -e`: each package's metadata is in the venv, its code is the scaffold's
+    folder (an edit there is live), not a copy."""
+    root, python, site = installed
+    for kind in KINDS:
+        n = Names.of(f"ex-{kind}")
+        url = json.loads((site / f"{n.module}-0.1.0.dist-info" / "direct_url.json").read_text())
+        assert url["dir_info"] == {"editable": True}, kind
+        assert url["url"] == (root / n.dist).as_uri(), kind
+    modules = [Names.of(f"ex-{kind}").module for kind in KINDS]
+    proc = subprocess.run([str(python), "-c", "import importlib.util; print('\\n'.join("
+                           f"importlib.util.find_spec(m + '.plugin').origin for m in {modules!r}))"],
+                          cwd=root, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(root / f"hat-ex-{k}" / m / "plugin.py")
+                                   for k, m in zip(KINDS, modules, strict=True)]
 
 
 def test_hat_plugins_lists_every_scaffold_and_names_the_broken_ones(installed) -> None:
-    root, site = installed
-    proc = subprocess.run([sys.executable, "-m", "hatcore", "plugins", "--json"], cwd=root,
-                          env=_env(site), capture_output=True, text=True, timeout=300)
+    root, python, _ = installed
+    proc = subprocess.run([str(python), "-m", "hatcore", "plugins", "--json"], cwd=root,
+                          env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listing = json.loads(proc.stdout)
     rows = {r["name"]: r for r in listing["plugins"]}
@@ -87,6 +125,8 @@ def test_hat_plugins_lists_every_scaffold_and_names_the_broken_ones(installed) -
         assert rows[f"ex-{kind}"]["version"] == "0.1.0"
     assert "backbone:ex_backbone" in rows["ex-backbone"]["types"]
     assert rows["ex-stage"]["stages"] == ["ex_stage"]
+    assert "bpu_observers" in rows["ex-observer"]["hooks"]
+    assert "bpu_marches" in rows["ex-march"]["hooks"]
     assert set(listing["failed"]) == {"broken-import", "broken-sig"}
     assert listing["failed"]["broken-import"] == (
         "ModuleNotFoundError: No module named 'hat_no_such_dependency'")
@@ -98,11 +138,12 @@ def test_hat_plugins_lists_every_scaffold_and_names_the_broken_ones(installed) -
 def test_every_scaffold_passes_its_own_tests(installed) -> None:
     """Each kind's test loads the installed plugin through its entry point, checks `hat plugins`
     and runs a tiny recipe naming it (backbone: FCOS trains one epoch; backend: calibration →
-    export → compile and both deployed rows)."""
-    root, site = installed
+    export → compile and both deployed rows; observer: calibration with it; march: quantize,
+    export, compile and the perf estimate for it)."""
+    root, python, _ = installed
     dirs = [str(root / f"hat-ex-{kind}") for kind in KINDS]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *dirs],
-                          cwd=root, env=_env(site), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *dirs],
+                          cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:]
     tests = sum(len([n for n in ast.parse(Path(d, "tests", f"test_hat_ex_{k}.py").read_text()).body
                      if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")])

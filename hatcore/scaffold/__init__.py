@@ -24,7 +24,8 @@ import tomllib
 from hatcore import __version__
 from hatcore.errors import UserError
 
-ORDER = ("backbone", "dataset", "transform", "metric", "backend", "command", "stage")
+ORDER = ("backbone", "dataset", "transform", "metric", "backend", "observer", "march", "command",
+         "stage")
 
 
 def _kinds() -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from hat_bpu.device.march import MARCHES, get_march
 from hat_bpu.ir import hbir
-from hat_bpu.quant.observers import OBSERVERS
+from hat_bpu.quant import observers
 from hat_bpu.quant.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
 from hatcore.context import HatContext, pass_hat
@@ -63,9 +63,10 @@ class HorizonQuantizeSpec(QuantizeSpec):
     ``[target] march``)."""
 
     moved_keys: ClassVar[dict[str, str]] = _MOVED
-    observer: Literal["minmax", "ma_minmax", "percentile", "mse", "kl", "auto"] = option(
-        "auto", doc="activation range observer; auto keeps, per tensor, the candidate of "
-        "minmax/percentile/mse/kl with the best SQNR on the calibration histogram")
+    observer: str = option(
+        "auto", doc="activation range observer: minmax, ma_minmax, percentile, mse, kl, auto "
+        "(keeps, per tensor, the candidate of minmax/percentile/mse/kl with the best SQNR on the "
+        "calibration histogram) or one a plugin adds (bpu_observers)")
     percentile: float = option(99.99, doc="percentile observer: the percentile of |x| kept")
     averaging_constant: float = option(0.1, doc="ma_minmax observer: moving-average constant")
     pow2_scales: bool | None = option(None, doc="power-of-two scales; default: the march's policy")
@@ -100,8 +101,7 @@ def march_pow2(march: str) -> bool:
 
 def qconfig_from_spec(qspec: HorizonQuantizeSpec, march: str = DEFAULT_MARCH) -> QConfig:
     """Turn the recipe table (and the target's ``march``) into the quantizer's typed settings."""
-    if qspec.observer not in OBSERVERS:
-        raise UserError(f"[quantize] observer = {qspec.observer!r}; expected one of {OBSERVERS}")
+    observers.resolve(qspec.observer)
     pow2 = march_pow2(march) if qspec.pow2_scales is None else qspec.pow2_scales
     if pow2 and qspec.lsq:
         raise UserError("[quantize] lsq = true cannot learn power-of-two scales "
@@ -137,6 +137,14 @@ def apply_freezes(model: nn.Module, epoch: int) -> list[str]:
     for qm in [m for m in model.modules() if isinstance(m, QuantModel)]:
         done += [d for d in qm.apply_freezes(epoch) if d not in done]
     return done
+
+
+@hookimpl
+def hat_addhooks(pluginmanager: Any) -> None:
+    """hat-bpu's own hooks (``bpu_observers``, ``bpu_marches``): :mod:`hat_bpu.hookspecs`."""
+    from hat_bpu import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl

@@ -2,8 +2,10 @@
 
 The model checker, the quantizer (``pow2_scales``), the compiler (weight layout) and the
 performance model all read this one table. Each number says where it comes from: a public
-source, or ``ASSUMPTION`` (a plausible value for a modelled device, tuned where noted against
-the one public calibration point, FCOS-EfficientNet-B0 512×512 on RDK X5 = 3.3 ms).
+source, or ``ASSUMPTION`` (a plausible value for a modelled device), or says what it was fitted to:
+bayes-e's and bernoulli2's utilisation (and bayes-e's overheads) are least-squares fits to
+published on-board latencies of public model-zoo networks (``bench/bpu_perf_fit.py``; predicted
+vs published in docs/bpu.md).
 
 These describe a *modelled* device, not Horizon's real hardware; perf numbers derived from them
 are estimates.
@@ -102,7 +104,7 @@ _MARCHES: dict[str, March] = {
         mac_align=(8, 8), max_kernel=7, max_stride=2, max_channels=2048,
         max_tensor_bytes=16 << 20, pow2_scales=False,
         layer_overhead_us=15.0, frame_overhead_us=300.0,
-        peak_utilisation=0.55, depthwise_efficiency=0.15,
+        peak_utilisation=0.2268, depthwise_efficiency=0.3635,
         sources={
             "peak_tops_int8": "public: Horizon Robotics Sunrise 3 / Journey 3 product pages and "
                               "RDK X3 spec sheet (5 TOPS equivalent, dual-core Bernoulli 2.0 BPU)",
@@ -114,8 +116,10 @@ _MARCHES: dict[str, March] = {
             "sram_kib": "ASSUMPTION",
             "mac_align": "ASSUMPTION",
             "limits": "ASSUMPTION (modelled on OpenExplorer's X3 operator constraints list)",
-            "overheads": "ASSUMPTION",
-            "utilisation": "ASSUMPTION",
+            "overheads": "ASSUMPTION (too few public points to fit them)",
+            "utilisation": "fitted by least squares to 3 published RDK X3 latencies (ResNet18, "
+                           "MobileNetV1/V2, D-Robotics rdk_model_zoo; bench/bpu_perf_fit.py, "
+                           "leave-one-out error in docs/bpu.md)",
         }),
     "bayes": March(
         name="bayes", device="Journey 5 (J5)",
@@ -139,8 +143,8 @@ _MARCHES: dict[str, March] = {
         peak_tops_int8=10.0, ddr_gbps=17.0, sram_kib=2048, clock_mhz=1000,
         mac_align=(16, 16), max_kernel=15, max_stride=4, max_channels=8192,
         max_tensor_bytes=32 << 20, pow2_scales=False,
-        layer_overhead_us=3.0, frame_overhead_us=200.0,
-        peak_utilisation=0.65, depthwise_efficiency=0.12,
+        layer_overhead_us=6.733, frame_overhead_us=0.0,
+        peak_utilisation=0.2748, depthwise_efficiency=0.2838,
         sources={
             "peak_tops_int8": "public: D-Robotics RDK X5 spec sheet (10 TOPS BPU, Bayes-e)",
             "ddr_gbps": "ASSUMPTION (LPDDR4 4266 MT/s, 32-bit → 17 GB/s)",
@@ -148,21 +152,48 @@ _MARCHES: dict[str, March] = {
             "sram_kib": "ASSUMPTION",
             "mac_align": "ASSUMPTION",
             "limits": "ASSUMPTION",
-            "overheads": "ASSUMPTION, tuned with the utilisation so FCOS-EfficientNet-B0 "
-                         "512×512 = 3.3 ms (D-Robotics rdk_model_zoo, FCOS README)",
-            "utilisation": "ASSUMPTION, tuned (see overheads)",
+            "overheads": "fitted by least squares with the utilisation to 8 published RDK X5 "
+                         "latencies (ResNet18, RepVGG, MobileOne, YOLOv5u/v8; D-Robotics "
+                         "rdk_model_zoo), checked on 8 others (bench/bpu_perf_fit.py, docs/bpu.md)",
+            "utilisation": "fitted (see overheads)",
         }),
 }
 
 MARCHES: tuple[str, ...] = tuple(_MARCHES)
+"""hat-bpu's own marches; plugins add more through ``bpu_marches`` (:func:`march_names`)."""
+
+
+def plugin_marches() -> dict[str, tuple[str, March]]:
+    """The marches the loaded plugins add: ``name -> (plugin, record)``.
+
+    :raises UserError: a name given twice or shadowing a built-in one, or a record that is not
+        a :class:`March`.
+    """
+    from hat_bpu.pluggable import collect
+
+    found = collect("bpu_marches", MARCHES, "march")
+    for plugin, m in found.values():
+        if not isinstance(m, March):
+            raise UserError(f"plugin {plugin!r}: bpu_marches returned {m!r}, not a "
+                            "hat_bpu.device.march.March")
+    return found
+
+
+def march_names() -> tuple[str, ...]:
+    """Every march a recipe may name: hat-bpu's, then the loaded plugins'."""
+    return MARCHES + tuple(plugin_marches())
 
 
 def get_march(name: str) -> March:
-    """The march record called ``name``.
+    """The march record called ``name``: hat-bpu's own, else one a loaded plugin adds.
 
-    :raises UserError: an unknown march, listing the known ones.
+    :raises UserError: an unknown march, listing the known ones (with the plugin of each added
+        one).
     """
-    try:
+    if name in _MARCHES:
         return _MARCHES[name]
-    except KeyError:
-        raise UserError(f"unknown march {name!r}; expected one of {', '.join(MARCHES)}") from None
+    added = plugin_marches()
+    if name in added:
+        return added[name][1]
+    known = [*MARCHES, *(f"{n} (plugin {p})" for n, (p, _) in added.items())]
+    raise UserError(f"unknown march {name!r}; expected one of {', '.join(known)}")

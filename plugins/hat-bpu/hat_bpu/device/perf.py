@@ -115,7 +115,7 @@ def estimate(graph: ir.Graph, march: March) -> dict[str, Any]:
     ops = sum(lp.ops for lp in layers) // batch
     ddr = (sum(lp.ddr_bytes for lp in layers) + in_bytes + out_bytes) // batch
     return {"march": march.name, "device": march.device, "input_shape": shape,
-            "latency_ms": round(latency, 4), "fps": round(1e3 / latency, 2),
+            "latency_ms": round(latency, 6), "fps": round(1e3 / latency, 2),
             "ops_per_frame": int(ops), "gops_per_frame": round(ops / 1e9, 3),
             "ddr_bytes_per_frame": int(ddr), "layers": [asdict(lp) for lp in layers],
             "note": "estimates of a modelled device (hat-bpu cost model), not measurements"}

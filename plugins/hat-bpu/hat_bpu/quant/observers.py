@@ -14,6 +14,8 @@
 * ``auto``: computes the candidates of all the above on the same histogram and keeps, per
   tensor, the one with the least measured fake-quant error (as ``mse`` measures it) on the
   calibration data. The chosen method is recorded in ``choice``.
+* a plugin's: a range rule another plugin adds through the hook ``bpu_observers``
+  (:mod:`hat_bpu.hookspecs`), fed the same histogram (:func:`resolve` registers it).
 
 The histogram (``BINS`` bins of ``|x|`` over ``[0, hist_max]``) grows by merging bins when a
 larger value arrives, so its buffers keep a fixed shape (state_dict round-trips).
@@ -22,6 +24,7 @@ larger value arrives, so its buffers keep a fixed shape (state_dict round-trips)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,6 +36,36 @@ OBSERVERS = ("minmax", "ma_minmax", "percentile", "mse", "kl", "auto")
 HIST_OBSERVERS = ("percentile", "mse", "kl", "auto")
 BINS = 2048
 CHOICES = ("minmax", "percentile", "mse", "kl")
+
+RangeFn = Callable[..., float]
+"""A plugin observer's range rule: ``rule(*, hist, hist_max, max_abs, dtype, pow2) -> amax``."""
+
+_PLUGIN_RULES: dict[str, RangeFn] = {}
+
+
+def resolve(name: str) -> None:
+    """Check ``[quantize] observer = name``: one of :data:`OBSERVERS`, else a rule a loaded
+    plugin adds through ``bpu_observers`` (the run's plugins' rules are then the ones
+    :class:`Observer` accepts).
+
+    :raises UserError: no loaded plugin adds ``name``, listing every known observer.
+    """
+    if name in OBSERVERS:
+        return
+    from hat_bpu.pluggable import collect
+    from hatcore.errors import UserError
+
+    added = collect("bpu_observers", OBSERVERS, "observer")
+    _PLUGIN_RULES.clear()  # the current plugin manager's rules only
+    _PLUGIN_RULES.update({n: rule for n, (_, rule) in added.items() if callable(rule)})
+    if name not in added:
+        known = [*OBSERVERS, *(f"{n} (plugin {p})" for n, (p, _) in added.items())]
+        raise UserError(f"[quantize] observer = {name!r}: unknown observer; expected one of "
+                        f"{', '.join(known)}")
+    plugin, rule = added[name]
+    if not callable(rule):
+        raise UserError(f"plugin {plugin!r}: bpu_observers gives {name!r} = {rule!r}, not a "
+                        "callable range rule")
 
 
 class Observer(nn.Module):
@@ -48,18 +81,20 @@ class Observer(nn.Module):
     def __init__(self, method: str = "minmax", dtype: str = "int8", averaging_constant: float = 0.1,
                  percentile: float = 99.99, pow2: bool = False) -> None:
         super().__init__()
-        if method not in OBSERVERS:
-            raise ValueError(f"unknown observer {method!r}; expected one of {', '.join(OBSERVERS)}")
+        if method not in OBSERVERS and method not in _PLUGIN_RULES:
+            raise ValueError(f"unknown observer {method!r}; expected one of "
+                             f"{', '.join([*OBSERVERS, *_PLUGIN_RULES])}")
         if method == "kl" and dtype != "int8":
             raise ValueError(f"observer 'kl' calibrates int8 only ({BINS}-bin histogram, "
                              f"{dtype} has {qrange(dtype)[1] + 1} levels); use mse, percentile "
                              "or auto for int16 tensors (e.g. an override of the head)")
         self.method, self.dtype, self.pow2 = method, dtype, pow2
         self.averaging_constant, self.percentile = averaging_constant, percentile
+        self._histogram = method in HIST_OBSERVERS or method not in OBSERVERS  # plugin rules too
         self.register_buffer("max_abs", torch.tensor(0.0))  # minmax
         self.register_buffer("ma_abs", torch.tensor(0.0))  # moving average
         self.register_buffer("count", torch.tensor(0, dtype=torch.long))
-        if method in HIST_OBSERVERS:
+        if self._histogram:
             self.register_buffer("hist", torch.zeros(BINS, dtype=torch.float64))
             self.register_buffer("hist_max", torch.tensor(0.0))
         # auto: the method that won, as an index into CHOICES (persisted for quant-debug)
@@ -81,7 +116,7 @@ class Observer(nn.Module):
         ma = batch_max if int(self.count) == 0 else (1 - c) * self.ma_abs + c * batch_max
         self.ma_abs.copy_(ma)
         self.count += 1
-        if self.method in HIST_OBSERVERS:
+        if self._histogram:
             self._update_hist(a)
 
     def update_ma(self, x: torch.Tensor, c: float) -> None:
@@ -120,6 +155,15 @@ class Observer(nn.Module):
             return self.ma_abs.clone()
         if int(self.count) == 0 or float(self.hist_max) <= 0:
             return self.max_abs.clone()
+        if self.method not in OBSERVERS:
+            if self.method not in _PLUGIN_RULES:
+                raise ValueError(f"observer {self.method!r} is a plugin's, and the plugins of "
+                                 "the current run do not give it")
+            top = float(self.max_abs)
+            amax = float(_PLUGIN_RULES[self.method](
+                hist=self.hist.detach().cpu(), hist_max=float(self.hist_max), max_abs=top,
+                dtype=self.dtype, pow2=self.pow2))
+            return torch.tensor(min(max(amax, 0.0), top))
         if self.method != "auto":
             return torch.tensor(self.candidates([self.method])[self.method])
         cands = self.candidates(list(CHOICES) if self.dtype == "int8" else
