@@ -14,7 +14,7 @@ def test_tiny_fcos_overfits_synthetic_shapes(fcos_plugins) -> None:
     batch = make_images(4, 128, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
-    for _ in range(120):
+    for _ in range(160):
         losses = model.compute_loss(model(batch["img"]), batch)
         opt.zero_grad()
         sum(losses.values()).backward()
