@@ -12,7 +12,10 @@ installed ones), so the helper does not depend on how the core is laid out insid
 * ``predict``: right after the first predict stage's metric wrote its results.
 
 The process sends itself SIGKILL (``kill -9``: no cleanup, no ``finally``), or SIGINT with
-``:INT`` (Ctrl-C).
+``:INT`` (Ctrl-C). With ``:INT`` the helper first gives SIGINT Python's default handler: a test
+run started as a background job of a non-interactive shell (``make test &``) inherits SIGINT
+*ignored*, and Python then installs no handler, so the self-sent Ctrl-C would do nothing — a
+terminal's Ctrl-C reaches a foreground ``hat`` whose SIGINT is not ignored.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ def main() -> None:
     from hatcore.cli import main as hat_main
 
     spec = os.environ.get("HAT_KILL_AT")
+    if spec and spec.endswith(":INT"):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if spec:
         set_plugins(make_plugin_manager(extra=[("killpoint", Killpoint(spec))]))
     hat_main(sys.argv[1:])
