@@ -11,7 +11,16 @@ the epoch's user/sys CPU seconds, the loader workers' included (they are joined,
 before the epoch returns), voluntary/involuntary context switches and minor faults of the main
 process. The load average is printed with each row.
 
+With ``--bare`` each round also runs the bare loop (issue 18's "`hat run` ÷ bare-loop bench"):
+the recipe's own model and optimizer settings (SGD with its lr, momentum, Nesterov and weight
+decay on every parameter; channels-last as the trainer), trained ``--iters`` steps on **one**
+batch taken once from the recipe's real train loader (JPEGs through its transforms): forward,
+loss, backward, step and nothing else (no loader, schedule, log, checkpoint). Its img/s is timed
+over the same steps; the process applies the same startup settings as ``hat``
+(hatcore.runtime). The ratio printed is hat run ÷ bare, per round.
+
     --child ...   (internal) run `hat` in this process with the epoch instrumented
+    --bare-child  (internal) the bare loop
 """
 
 from __future__ import annotations
@@ -56,6 +65,53 @@ def child(out: str, argv: list[str]) -> None:
         Path(out).write_text(json.dumps(records))
 
 
+def bare_child(out: str, recipe: str, iters: int, skip: int, sets: list[str]) -> None:
+    from hatcore import runtime
+
+    runtime.apply_process_settings()  # as the `hat` command does before torch loads
+    import time
+
+    import torch
+
+    from hatcore.pipeline import Pipeline
+
+    pipe = Pipeline.load(recipe, sets)
+    torch.manual_seed(0)
+    batch = next(iter(pipe.loader("train")))
+    model = pipe.build_model()
+    float_cfg = pipe.recipe.stages.float
+    opt_cfg = float_cfg.optimizer
+    if opt_cfg.type != "sgd":
+        raise SystemExit(f"--bare: the bare loop is SGD; the recipe's float optimizer is {opt_cfg.type}")
+    fmt = torch.channels_last if float_cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    batch["img"] = batch["img"].contiguous(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
+                          nesterov=opt_cfg.nesterov, weight_decay=opt_cfg.weight_decay)
+    stamps, a = [], _usage()
+    for _ in range(iters):
+        losses = model.compute_loss(model(batch["img"]), batch)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+        stamps.append(time.perf_counter())
+    b = _usage()
+    n = len(batch["img"])
+    rate = n * (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+    usage = dict(zip(("user", "sys", "vcsw", "ivcsw", "minflt"),
+                     (y - x for x, y in zip(a, b, strict=True)), strict=True))
+    Path(out).write_text(json.dumps({"img_s": rate, **usage}))
+
+
+def bare(recipe: str, env: dict[str, str], iters: int, skip: int, sets: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bare.json"
+        subprocess.run([sys.executable, __file__, "--bare-child", str(out), recipe, str(iters),
+                        str(skip), *sets], check=True, env={**os.environ, **env},
+                       stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
 def one(recipe: str, env: dict[str, str], iters: int, skip: int, sets: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "w"
@@ -80,6 +136,10 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3:])
         return
+    if len(sys.argv) > 2 and sys.argv[1] == "--bare-child":
+        out, recipe, iters, skip, *sets = sys.argv[2:]
+        bare_child(out, recipe, int(iters), int(skip), sets)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--iters", type=int, default=12)
@@ -88,22 +148,31 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:K=V,K=V (environment of that variant); default: one 'default:'")
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--bare", action="store_true",
+                    help="also run the bare loop each round (first variant's environment)")
     args = ap.parse_args()
     variants = []
     for v in args.variant or ["default:"]:
         name, _, kv = v.partition(":")
         variants.append((name, dict(p.split("=", 1) for p in kv.split(",") if p)))
     rows: dict[str, list[dict[str, float]]] = {n: [] for n, _ in variants}
+    if args.bare:
+        rows["bare"] = []
     for r in range(args.rounds):
-        for name, env in variants:
-            res = one(args.recipe, env, args.iters, args.skip, args.sets)
+        for name, env in variants + ([("bare", variants[0][1])] if args.bare else []):
+            run = bare if name == "bare" else one
+            res = run(args.recipe, env, args.iters, args.skip, args.sets)
             rows[name].append(res)
             print(f"round {r + 1} {name:12s} {res['img_s']:6.2f} img/s  user {res['user']:7.1f} s  "
                   f"sys {res['sys']:6.1f} s  sys/user {res['sys'] / max(res['user'], 1e-9):.2f}  "
                   f"vcsw {res['vcsw']:.0f} ivcsw {res['ivcsw']:.0f} minflt {res['minflt']:.0f}  "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     print("median img/s:", "  ".join(f"{n} {statistics.median(x['img_s'] for x in rows[n]):.2f}"
-                                     for n, _ in variants))
+                                     for n in rows))
+    if args.bare:
+        first = variants[0][0]
+        print(f"{first} ÷ bare per round:", ", ".join(
+            f"{a['img_s'] / b['img_s']:.2f}" for a, b in zip(rows[first], rows["bare"], strict=True)))
 
 
 if __name__ == "__main__":
