@@ -133,3 +133,23 @@ def test_hookspecs_have_param_docs() -> None:
 def test_generated_docs_are_up_to_date() -> None:
     for path, text in docgen.generate().items():
         assert path.read_text() == text, f"{path} is stale: run `python -m hatcore.docgen`"
+
+
+def test_hooks_the_repository_plugins_add_are_in_the_generated_page() -> None:
+    """Every spec a repository plugin adds through ``hat_addhooks`` (found here by scanning the
+    plugins' ``hookspecs`` modules for pluggy's marker, not through the plugin manager as
+    docgen does) has a section in docs/hooks.md under its plugin."""
+    import importlib
+
+    text = (ROOT / "docs" / "hooks.md").read_text()
+    seen = 0
+    for module in ("hat_bpu.hookspecs", "hat_fcos.hookspecs"):
+        mod = importlib.import_module(module)
+        names = [n for n, f in vars(mod).items() if callable(f) and hasattr(f, "hat_spec")]
+        assert names, module
+        part = text.split(f"(`{module}`)", 1)
+        assert len(part) == 2, f"no section for {module}"
+        for name in names:
+            assert f"## `{name}(" in part[1].split("\n# Hooks added by", 1)[0], (module, name)
+            seen += 1
+    assert seen >= 4
