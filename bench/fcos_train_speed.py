@@ -54,14 +54,16 @@ def synthetic_batch(batch: int, size: int, num_classes: int = 80, seed: int = 0)
 
 
 def bare_train_loop(model: nn.Module, batch: dict[str, Any], steps: int, warmup: int = 1,
-                    channels_last: bool = False, lr: float = 0.01) -> list[float]:
+                    channels_last: bool = False, lr: float = 0.01, **sgd: Any) -> list[float]:
     """Train ``model`` for ``warmup + steps`` SGD steps on ``batch`` (forward, ``compute_loss``,
     backward, optimizer step); returns the seconds of each timed step.
+
+    :param sgd: more ``torch.optim.SGD`` arguments (``momentum`` defaults to 0.9).
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     img = batch["img"].contiguous(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, **{"momentum": 0.9, **sgd})
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()

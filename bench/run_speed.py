@@ -41,6 +41,12 @@ def _usage() -> tuple[float, float, int, int, int]:
     return (s.ru_utime + c.ru_utime, s.ru_stime + c.ru_stime, s.ru_nvcsw, s.ru_nivcsw, s.ru_minflt)
 
 
+def _spent(a: tuple[float, ...], b: tuple[float, ...]) -> dict[str, float]:
+    """What the process used between two :func:`_usage` readings."""
+    return dict(zip(("user", "sys", "vcsw", "ivcsw", "minflt"),
+                    (y - x for x, y in zip(a, b, strict=True)), strict=True))
+
+
 def child(out: str, argv: list[str]) -> None:
     from hatcore import cli, trainer
 
@@ -50,9 +56,7 @@ def child(out: str, argv: list[str]) -> None:
     def timed(self):  # type: ignore[no-untyped-def]
         a = _usage()
         metrics = original(self)
-        b = _usage()
-        records.append(dict(zip(("user", "sys", "vcsw", "ivcsw", "minflt"),
-                                (y - x for x, y in zip(a, b, strict=True)), strict=True)))
+        records.append(_spent(a, _usage()))
         return metrics
 
     trainer.Trainer._epoch = timed  # type: ignore[method-assign]
@@ -69,38 +73,24 @@ def bare_child(out: str, recipe: str, iters: int, skip: int, sets: list[str]) ->
     from hatcore import runtime
 
     runtime.apply_process_settings()  # as the `hat` command does before torch loads
-    import time
-
     import torch
+    from fcos_train_speed import bare_train_loop
 
     from hatcore.pipeline import Pipeline
 
     pipe = Pipeline.load(recipe, sets)
     torch.manual_seed(0)
     batch = next(iter(pipe.loader("train")))
-    model = pipe.build_model()
-    float_cfg = pipe.recipe.stages.float
-    opt_cfg = float_cfg.optimizer
-    if opt_cfg.type != "sgd":
-        raise SystemExit(f"--bare: the bare loop is SGD; the recipe's float optimizer is {opt_cfg.type}")
-    fmt = torch.channels_last if float_cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).train()
-    batch["img"] = batch["img"].contiguous(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
-                          nesterov=opt_cfg.nesterov, weight_decay=opt_cfg.weight_decay)
-    stamps, a = [], _usage()
-    for _ in range(iters):
-        losses = model.compute_loss(model(batch["img"]), batch)
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        opt.step()
-        stamps.append(time.perf_counter())
-    b = _usage()
-    n = len(batch["img"])
-    rate = n * (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
-    usage = dict(zip(("user", "sys", "vcsw", "ivcsw", "minflt"),
-                     (y - x for x, y in zip(a, b, strict=True)), strict=True))
-    Path(out).write_text(json.dumps({"img_s": rate, **usage}))
+    cfg = pipe.recipe.stages.float
+    opt = cfg.optimizer
+    if opt.type != "sgd":
+        raise SystemExit(f"--bare: the bare loop is SGD; the recipe's float optimizer is {opt.type}")
+    a = _usage()
+    times = bare_train_loop(pipe.build_model(), batch, iters - 1 - skip, warmup=skip + 1,
+                            channels_last=cfg.channels_last, lr=opt.lr, momentum=opt.momentum,
+                            nesterov=opt.nesterov, weight_decay=opt.weight_decay)
+    spent = _spent(a, _usage())
+    Path(out).write_text(json.dumps({"img_s": len(batch["img"]) * len(times) / sum(times), **spent}))
 
 
 def bare(recipe: str, env: dict[str, str], iters: int, skip: int, sets: list[str]) -> dict[str, float]:
@@ -155,12 +145,12 @@ def main() -> None:
     for v in args.variant or ["default:"]:
         name, _, kv = v.partition(":")
         variants.append((name, dict(p.split("=", 1) for p in kv.split(",") if p)))
-    rows: dict[str, list[dict[str, float]]] = {n: [] for n, _ in variants}
+    runs = [(name, env, one) for name, env in variants]
     if args.bare:
-        rows["bare"] = []
+        runs.append(("bare", variants[0][1], bare))
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     for r in range(args.rounds):
-        for name, env in variants + ([("bare", variants[0][1])] if args.bare else []):
-            run = bare if name == "bare" else one
+        for name, env, run in runs:
             res = run(args.recipe, env, args.iters, args.skip, args.sets)
             rows[name].append(res)
             print(f"round {r + 1} {name:12s} {res['img_s']:6.2f} img/s  user {res['user']:7.1f} s  "
