@@ -100,10 +100,11 @@ def main() -> None:
     from hatcore.cli import main as hat_main
 
     spec = os.environ.get("HAT_KILL_AT")
-    if spec and spec.endswith(":INT"):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if spec:
-        set_plugins(make_plugin_manager(extra=[("killpoint", Killpoint(spec))]))
+        point = Killpoint(spec)
+        if point.sig == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        set_plugins(make_plugin_manager(extra=[("killpoint", point)]))
     hat_main(sys.argv[1:])
 
 

@@ -34,7 +34,6 @@ TINY = [
     "stages.calibration.batches=1",
     "stages.qat.epochs=1", "stages.qat.max_iters_per_epoch=1", "predict.vis_images=1",
     # two iterations leave the class scores near the focal prior (0.01): keep low scores so that
-    # every stage has detections to compare
     # every stage has detections to compare; the device-side filter keeps the same threshold
     "model.decoder.score_thr=0.001", "compile.filter_score_thr=0.001",
 ]

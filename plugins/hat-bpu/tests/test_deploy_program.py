@@ -51,8 +51,7 @@ def assert_bit_exact(graph: ir.Graph, x: torch.Tensor, tmp: Path, levels: tuple[
 # derandomize: a random run found a graph where the runtime and the simulator differ (not yet
 # reproduced or fixed: issue 12's note); CI runs the fixed examples that pass
 @settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.data_too_large])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(graph=int_graphs(), seed=st.integers(0, 99))
 def test_random_graphs_program_equals_simulator_at_every_opt_level(tmp_path_factory, graph,
                                                                    seed) -> None:
