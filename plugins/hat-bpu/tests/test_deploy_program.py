@@ -48,9 +48,9 @@ def assert_bit_exact(graph: ir.Graph, x: torch.Tensor, tmp: Path, levels: tuple[
     return rts
 
 
-# derandomize: a random run found a graph where the runtime and the simulator differ (not yet
-# reproduced or fixed: issue 12's note); CI runs the fixed examples that pass
-@settings(max_examples=40, deadline=None, derandomize=True,
+# random locally, derandomized under CI (conftest.py); 3,000 random graphs passed after the fix
+# that test_fused_requant_reads_the_head_saturated_to_its_own_type pins down
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(graph=int_graphs(), seed=st.integers(0, 99))
 def test_random_graphs_program_equals_simulator_at_every_opt_level(tmp_path_factory, graph,
@@ -205,3 +205,40 @@ def test_wrong_input_size_is_a_user_error(tmp_path: Path) -> None:
     rt = Runtime(write_hbm(convert(q, x[:1], march="bayes-e"), tmp_path / "m.hbm", 2))
     with pytest.raises(UserError, match=r"shape \[1, 3, 32, 32\], got \[1, 3, 64, 64\]"):
         rt.run(yuv_input(1, 64))
+
+
+def _head_then_requant(head: str) -> ir.Graph:
+    """quantize (int8) [-> concat (int8), parts scaled ×1.9] -> requantize to int16 ->
+    dequantize: the head saturates to int8 and the fused requant must see the saturated value."""
+    t = {"img": ir.Tensor("img", [1, 3, 4, 4], "float32"),
+         "q": ir.Tensor("q", [1, 3, 4, 4], "int8", 1 / 128),
+         "out": ir.Tensor("out", [1, 6 if head == "concat" else 3, 4, 4], "float32")}
+    nodes = [ir.Node("quantize", "quant", ["img"], ["q"])]
+    x = "q"
+    if head == "concat":
+        t["c"] = ir.Tensor("c", [1, 6, 4, 4], "int8", 1 / 64)
+        m, s = qspec.requant_params(np.array([1.9, 1.9]))
+        nodes.append(ir.Node("concat", "cat", ["q", "q"], ["c"], {"axis": 1},
+                             {"m": m, "shift": s}))
+        x = "c"
+    t["s"] = ir.Tensor("s", t[x].shape, "int16", 1 / 64)
+    rm, rs = qspec.requant_params(np.array([1.0]))
+    nodes += [ir.Node("requantize", "rq", [x], ["s"], {"act": "none", "clip": None},
+                      {"m": rm, "shift": rs}),
+              ir.Node("dequantize", "dq", ["s"], ["out"])]
+    return ir.Graph(t, nodes, ["img"], ["out"], {"march": "bayes-e"})
+
+
+@pytest.mark.parametrize("head", ["quantize", "concat"])
+def test_fused_requant_reads_the_head_saturated_to_its_own_type(tmp_path: Path, head: str
+                                                                ) -> None:
+    """Found by the random graphs: with a requantize fused after it, a quantize or concat head
+    saturated to the *fused output's* type (int16) instead of its own (int8)."""
+    g = _head_then_requant(head)
+    x = torch.linspace(-3, 3, 2 * 3 * 16).reshape(2, 3, 4, 4)  # |x|·128 well beyond int8
+    want = Simulator(g).run(x)
+    assert want[0].abs().max() > 1.0 and (want[0] <= 127 / 64 + 1e-6).all()  # saturated at int8
+    rts = assert_bit_exact(g, x, tmp_path)
+    assert [i.op for i in rts[1].program.instrs] == [head if head == "quantize" else "quantize",
+                                                     *(["concat"] if head == "concat" else [])]
+    assert rts[1].program.instrs[-1].nodes[-1] == "rq"  # the requantize was fused

@@ -1,7 +1,7 @@
 """The modelled compiler's file: ``.hbir`` → ``.hbm`` (the device program of
 :mod:`hat_bpu.device.program`, lowered by :mod:`hat_bpu.device.lower`).
 
-``.hbm`` layout (little-endian; docs/formats.md, format version 2)::
+``.hbm`` layout (little-endian; docs/formats.md, format version 3)::
 
     magic      8 bytes  b"HATHBM\\0\\0"
     version    uint32   HBM_VERSION
@@ -50,7 +50,7 @@ from hat_bpu.ir.ops import check_graph
 from hatcore.errors import UserError
 
 MAGIC = b"HATHBM\0\0"
-HBM_VERSION = 2
+HBM_VERSION = 3
 #: largest multiplier magnitude a stage may hold: a conv's are < 2**31, a bayes-family add's
 #: integer weight (<= 2**14) times its multiplier goes beyond; below 2**48 an int16 term times
 #: it stays inside int64
@@ -237,6 +237,8 @@ def _check(prog: Program) -> list[str]:
                                    or len(ins.params.get("shift", [])) != len(ins.inputs)
                                    or len(ins.attrs.get("arith", [])) != len(ins.inputs)):
             bad.append(f"{where}: concat parameters do not match its inputs")
+        if ins.op in ("concat", "quantize") and ins.attrs.get("dtype") not in QRANGE:
+            bad.append(f"{where}: {ins.op} needs its own type (attrs.dtype int8/int16/int32)")
         for st in ins.stages:
             bad += _check_stage(st, ins, t, where)
     for o in prog.outputs:

@@ -138,7 +138,7 @@ def _head(ins: Instr, tensors: dict[str, TensorInfo]) -> Callable[[list[torch.Te
         return lambda xs: xs[0]
     if ins.op == "quantize":
         inv = np.float32(1.0) / np.float32(a["scale"])
-        lo, hi = QRANGE[out.dtype]
+        lo, hi = QRANGE[a["dtype"]]  # the head's own type: a fused requantize may follow
         return lambda xs: padded(torch.round(xs[0].to(torch.float32) * float(inv))
                                  .clamp_(lo, hi), out)
     if ins.op == "conv2d":
@@ -194,12 +194,13 @@ def _concat(ins: Instr, tensors: dict[str, TensorInfo]) -> Callable[[list[torch.
                                                                      torch.Tensor]:
     out = tensors[ins.output]
     axis = int(ins.attrs["axis"])
-    lo, hi = QRANGE[out.dtype]
+    dtype = ins.attrs["dtype"]  # the concat's own type: a fused requantize may follow
+    lo, hi = QRANGE[dtype]
     srcs = [tensors[t] for t in ins.inputs]
     parts = []
     for i, arith in enumerate(ins.attrs["arith"]):
         st = Stage("requant", ins.name, "concat", [0], [ins.params["m"][i:i + 1]],
-                   ins.params["shift"][i:i + 1], out.dtype, [lo, hi], arith)
+                   ins.params["shift"][i:i + 1], dtype, [lo, hi], arith)
         parts.append(requant_stage(st, len(out.stored)))
     on_channels = len(out.stored) == 4 and axis == 1
 

@@ -124,6 +124,8 @@ class _Lowering:
                               else "i64" for t, m in zip(n.inputs, params["m"], strict=True)]
         elif n.op == "quantize":
             attrs["scale"] = float(self.tensors[out].scale or 1.0)
+        if n.op in ("concat", "quantize"):  # the head saturates to its own node's type, which a
+            attrs["dtype"] = self.tensors[out].dtype  # fused requantize may change for `output`
         ins = Instr(n.op, n.name, [n.name], list(n.inputs), out, attrs, params)
         self.bound[ins.name] = _ABS_MAX[self.tensors[out].dtype]
         return ins
