@@ -139,6 +139,29 @@ def test_simulator_int64_fallback_is_bit_exact(monkeypatch: pytest.MonkeyPatch) 
         assert np.array_equal(r, s.numpy())
 
 
+@pytest.mark.parametrize("f64_exact", [2.0**53, 2.0**40, 0.0])
+def test_simulator_sliced_epilogue_is_bit_exact(monkeypatch: pytest.MonkeyPatch,
+                                                f64_exact: float) -> None:
+    """The conv epilogue in slices of a few pixels (EPILOGUE_SLICE, SLICE_ABOVE lowered), on the
+    static float64 path, the measured one (2**40: the weight bound no longer proves it) and the
+    int64 fallback, against the literal reference; residual convs included."""
+    from hat_bpu.ir import simulator
+
+    q, x = small_model(width=128)
+    g = convert(q, x[:1])
+    assert any(len(n.inputs) > 1 for n in g.nodes if n.op == "conv2d")
+    monkeypatch.setattr(simulator, "F64_EXACT", f64_exact)
+    monkeypatch.setattr(simulator, "EPILOGUE_SLICE", 200)  # not a multiple of the channels
+    monkeypatch.setattr(simulator, "SLICE_ABOVE", 200)
+    calls = []
+    real = simulator._by_rows
+    monkeypatch.setattr(simulator, "_by_rows", lambda *a: calls.append(1) or real(*a))
+    got = Simulator(g).run(x)
+    assert len(calls) >= 3
+    for r, s in zip(run_ir(g, x.numpy()), got, strict=True):
+        assert np.array_equal(r, s.numpy())
+
+
 def test_simulator_equals_fake_quant_as_trained() -> None:
     # exact_eval = false (the default): fake quant runs the device's integer requantization
     # with float32 accumulation, exact for these reductions (K·128·127 < 2**24), so the

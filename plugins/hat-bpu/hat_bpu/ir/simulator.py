@@ -261,6 +261,35 @@ def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
              if m_res is not None else None)
     clip = a.get("clip")
 
+    def epilogue(acc: torch.Tensor, res: torch.Tensor | None, consts: dict[str, torch.Tensor],
+                 buf: torch.Tensor | None = None) -> torch.Tensor:
+        """The requantization of ``acc`` (and residual ``res``) to the output's storage;
+        ``buf``: a float64 work tensor of ``acc``'s shape (else allocated)."""
+        if b32 is None:  # the bias, promoting to float64 in the same pass (exact)
+            acc = torch.add(acc, consts["b64"], out=buf) if buf is not None else \
+                torch.add(acc, consts["b64"])
+        exact = static_f64 + res_bound < F64_EXACT
+        if not exact:  # the weight bound is too loose: measure these accumulators
+            lo, hi = torch.aminmax(acc)
+            exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
+        if exact:  # every product and sum below is exact in float64
+            if acc.dtype == torch.float64:
+                v = acc.mul_(consts["r"])
+            else:
+                v = torch.mul(acc, consts["r"], out=buf) if buf is not None else \
+                    torch.mul(acc, consts["r"])
+            if res is not None:
+                v.addcmul_(res.double(), consts["r_res"])
+            return _finish_f64(v, out, clip)
+        v = acc.long() * consts["m"]
+        if res is not None:
+            v += res.long() * consts["m_res"]
+        return _finish(round_shift(v, consts["s"], consts["rb"], consts["odd"]), out, clip)
+
+    full = {"b64": b64, "r": r, "r_res": r_res, "m": m, "m_res": m_res, "s": s, "rb": rb,
+            "odd": odd}
+    rows = {k: None if v is None else v.reshape(-1) for k, v in full.items()}  # per NHWC row
+
     def conv(xs: list[torch.Tensor]) -> torch.Tensor:
         x = xs[0]
         if fast32:
@@ -271,19 +300,42 @@ def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
         else:
             acc = F.conv2d(x.double(), w64, None, *geo, groups)
         assert isinstance(acc, torch.Tensor)
-        if b32 is None:
-            acc = torch.add(acc, b64)  # promotes to float64 in the same pass (exact)
-        exact = static_f64 + res_bound < F64_EXACT
-        if not exact:  # the weight bound is too loose: measure this call's accumulators
-            lo, hi = torch.aminmax(acc)
-            exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
-        if exact:  # every product and sum below is exact in float64
-            v = acc.mul_(r) if acc.dtype == torch.float64 else torch.mul(acc, r)
-            if r_res is not None:
-                v.addcmul_(xs[1].double(), r_res)
-            return _finish_f64(v, out, clip)
-        v = acc.long() * m
-        if m_res is not None:
-            v += xs[1].long() * m_res
-        return _finish(round_shift(v, s, rb, odd), out, clip)
+        res = xs[1] if m_res is not None else None
+        if acc.numel() > SLICE_ABOVE:
+            sliced = _by_rows(acc, res, lambda a, rr, buf: epilogue(a, rr, rows, buf),
+                              _storage(out.dtype))
+            if sliced is not None:
+                return sliced
+        return epilogue(acc, res, full)
     return conv
+
+
+EPILOGUE_SLICE = 1 << 18
+"""Elements of a conv's float64 epilogue done at a time (~2 MiB) on outputs above
+:data:`SLICE_ABOVE`. Elementwise, so the values are the same either way."""
+SLICE_ABOVE = 1 << 22
+"""Outputs above this many elements take their float64 epilogue in slices: whole, each of its
+float64 temporaries (32 MiB and more) is above glibc's largest mmap threshold, so it is mapped
+afresh on every call (page faults) and streamed through memory; the slices reuse one buffer
+that stays in cache. Below it, whole is faster (fewer calls; bench/RESULTS.md)."""
+
+
+def _by_rows(acc: torch.Tensor, res: torch.Tensor | None,
+             fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
+             dtype: torch.dtype) -> torch.Tensor | None:
+    """``fn`` applied to slices of whole NHWC pixels of a channels-last ``acc`` (and ``res``),
+    written into one output of ``dtype``; None when the layouts do not allow it."""
+    if acc.dim() != 4 or not acc.is_contiguous(memory_format=torch.channels_last) or (
+            res is not None and (res.shape != acc.shape or
+                                 not res.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    n, c, h, w = acc.shape
+    out = torch.empty(acc.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    a2, o2 = acc.permute(0, 2, 3, 1).view(-1, c), out.permute(0, 2, 3, 1).view(-1, c)
+    r2 = None if res is None else res.permute(0, 2, 3, 1).view(-1, c)
+    step = max(1, EPILOGUE_SLICE // c)
+    buf = torch.empty(min(step, a2.shape[0]), c, dtype=torch.float64)
+    for i in range(0, a2.shape[0], step):
+        j = min(i + step, a2.shape[0])
+        o2[i:j] = fn(a2[i:j], None if r2 is None else r2[i:j], buf[:j - i])
+    return out
