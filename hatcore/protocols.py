@@ -38,6 +38,18 @@ class TaskModel(Protocol):
         """Decoded detections, one per image, in original-image coordinates."""
 
 
+def score_threshold(model: object) -> float | None:
+    """The optional ``score_threshold`` attribute of a task model: the lowest class score
+    (0..1) its ``postprocess`` keeps, so a deploy backend may drop lower ones on the device
+    (hat-bpu's device filter follows it). None when the model does not say."""
+    value = getattr(model, "score_threshold", None)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not 0 <= float(value) < 1:
+        raise UserError(f"the model's score_threshold must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 @runtime_checkable
 class Metric(Protocol):
     """What ``build_metric`` returns."""

@@ -23,6 +23,7 @@ from hat_bpu.quant.prepare import QConfig, QuantModel, prepare
 from hatcore import hookimpl
 from hatcore.context import HatContext, pass_hat
 from hatcore.errors import UserError
+from hatcore.protocols import score_threshold
 from hatcore.recipe import CompileSpec, ExportSpec, QuantizeSpec, TargetSpec, option, spec
 from hatcore.registry import Register
 
@@ -261,8 +262,11 @@ class HbmCompileSpec(CompileSpec):
         "compared in the integer domain with the output's scale; align_bpu's decoder sees "
         "only the survivors. Applies to outputs that are groups of per-level maps, class "
         "logits first (FCOS); other outputs stay dense (docs/bpu.md)")
-    filter_score_thr: float = option(
-        0.05, doc="device_filter: the class score a point must exceed (0.05: logit -2.944)")
+    filter_score_thr: float | None = option(
+        None, doc="device_filter: the class score a point must exceed; unset: the model's own "
+        "score threshold (FCOS: the decoder's score_thr, recorded in the .hbir), else 0.05 "
+        "(logit -2.944). Above the model's threshold is refused: the device would drop points "
+        "the decoder keeps")
 
 
 def _deploy_components(register: Register) -> None:
@@ -289,6 +293,9 @@ def export(model: nn.Module, spec: ExportSpec, path: Path, example_input: torch.
         raise UserError(f"the quantized model cannot be exported for {march.name}:\n  "
                         + "\n  ".join(problems))
     graph.meta["input_layout"] = tgt.input_layout
+    thr = score_threshold(model)
+    if thr is not None:  # the device filter follows it (compile)
+        graph.meta["score_threshold"] = thr
     return hbir.save_hbir(graph, Path(path))
 
 
@@ -334,20 +341,41 @@ def compile(artifact: Path, spec: CompileSpec, out_dir: Path, target: TargetSpec
         raise UserError(f"{artifact}: not an .hbir file; run the export stage first")
     graph = hbir.load_hbir(Path(artifact))
     check_built_for(graph.meta, tgt.march, str(artifact))
-    if not 0 < spec.filter_score_thr < 1:
-        raise UserError(f"[compile] filter_score_thr must lie in (0, 1), got "
-                        f"{spec.filter_score_thr}")
+    thr = filter_threshold(spec.filter_score_thr, graph.meta.get("score_threshold"))
     estimate = compile_file(Path(artifact), tgt.march, Path(out_dir), spec.opt_level,
                             tgt.input_layout)
     filt = None
-    if spec.device_filter:
+    if spec.device_filter and thr > 0:
         from hat_bpu.device.filter import plan
 
-        filt = plan(graph, spec.filter_score_thr)
+        filt = plan(graph, thr)
     _set_device_filter(Path(out_dir) / HbmCompileSpec.artifact, filt)
     estimate["device_filter"] = None if filt is None else {
         "score_thr": filt["score_thr"], "threshold": filt["threshold"]}
     return estimate
+
+
+def filter_threshold(asked: float | None, model_thr: float | None) -> float:
+    """The device filter's score threshold: ``[compile] filter_score_thr`` when set, else the
+    model's own (recorded at export; 0: the decoder keeps every point, nothing is filtered),
+    else 0.05.
+
+    :raises UserError: a threshold outside (0, 1), or above the model's own (the device would
+        drop points the host's decoder keeps; naming both).
+    """
+    from hat_bpu.device.filter import DEFAULT_SCORE_THR
+
+    if asked is None:
+        return DEFAULT_SCORE_THR if model_thr is None else float(model_thr)
+    thr = float(asked)
+    if not 0 < thr < 1:
+        raise UserError(f"[compile] filter_score_thr must lie in (0, 1), got {thr}")
+    if model_thr is not None and thr > model_thr:
+        raise UserError(f"[compile] filter_score_thr = {thr} is above the model's own score "
+                        f"threshold {model_thr} (FCOS: [model.decoder] score_thr): the device "
+                        f"would drop points the decoder keeps; set it to {model_thr} or lower, "
+                        "or leave it unset to follow the model")
+    return thr
 
 
 def _set_device_filter(path: Path, filt: dict[str, Any] | None) -> None:

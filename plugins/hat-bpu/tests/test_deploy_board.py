@@ -96,13 +96,17 @@ class TwoLevelHead(torch.nn.Module):
                 [self.dequant(self.ctr(f)) for f in feats])
 
 
-def _head_hbm(tmp_path: Path, **compile_opts: object) -> tuple[Path, Path]:
+def _head_hbm(tmp_path: Path, score_threshold: float | None = None, **compile_opts: object
+              ) -> tuple[Path, Path]:
     from deploy_fixtures import calibrate, yuv_input
     from hat_bpu import plugin
 
     torch.manual_seed(0)
     x = yuv_input(4, 32, seed=1)
-    q = calibrate(TwoLevelHead().eval(), x)
+    net = TwoLevelHead().eval()
+    if score_threshold is not None:  # hatcore.protocols.score_threshold (FCOS: the decoder's)
+        net.score_threshold = score_threshold  # type: ignore[assignment]
+    q = calibrate(net, x)
     art = tmp_path / "model.hbir"
     plugin.export(model=q, spec=plugin.HbirExportSpec(type="hbir"), path=art,
                   example_input=x[:1], target=None)
@@ -206,6 +210,42 @@ def test_align_bpu_runs_the_device_filter(tmp_path: Path) -> None:
     assert not hasattr(plain, "stats")
     with pytest.raises(UserError, match="filter_score_thr"):
         _head_hbm(tmp_path / "bad", filter_score_thr=1.5)
+
+
+def test_device_filter_follows_the_models_score_threshold(tmp_path: Path) -> None:
+    from hat_bpu.device import hbm
+    from hat_bpu.device.filter import int_threshold
+    from hat_bpu.ir import hbir
+
+    art, path = _head_hbm(tmp_path / "a", score_threshold=0.2)
+    assert hbir.load_hbir(art).meta["score_threshold"] == 0.2
+    filt = hbm.load_hbm(path)[0]["device_filter"]
+    assert filt["score_thr"] == 0.2
+    assert filt["threshold"][0] == int_threshold(0.2, filt["scale"][0])
+    _, path = _head_hbm(tmp_path / "b", score_threshold=0.2, filter_score_thr=0.1)  # below: ok
+    assert hbm.load_hbm(path)[0]["device_filter"]["score_thr"] == 0.1
+    with pytest.raises(UserError, match=r"filter_score_thr = 0.3 is above the model's own score "
+                                        r"threshold 0.2"):
+        _head_hbm(tmp_path / "c", score_threshold=0.2, filter_score_thr=0.3)
+    _, path = _head_hbm(tmp_path / "d", score_threshold=0.0)  # the decoder keeps every point
+    assert hbm.load_hbm(path)[0]["device_filter"] is None
+    _, path = _head_hbm(tmp_path / "e")  # a model that does not say: 0.05
+    assert hbm.load_hbm(path)[0]["device_filter"]["score_thr"] == 0.05
+
+
+def test_fcos_model_states_its_decoders_threshold() -> None:
+    from hat_fcos.decoder import FCOSDecoder
+    from hat_fcos.model import FCOS
+
+    from hatcore.protocols import score_threshold
+
+    model = FCOS.__new__(FCOS)
+    torch.nn.Module.__init__(model)
+    model.decoder = FCOSDecoder(strides=[8], score_thr=0.125)
+    assert score_threshold(model) == 0.125
+    model.decoder.score_thr = 1.5
+    with pytest.raises(UserError, match="score_threshold must be a number in"):
+        score_threshold(model)
 
 
 # --------------------------------------------------------------------------- one target
