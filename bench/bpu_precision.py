@@ -82,7 +82,7 @@ def tuned_configs(pipe: Pipeline, args: argparse.Namespace
     if args.sens_set:  # the sensitivity pass's own settings (same work_dir, same checkpoints)
         pipe = Pipeline.load(args.recipe, [*args.overrides, *args.sens_set])
     model, record, _ = recipe_sensitivity(pipe, "calibration", "sqnr", args.batches, None,
-                                          args.float_reverse)
+                                          args.float_reverse, echo=lambda m: print(m, flush=True))
     print(f"sensitivity: {len(record['units'])} units in {time.perf_counter() - t0:.0f} s",
           flush=True)
     march = get_march(pipe.recipe.target.march)
