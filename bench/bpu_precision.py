@@ -12,6 +12,10 @@ with ``--set stages.qat.epochs=1``) and scores it again::
         --batches 1 --fractions 0.25 0.5 --qat
 
 Needs ``hat run RECIPE --stage float`` first (and the calibration stage for the sensitivity).
+``--sens-set KEY=VALUE`` (repeatable) adds settings for the sensitivity pass only, on top of
+``--set``: e.g. ``--sens-set data.val.batch_size=1 --batches 1`` measures the SQNR on one
+validation image, for a large model where the val batch is slow or heavy (the rows are still
+measured with ``--set`` alone).
 Prints a markdown table; the "line" columns interpolate AP linearly between all-int8 and
 all-int16 at the row's latency (a naive choice of that latency), "vs line" is the row minus it.
 """
@@ -75,8 +79,10 @@ def tuned_configs(pipe: Pipeline, args: argparse.Namespace
                   ) -> list[tuple[str, dict[str, str] | None, str]]:
     """The search's choice at each budget fraction, from the (cached) SQNR sensitivity."""
     t0 = time.perf_counter()
+    if args.sens_set:  # the sensitivity pass's own settings (same work_dir, same checkpoints)
+        pipe = Pipeline.load(args.recipe, [*args.overrides, *args.sens_set])
     model, record, _ = recipe_sensitivity(pipe, "calibration", "sqnr", args.batches, None,
-                                          args.float_reverse)
+                                          args.float_reverse, echo=lambda m: print(m, flush=True))
     print(f"sensitivity: {len(record['units'])} units in {time.perf_counter() - t0:.0f} s",
           flush=True)
     march = get_march(pipe.recipe.target.march)
@@ -111,6 +117,9 @@ def main() -> None:
                     help="measure only the configurations whose name contains one of these "
                     "(no table)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--sens-set", dest="sens_set", action="append", default=[],
+                    metavar="KEY=VALUE", help="a setting for the sensitivity pass only (after "
+                    "--set), e.g. data.val.batch_size=1")
     args = ap.parse_args()
 
     pipe = Pipeline.load(args.recipe, args.overrides)
