@@ -215,9 +215,13 @@ class QConv2d(nn.Module):
         # per call site: the quantizers of the input and of the residual (not submodules)
         self.in_fq: list[ActFQ | None] = []
         self.res_fq: list[ActFQ | None] = []
+        # the eval cache, per call site: (the tensors it was built from, their versions and the
+        # settings, the integers)
+        self._ints: dict[int, tuple[list[Any], tuple[Any, ...], intmath.ConvInts]] = {}
 
     def hat_set_mode(self, mode: str) -> None:
         self.mode = mode
+        self._ints = {}
 
     @property
     def bn_frozen(self) -> bool:
@@ -232,6 +236,7 @@ class QConv2d(nn.Module):
 
     def train(self, mode: bool = True) -> QConv2d:
         super().train(mode)
+        self._ints = {}
         if self.bn_frozen and self.bn is not None:
             self.bn.eval()
         return self
@@ -247,6 +252,40 @@ class QConv2d(nn.Module):
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
         factor = gamma / torch.sqrt(bn.running_var + bn.eps)
         return w * factor.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * factor
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._ints = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _state(self) -> tuple[list[torch.Tensor | None], tuple[Any, ...]]:
+        """What the folded weight depends on: the tensors (held, and compared by identity) and
+        each one's storage and in-place version counter (bumped by optimizer steps, ``copy_``,
+        ``load_state_dict``)."""
+        conv, bn = self.conv, self.bn
+        ts = [conv.weight, conv.bias]
+        if bn is not None:
+            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return ts, (*((t.data_ptr(), t._version) if t is not None else None for t in ts),
+                    None if bn is None else bn.eps)
+
+    def cached_ints(self, s_in: float, s_res: float | None, in_dtype: str, site: int = 0
+                    ) -> intmath.ConvInts:
+        """This conv's integers for no-grad eval (:func:`hat_bpu.quant.intmath.conv_ints`),
+        rebuilt whenever a parameter, BN statistic, scale or setting changed since the last
+        call; dropped on ``set_mode``, ``train()`` and ``load_state_dict``."""
+        assert self.out_fq is not None
+        s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+        tensors, versions = self._state()
+        key = (versions, s_in, s_res, in_dtype, s_out, dtype, self.act, self.pow2, self.exact,
+               self.mode)
+        old = self._ints.get(site)
+        if (old is None or old[1] != key or len(old[0]) != len(tensors)
+                or any(a is not b for a, b in zip(old[0], tensors, strict=True))):
+            w, b = self.folded()
+            ints = intmath.conv_ints(w, b, self.conv, s_in, s_res, s_out, self.pow2, in_dtype,
+                                     self.exact, dtype, act_clip(self.act, s_out, dtype))
+            self._ints[site] = old = tensors, key, ints
+        return old[2]
 
     def input_scale(self, site: int = 0) -> torch.Tensor | None:
         """The scale of this conv's input at call ``site`` (None when unknown)."""
@@ -277,6 +316,9 @@ class QConv2d(nn.Module):
         ints = self._int_inputs(res, site)
         if ints is not None and self.out_fq is not None:
             s_in, s_res, in_dtype = ints
+            if not self.training and intmath.fast_paths():
+                ints_ = self.cached_ints(s_in, s_res, in_dtype, site)
+                return intmath.int_conv_fast(x, res, ints_, self.conv, s_in, s_res)
             w, b = self.folded()
             dtype, act = self.out_fq.dtype, self.act
             return intmath.int_conv(x, res, w, b, self.conv, s_in, s_res, self.out_fq,
