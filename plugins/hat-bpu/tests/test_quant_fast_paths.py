@@ -243,3 +243,23 @@ def test_deepcopy_and_plain_switch() -> None:
             assert intmath.fast_paths()
     with intmath.plain_paths(False):
         assert not intmath.fast_paths()  # gradients on
+
+
+@pytest.mark.parametrize("march", [None, "bayes-e", "bernoulli2"])
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_int_sum_fast_equals_plain(march: str | None, dtype: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        n = 2 if march == "bernoulli2" else 2 + trial % 2
+        scales = [float(torch.rand(1, generator=g)) * 0.1 + 1e-3 for _ in range(n)]
+        if march == "bernoulli2":
+            scales = [2.0 ** round(torch.log2(torch.tensor(s)).item()) for s in scales]
+        xs = [torch.randint(-128, 128, (2, 4, 9, 9), generator=g).float() * s for s in scales]
+        s_out = sum(scales) * float(torch.rand(1, generator=g) + 0.5)
+        clip = (0, 2**15) if trial % 3 == 0 else None
+        with torch.no_grad():
+            got = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
+            with intmath.plain_paths():
+                ref = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
+        assert torch.equal(got, ref), (trial, scales, s_out)
+        assert torch.equal(got.sign(), ref.sign())

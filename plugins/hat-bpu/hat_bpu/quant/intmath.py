@@ -332,6 +332,9 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: st
     output: values from the int64 ``sat(clip(round_shift(Σ x_i · m_i, s)))`` (the multipliers
     may exceed float64's exact range), gradients straight through the float64 form."""
     ms, s = qspec.add_params(list(scales), s_out, march)
+    if fast_paths() and 0 <= int(s[0]) < 62:
+        return _int_sum_fast(xs, scales, [int(m[0]) for m in ms],
+                             [float(_mult(m, s)[0]) for m in ms], int(s[0]), s_out, dtype, clip)
     xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
     v = sum(x * float(_mult(m, s)[0]) for x, m in zip(xi, ms, strict=True))
     assert isinstance(v, torch.Tensor)
@@ -341,6 +344,27 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: st
         assert isinstance(acc, torch.Tensor)
         q = qspec.requantize_torch(acc, torch.full_like(acc, int(s[0])), dtype, clip)
     return y + (to_float(q, s_out) - y).detach()
+
+
+def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
+                  s: int, s_out: float, dtype: str, clip: tuple[int, int] | None) -> torch.Tensor:
+    """:func:`int_sum`'s values in place (no gradients): the same float64 form ``y``, the int64
+    ``q = sat(clip(round_shift(Σ x_i·m_i, s)))`` with the tie rule folded into one shift
+    (``(v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s``: round half to even, no overflow while
+    ``|v| < 2**62``), and the same ``y + (q·s_out - y)``."""
+    xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
+    acc = xi[0].long().mul_(ms[0])
+    for x, m in zip(xi[1:], ms[1:], strict=True):
+        acc.add_(x.long().mul_(m))
+    v = xi[0].mul_(mults[0])
+    for x, m in zip(xi[1:], mults[1:], strict=True):
+        v.add_(x.mul_(m))
+    y = _finish(v, dtype, clip, s_out)
+    if s > 0:
+        odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
+        acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
+    t = to_float(acc.clamp_(*_bounds(dtype, clip)), s_out)
+    return t.sub_(y).add_(y)  # y + (t - y), as int_sum's straight-through form
 
 
 def int_requant(x: torch.Tensor, ratio: float, s_in: float, s_out: float, dtype: str,
