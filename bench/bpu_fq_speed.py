@@ -10,7 +10,9 @@ quant on its plain paths (:func:`hat_bpu.quant.intmath.plain_paths`, the code be
 paths) and on its fast paths, for both settings. The five are interleaved ``--rounds`` times
 (so that load from other processes hits all alike) and the median of each is reported, with
 its ratio to the float forward; the fast outputs are checked equal to the plain ones bit for
-bit. ``--threads 0`` keeps torch's default thread count.
+bit. ``--compile`` adds the fast paths with the ``torch.compile``-fused conv epilogue
+(:func:`hat_bpu.quant.intmath.compile_epilogue`; compiled before timing). ``--threads 0`` keeps
+torch's default thread count.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--pretrained", action="store_true",
                     help="load the recipe's pretrained backbone weights (default: random)")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled epilogue")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,19 +86,24 @@ def main() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     fq, exact = (quantized(plugins, recipe, model, x, e) for e in (False, True))
 
-    def run(m: nn.Module, plain: bool) -> Callable[[], Any]:
+    def run(m: nn.Module, plain: bool, compiled: bool = False) -> Callable[[], Any]:
         def go() -> Any:
+            intmath.compile_epilogue(compiled)
             with intmath.plain_paths(plain), torch.no_grad():
                 return m(x)
         return go
 
     cases = {"float": run(model, False), "fq_plain": run(fq, True), "fq_fast": run(fq, False),
              "exact_plain": run(exact, True), "exact_fast": run(exact, False)}
+    if args.compile:
+        cases.update(fq_compiled=run(fq, False, True), exact_compiled=run(exact, False, True))
     same = {}
     for name, m in (("fq", fq), ("exact", exact)):
-        a, b = leaves(run(m, True)()), leaves(run(m, False)())
-        same[name] = len(a) == len(b) > 0 and all(torch.equal(u, v) for u, v in zip(a, b,
-                                                                                    strict=True))
+        ref = leaves(run(m, True)())
+        for kind in ("fast", "compiled") if args.compile else ("fast",):
+            got = leaves(run(m, False, kind == "compiled")())
+            same[f"{name}_{kind}"] = len(got) == len(ref) > 0 and all(
+                torch.equal(u, v) for u, v in zip(got, ref, strict=True))
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.rounds):
         for k, fn in cases.items():

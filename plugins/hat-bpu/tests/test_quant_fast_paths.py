@@ -4,6 +4,7 @@ eval cache of the conv integers never outlives a change of what it was built fro
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -263,3 +264,21 @@ def test_int_sum_fast_equals_plain(march: str | None, dtype: str) -> None:
                 ref = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
         assert torch.equal(got, ref), (trial, scales, s_out)
         assert torch.equal(got.sign(), ref.sign())
+
+
+@pytest.mark.slow
+def test_compiled_epilogue_equals_plain() -> None:
+    """``torch.compile``'s fused epilogue (opt-in): the same values (tens of seconds to compile
+    on a cold cache; a machine that cannot compile falls back to eager with a warning)."""
+    x = yuv(2, 32)
+    nets = [ready(build(n), x, QConfig(exact_eval=True)) for n in ("smallnet", "widenet")]
+    try:
+        intmath.compile_epilogue(True)
+        for q in nets:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # a failed compile is a failure here
+                got = fast(q, x)
+            assert same(got, plain(q, x))
+        assert callable(intmath._fused_epilogue())
+    finally:
+        intmath.compile_epilogue(False)

@@ -12,7 +12,8 @@ Eval under ``torch.no_grad()`` takes fast paths with the same values bit for bit
 wrappers, in-place epilogues, conv integers prepared once (:class:`ConvInts`, cached by
 :class:`hat_bpu.quant.fake_quant.QConv2d`), and exact int8 accumulation in float32 chunks of at
 most :data:`F32_CHUNK` terms instead of float64. :func:`plain_paths` turns them off (tests and
-``bench/bpu_fq_speed.py`` compare both; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process).
+``bench/bpu_fq_speed.py`` compare both; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process);
+:func:`compile_epilogue` (opt-in) fuses the conv epilogue with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -316,14 +318,56 @@ def int_conv_fast(x: torch.Tensor, res: torch.Tensor | None, p: ConvInts, conv: 
     chunks = [(xi, p.weight)] if p.chunks is None else list(
         zip(xi.split(p.chunks, 1), p.weight.split(p.chunks, 1), strict=True))
     first = conv_of(*chunks[0])
-    acc = _buffer(1, first, torch.float64).copy_(first)  # exact: integers (< 2**24 in float32)
-    for xs, ws in chunks[1:]:  # exact integer partial sums, added exactly in float64
-        acc.add_(conv_of(xs, ws))
-    acc.add_(p.bias).mul_(p.mult)
+    if len(chunks) > 1:
+        acc = _buffer(1, first, torch.float64).copy_(first)  # exact: integers (< 2**24)
+        for xs, ws in chunks[1:]:  # exact integer partial sums, added exactly in float64
+            acc.add_(conv_of(xs, ws))
+    ri = None
     if res is not None and s_res is not None and p.mult_res is not None:
-        ri = _buffer(2, res, torch.float64).copy_(res).div_(s_res).round_()
-        acc.add_(ri.mul_(p.mult_res))
+        ri = _buffer(2, res, torch.float64).copy_(res).div_(s_res).round_().mul_(p.mult_res)
+    fused = _fused_epilogue()
+    if fused is not None:
+        try:
+            return fused(first if len(chunks) == 1 else acc, p.bias, p.mult, ri, p.lo, p.hi,
+                         p.s_out)
+        except Exception as exc:  # no compiler, unsupported device...: eager from now on
+            _compiled[0] = False
+            warnings.warn(f"fake-quant eval: the compiled epilogue failed ({type(exc).__name__}: "
+                          f"{exc}); using the eager one", stacklevel=2)
+    if len(chunks) == 1:
+        acc = _buffer(1, first, torch.float64).copy_(first)  # exact: integers (< 2**24 in f32)
+    acc.add_(p.bias).mul_(p.mult)
+    if ri is not None:
+        acc.add_(ri)
     return acc.round_().clamp_(p.lo, p.hi).to(torch.float32).mul_(p.s_out)
+
+
+def _epilogue(acc: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor,
+              res: torch.Tensor | None, lo: int, hi: int, s_out: torch.Tensor) -> torch.Tensor:
+    """The eager epilogue's expression, for ``torch.compile`` to fuse into one pass."""
+    v = (acc.double() + bias) * mult
+    if res is not None:
+        v = v + res
+    return v.round().clamp(lo, hi).float() * s_out
+
+
+_compiled: list[Any] = [os.environ.get("HAT_BPU_COMPILE_FQ", "") not in ("", "0")]
+
+
+def compile_epilogue(on: bool = True) -> None:
+    """Fuse the fast path's conv epilogue with ``torch.compile`` (one pass instead of seven;
+    off by default, ``HAT_BPU_COMPILE_FQ=1`` turns it on at import). The first calls compile
+    (~30 s on a 2-core CPU, then cached on disk; again for a new batch-size-1 or memory-format
+    variant); a failure to compile warns once and falls back to the eager epilogue."""
+    _compiled[0] = on if not on or _compiled[0] in (False, True) else _compiled[0]
+
+
+def _fused_epilogue() -> Any:
+    """The compiled epilogue when switched on (and compiling has not failed), else None."""
+    c = _compiled[0]
+    if c is True:
+        c = _compiled[0] = torch.compile(_epilogue, dynamic=True)
+    return c or None
 
 
 def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: str,
