@@ -3,14 +3,16 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bpu_fq_speed.py --size 512 --batch 8
     OMP_NUM_THREADS=1 .venv/bin/python bench/bpu_fq_speed.py --recipe recipes/demo.toml --size 192
 
-Builds the recipe's ``[model]`` (random weights unless ``--pretrained``), quantizes it with
-the recipe's ``[quantize]`` and ``[target]`` twice (``exact_eval`` false and true), calibrates
-on one random batch and times the eval forward (``torch.no_grad()``) of: the float model, fake
+Builds the recipe's ``[model]`` (random weights unless ``--pretrained``), quantizes it with the
+recipe's ``[quantize]`` and ``[target]`` twice (``exact_eval`` false and true), calibrates on
+one random batch and times the eval forward (``torch.no_grad()``) of: the float model, fake
 quant on its plain paths (:func:`hat_bpu.quant.intmath.plain_paths`, the code before the fast
-paths) and on its fast paths, for both settings. The five are interleaved ``--rounds`` times
-(so that load from other processes hits all alike) and the median of each is reported, with
-its ratio to the float forward; the fast outputs are checked equal to the plain ones bit for
-bit. ``--compile`` adds the fast paths with the ``torch.compile``-fused conv epilogue
+paths) and on its fast paths, for both settings. The five are interleaved ``--rounds`` times (so
+that load from other processes hits all alike) and the median of each is reported, with its
+ratio to the float forward; the fast outputs are checked equal to the plain ones bit for bit.
+The ``hat`` command's process settings (:mod:`hatcore.runtime`) are applied first, as in ``hat
+run`` / ``hat predict`` (``HAT_PROCESS_SETTINGS=0``: without them). ``--compile`` adds the fast
+paths with the ``torch.compile``-fused conv epilogue
 (:func:`hat_bpu.quant.intmath.compile_epilogue`; compiled before timing). ``--threads 0`` keeps
 torch's default thread count.
 """
@@ -27,15 +29,19 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import attrs
-import torch
-from hat_bpu.quant import intmath
-from torch import nn
-from torch.utils import _pytree as pytree
+from hatcore.runtime import apply_process_settings
 
-from hatcore import quant
-from hatcore.plugins import get_plugins
-from hatcore.recipe import load_recipe
+SETTINGS = apply_process_settings()  # as `hat` applies them, before torch loads
+
+import attrs  # noqa: E402
+import torch  # noqa: E402
+from hat_bpu.quant import intmath  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+
+from hatcore import quant  # noqa: E402
+from hatcore.plugins import get_plugins  # noqa: E402
+from hatcore.recipe import load_recipe  # noqa: E402
 
 
 def leaves(out: Any) -> list[torch.Tensor]:
@@ -112,7 +118,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "recipe": args.recipe, "input": list(x.shape), "channels_last": args.channels_last,
         "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "rounds": args.rounds, "pretrained": args.pretrained,
+        "rounds": args.rounds, "pretrained": args.pretrained, "process_settings": SETTINGS,
         "ms": {k: round(1e3 * v, 1) for k, v in med.items()},
         "ratio_to_float": {k: round(v / med["float"], 2) for k, v in med.items() if k != "float"},
         "fast_equals_plain_bit_for_bit": same, "loadavg": os.getloadavg()}
