@@ -215,9 +215,13 @@ class QConv2d(nn.Module):
         # per call site: the quantizers of the input and of the residual (not submodules)
         self.in_fq: list[ActFQ | None] = []
         self.res_fq: list[ActFQ | None] = []
+        # the eval cache, per call site: ([(source tensor, copy of its values)], the scales and
+        # settings, the integers)
+        self._ints: dict[int, tuple[list[Any], tuple[Any, ...], intmath.ConvInts]] = {}
 
     def hat_set_mode(self, mode: str) -> None:
         self.mode = mode
+        self._ints = {}
 
     @property
     def bn_frozen(self) -> bool:
@@ -232,6 +236,7 @@ class QConv2d(nn.Module):
 
     def train(self, mode: bool = True) -> QConv2d:
         super().train(mode)
+        self._ints = {}
         if self.bn_frozen and self.bn is not None:
             self.bn.eval()
         return self
@@ -247,6 +252,41 @@ class QConv2d(nn.Module):
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
         factor = gamma / torch.sqrt(bn.running_var + bn.eps)
         return w * factor.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * factor
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._ints = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _sources(self) -> list[torch.Tensor | None]:
+        """The tensors the folded weight and bias are computed from."""
+        conv, bn = self.conv, self.bn
+        ts = [conv.weight, conv.bias]
+        if bn is not None:
+            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return ts
+
+    def cached_ints(self, s_in: float, s_res: float | None, in_dtype: str, site: int = 0
+                    ) -> intmath.ConvInts:
+        """This conv's integers for no-grad eval (:func:`hat_bpu.quant.intmath.conv_ints`),
+        rebuilt unless the tensors they come from (weight, bias, BN parameters and statistics)
+        are the same objects with the same values as when they were built, and the scales and
+        settings are the same. The values are compared (a copy is kept): in-place updates
+        through ``.data`` do not bump a tensor's version counter. Dropped on ``set_mode``,
+        ``train()`` and ``load_state_dict``."""
+        assert self.out_fq is not None
+        s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
+        tensors = self._sources()
+        key = (s_in, s_res, in_dtype, s_out, dtype, self.act, self.pow2, self.exact, self.mode,
+               None if self.bn is None else self.bn.eps)
+        old = self._ints.get(site)
+        if (old is None or old[1] != key or len(old[0]) != len(tensors)
+                or not all(_same(a, b) for a, b in zip(old[0], tensors, strict=True))):
+            w, b = self.folded()
+            ints = intmath.conv_ints(w, b, self.conv, s_in, s_res, s_out, self.pow2, in_dtype,
+                                     self.exact, dtype, act_clip(self.act, s_out, dtype))
+            snap = [None if t is None else (t, t.detach().clone()) for t in tensors]
+            self._ints[site] = old = snap, key, ints
+        return old[2]
 
     def input_scale(self, site: int = 0) -> torch.Tensor | None:
         """The scale of this conv's input at call ``site`` (None when unknown)."""
@@ -277,6 +317,9 @@ class QConv2d(nn.Module):
         ints = self._int_inputs(res, site)
         if ints is not None and self.out_fq is not None:
             s_in, s_res, in_dtype = ints
+            if not self.training and intmath.fast_paths():
+                ints_ = self.cached_ints(s_in, s_res, in_dtype, site)
+                return intmath.int_conv_fast(x, res, ints_, self.conv, s_in, s_res)
             w, b = self.folded()
             dtype, act = self.out_fq.dtype, self.act
             return intmath.int_conv(x, res, w, b, self.conv, s_in, s_res, self.out_fq,
@@ -309,6 +352,13 @@ class QConv2d(nn.Module):
         if self.out_fq is None:
             return apply_act(y, self.act)
         return self.out_fq(y, self.act)
+
+
+def _same(snap: tuple[torch.Tensor, torch.Tensor] | None, t: torch.Tensor | None) -> bool:
+    """``t`` is the tensor of ``snap`` (object, copy) and still holds the copy's values."""
+    if snap is None or t is None:
+        return snap is None and t is None
+    return snap[0] is t and torch.equal(snap[1], t)
 
 
 def _int_scales(mod: nn.Module, float_out: Any) -> list[float] | None:

@@ -7,17 +7,54 @@ rounding): the accumulator as an integer (float32 where exact, else float64), th
 requantization ``round_shift(acc·m, s)`` as ``round_half_even(acc·(m/2**s))`` in float64 (see
 :func:`_finish` for why that equals the integer rule). So QAT trains against the arithmetic
 the integer model runs; ``exact_eval`` only adds float64 accumulation where float32 could round.
+
+Eval under ``torch.no_grad()`` takes fast paths with the same values bit for bit: no autograd
+wrappers, in-place epilogues, conv integers prepared once (:class:`ConvInts`, cached by
+:class:`hat_bpu.quant.fake_quant.QConv2d`), and exact int8 accumulation in float32 chunks of at
+most :data:`F32_CHUNK` terms instead of float64. :func:`plain_paths` turns them off (tests and
+``bench/bpu_fq_speed.py`` compare both; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process);
+:func:`compile_epilogue` (opt-in) fuses the conv epilogue with ``torch.compile``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from hat_bpu.quant import qspec
+
+F32_CHUNK = 1024
+"""Most terms of an int8 × int8 dot product summed in float32: ``1024 · 128 · 128 = 2**24``,
+so every partial sum is an integer float32 holds exactly."""
+
+_plain = [os.environ.get("HAT_BPU_PLAIN_FQ", "") not in ("", "0")]
+
+
+@contextlib.contextmanager
+def plain_paths(plain: bool = True) -> Iterator[None]:
+    """Within the block, fake quant runs its plain paths (every conv's integers recomputed,
+    float64 accumulation where float32 could round, autograd wrappers) even in no-grad eval;
+    ``plain_paths(False)`` forces the fast ones. Values are the same either way."""
+    old = _plain[0]
+    _plain[0] = plain
+    try:
+        yield
+    finally:
+        _plain[0] = old
+
+
+def fast_paths() -> bool:
+    """True when this call may take the no-grad fast paths: not inside :func:`plain_paths`
+    and gradients off (``torch.no_grad()`` / ``inference_mode``)."""
+    return not _plain[0] and not torch.is_grad_enabled()
 
 
 class _WeightFakeQuant(torch.autograd.Function):
@@ -108,6 +145,8 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
 
 def to_int(x: torch.Tensor, scale: float) -> torch.Tensor:
     """The integers of a fake-quantized tensor as float64: ``round(x / scale)`` (STE gradient)."""
+    if fast_paths():
+        return (x.double() / scale).round_()
     return ste_round(x.double() / scale)
 
 
@@ -133,10 +172,17 @@ def _finish(v: torch.Tensor, dtype: str, clip: tuple[int, int] | None, s_out: fl
     Equal to the int64 ``round_shift`` (qspec) unless a value lies within ~2**-46 of a rounding
     tie without being one (exact ties are representable, so they round the same): ~1e-13.
     """
+    lo, hi = _bounds(dtype, clip)
+    if fast_paths():  # v is always a temporary of the caller's: round and clamp it in place
+        return to_float(v.round_().clamp_(lo, hi), s_out)
+    return to_float(_ClampRoundSTE.apply(v, lo, hi), s_out)
+
+
+def _bounds(dtype: str, clip: tuple[int, int] | None) -> tuple[int, int]:
     lo, hi = qspec.qrange(dtype)
     if clip is not None:
         lo, hi = max(lo, clip[0]), min(hi, clip[1])
-    return to_float(_ClampRoundSTE.apply(v, lo, hi), s_out)
+    return lo, hi
 
 
 def int_weight(w: torch.Tensor, pow2: bool, b: torch.Tensor | None = None,
@@ -186,12 +232,153 @@ def int_conv(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torc
     return _finish(v, out_fq.dtype, clip_of(s_out), s_out)
 
 
+class ConvInts(NamedTuple):
+    """A fused conv's integers as :func:`int_conv_fast` runs them (:func:`conv_ints`)."""
+
+    weight: torch.Tensor  # the int8 weight's values, Tensor[O, I/g, kh, kw] in the conv's dtype
+    bias: torch.Tensor  # the int32 bias, float64 Tensor[1, O, 1, 1]
+    mult: torch.Tensor  # m / 2**s, float64 Tensor[1, O, 1, 1]
+    mult_res: torch.Tensor | None  # m_res / 2**s of the residual, or None
+    chunks: tuple[int, ...] | None  # input-channel split sizes summed in float32 (exact); None: one conv
+    dtype: torch.dtype  # the accumulation dtype of the conv: float32 or float64
+    lo: int  # the output's integer clip (dtype range ∩ activation clip)
+    hi: int
+    s_out: torch.Tensor  # the output scale, float32 0-dim
+
+
+def conv_ints(w: torch.Tensor, b: torch.Tensor, conv: Any, s_in: float, s_res: float | None,
+              s_out: float, pow2: bool, in_dtype: str, exact: bool, out_dtype: str,
+              clip: tuple[int, int] | None) -> ConvInts:
+    """The integers :func:`int_conv` computes on every call, computed once (no gradients): the
+    same functions, so :func:`int_conv_fast` with them gives :func:`int_conv`'s values bit for
+    bit. Exact int8 accumulation over ``K = I/g·kh·kw >= 1032`` terms is split into input-channel
+    chunks of at most :data:`F32_CHUNK` terms, each exact in float32 (instead of a float64 conv)."""
+    with torch.no_grad():
+        wi, w_scale = int_weight(w, pow2, b, s_in)
+        kk = int(np.prod(w.shape[2:]))
+        k = int(w.shape[1]) * kk
+        f64 = in_dtype != "int8" or (exact and k * 128 * 127 >= 2**24)
+        chunks = None
+        if f64 and in_dtype == "int8" and conv.groups == 1 and kk <= F32_CHUNK:
+            per = F32_CHUNK // kk
+            n = -(-int(w.shape[1]) // per)
+            size = -(-int(w.shape[1]) // n)
+            chunks = tuple(min(size, int(w.shape[1]) - i) for i in range(0, int(w.shape[1]), size))
+            f64 = False
+        acc_scale = torch.tensor(s_in, dtype=torch.float32, device=w.device) * w_scale.float()
+        bi = torch.round(b.float() / acc_scale).clamp(*qspec.QRANGE["int32"]).double()
+        ratio = (np.float32(s_in) * w_scale.cpu().numpy()).astype(np.float64) / s_out
+        mult_res = None
+        if s_res is None:
+            m, s = qspec.requant_params(ratio)
+        else:
+            (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
+            mult_res = _t(_mult(m_res, s), bi)
+        lo, hi = _bounds(out_dtype, clip)
+        return ConvInts(wi.to(torch.float64 if f64 else torch.float32).contiguous(),
+                        bi.reshape(1, -1, 1, 1), _t(_mult(m, s), bi), mult_res, chunks,
+                        torch.float64 if f64 else torch.float32, lo, hi,
+                        torch.tensor(s_out, dtype=torch.float32, device=w.device))
+
+
+_scratch = threading.local()
+
+
+def _buffer(slot: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A work tensor shaped and laid out like ``like`` in ``dtype``, reusing this thread's
+    buffer ``slot`` (its pages stay mapped: fresh large tensors cost page faults). Valid until
+    the next call for the same slot; only for temporaries of one function call."""
+    if not (like.is_contiguous() or like.is_contiguous(memory_format=torch.channels_last)):
+        return torch.empty_like(like, dtype=dtype)
+    bufs: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = _scratch.__dict__.setdefault(
+        "bufs", {})
+    key = (slot, dtype, like.device)
+    flat = bufs.get(key)
+    if flat is None or flat.numel() < like.numel():
+        bufs[key] = flat = torch.empty(like.numel(), dtype=dtype, device=like.device)
+    return flat[:like.numel()].as_strided(like.shape, like.stride())
+
+
+def free_buffers() -> None:
+    """Drop this thread's work buffers of the fast eval paths (they grow to the largest conv
+    output seen, in float64)."""
+    _scratch.__dict__.pop("bufs", None)
+
+
+@torch.no_grad()
+def int_conv_fast(x: torch.Tensor, res: torch.Tensor | None, p: ConvInts, conv: Any, s_in: float,
+                  s_res: float | None) -> torch.Tensor:
+    """:func:`int_conv`'s eval values (no gradients) from prepared integers ``p``, epilogue in
+    place: ``sat(clip(round((acc + b)·m/2**s [+ r·m_res/2**s])))·s_out``."""
+    xi = torch.div(x.to(p.dtype), s_in, out=_buffer(0, x, p.dtype)).round_()
+
+    def conv_of(xs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(xs, ws, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    chunks = [(xi, p.weight)] if p.chunks is None else list(
+        zip(xi.split(p.chunks, 1), p.weight.split(p.chunks, 1), strict=True))
+    first = conv_of(*chunks[0])
+    if len(chunks) > 1:
+        acc = _buffer(1, first, torch.float64).copy_(first)  # exact: integers (< 2**24)
+        for xs, ws in chunks[1:]:  # exact integer partial sums, added exactly in float64
+            acc.add_(conv_of(xs, ws))
+    ri = None
+    if res is not None and s_res is not None and p.mult_res is not None:
+        ri = _buffer(2, res, torch.float64).copy_(res).div_(s_res).round_().mul_(p.mult_res)
+    fused = _fused_epilogue()
+    if fused is not None:
+        try:
+            return fused(first if len(chunks) == 1 else acc, p.bias, p.mult, ri, p.lo, p.hi,
+                         p.s_out)
+        except Exception as exc:  # no compiler, unsupported device...: eager from now on
+            _compiled[0] = False
+            warnings.warn(f"fake-quant eval: the compiled epilogue failed ({type(exc).__name__}: "
+                          f"{exc}); using the eager one", stacklevel=2)
+    if len(chunks) == 1:
+        acc = _buffer(1, first, torch.float64).copy_(first)  # exact: integers (< 2**24 in f32)
+    acc.add_(p.bias).mul_(p.mult)
+    if ri is not None:
+        acc.add_(ri)
+    return acc.round_().clamp_(p.lo, p.hi).to(torch.float32).mul_(p.s_out)
+
+
+def _epilogue(acc: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor,
+              res: torch.Tensor | None, lo: int, hi: int, s_out: torch.Tensor) -> torch.Tensor:
+    """The eager epilogue's expression, for ``torch.compile`` to fuse into one pass."""
+    v = (acc.double() + bias) * mult
+    if res is not None:
+        v = v + res
+    return v.round().clamp(lo, hi).float() * s_out
+
+
+_compiled: list[Any] = [os.environ.get("HAT_BPU_COMPILE_FQ", "") not in ("", "0")]
+
+
+def compile_epilogue(on: bool = True) -> None:
+    """Fuse the fast path's conv epilogue with ``torch.compile`` (one pass instead of seven;
+    off by default, ``HAT_BPU_COMPILE_FQ=1`` turns it on at import). The first calls compile
+    (~30 s on a 2-core CPU, then cached on disk; again for a new batch-size-1 or memory-format
+    variant); a failure to compile warns once and falls back to the eager epilogue."""
+    _compiled[0] = on if not on or _compiled[0] in (False, True) else _compiled[0]
+
+
+def _fused_epilogue() -> Any:
+    """The compiled epilogue when switched on (and compiling has not failed), else None."""
+    c = _compiled[0]
+    if c is True:
+        c = _compiled[0] = torch.compile(_epilogue, dynamic=True)
+    return c or None
+
+
 def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: str,
             clip: tuple[int, int] | None, march: str | None = None) -> torch.Tensor:
     """ir ``add`` with the march's multipliers (:func:`qspec.add_params`), fake-quantized float
     output: values from the int64 ``sat(clip(round_shift(Σ x_i · m_i, s)))`` (the multipliers
     may exceed float64's exact range), gradients straight through the float64 form."""
     ms, s = qspec.add_params(list(scales), s_out, march)
+    if fast_paths() and 0 <= int(s[0]) < 62:
+        return _int_sum_fast(xs, scales, [int(m[0]) for m in ms],
+                             [float(_mult(m, s)[0]) for m in ms], int(s[0]), s_out, dtype, clip)
     xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
     v = sum(x * float(_mult(m, s)[0]) for x, m in zip(xi, ms, strict=True))
     assert isinstance(v, torch.Tensor)
@@ -201,6 +388,27 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: st
         assert isinstance(acc, torch.Tensor)
         q = qspec.requantize_torch(acc, torch.full_like(acc, int(s[0])), dtype, clip)
     return y + (to_float(q, s_out) - y).detach()
+
+
+def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
+                  s: int, s_out: float, dtype: str, clip: tuple[int, int] | None) -> torch.Tensor:
+    """:func:`int_sum`'s values in place (no gradients): the same float64 form ``y``, the int64
+    ``q = sat(clip(round_shift(Σ x_i·m_i, s)))`` with the tie rule folded into one shift
+    (``(v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s``: round half to even, no overflow while
+    ``|v| < 2**62``), and the same ``y + (q·s_out - y)``."""
+    xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
+    acc = xi[0].long().mul_(ms[0])
+    for x, m in zip(xi[1:], ms[1:], strict=True):
+        acc.add_(x.long().mul_(m))
+    v = xi[0].mul_(mults[0])
+    for x, m in zip(xi[1:], mults[1:], strict=True):
+        v.add_(x.mul_(m))
+    y = _finish(v, dtype, clip, s_out)
+    if s > 0:
+        odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
+        acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
+    t = to_float(acc.clamp_(*_bounds(dtype, clip)), s_out)
+    return t.sub_(y).add_(y)  # y + (t - y), as int_sum's straight-through form
 
 
 def int_requant(x: torch.Tensor, ratio: float, s_in: float, s_out: float, dtype: str,
