@@ -41,7 +41,7 @@ class TaskModel(Protocol):
 def score_threshold(model: object) -> float | None:
     """The optional ``score_threshold`` attribute of a task model: the lowest class score
     (0..1) its ``postprocess`` keeps, so a deploy backend may drop lower ones on the device
-    (hat-bpu's device filter follows it). None when the model does not say."""
+    (a device-side filter follows it). None when the model does not say."""
     value = getattr(model, "score_threshold", None)
     if value is None:
         return None
