@@ -266,18 +266,14 @@ def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
         """The requantization of ``acc`` (and residual ``res``) to the output's storage;
         ``buf``: a float64 work tensor of ``acc``'s shape (else allocated)."""
         if b32 is None:  # the bias, promoting to float64 in the same pass (exact)
-            acc = torch.add(acc, consts["b64"], out=buf) if buf is not None else \
-                torch.add(acc, consts["b64"])
+            acc = torch.add(acc, consts["b64"], out=buf)
         exact = static_f64 + res_bound < F64_EXACT
         if not exact:  # the weight bound is too loose: measure these accumulators
             lo, hi = torch.aminmax(acc)
             exact = max(-float(lo), float(hi)) * m_abs + res_bound < F64_EXACT
         if exact:  # every product and sum below is exact in float64
-            if acc.dtype == torch.float64:
-                v = acc.mul_(consts["r"])
-            else:
-                v = torch.mul(acc, consts["r"], out=buf) if buf is not None else \
-                    torch.mul(acc, consts["r"])
+            v = acc.mul_(consts["r"]) if acc.dtype == torch.float64 else \
+                torch.mul(acc, consts["r"], out=buf)
             if res is not None:
                 v.addcmul_(res.double(), consts["r_res"])
             return _finish_f64(v, out, clip)

@@ -222,14 +222,21 @@ def int_conv(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torc
         y = acc.detach() * (acc_scale.double().reshape(1, -1, 1, 1))
         out_fq.track(y if ri is None else y + ri.detach() * s_res, act)
     s_out = float(out_fq.scale)
-    ratio = (np.float32(s_in) * w_scale.detach().cpu().numpy()).astype(np.float64) / s_out
-    if ri is None:
-        m, s = qspec.requant_params(ratio)
-        v = acc * _t(_mult(m, s), acc)
-    else:
-        (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
-        v = acc * _t(_mult(m, s), acc) + ri * _t(_mult(m_res, s), acc)
+    mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res if ri is not None else None, acc)
+    v = acc * mult if ri is None else acc * mult + ri * mult_res
     return _finish(v, out_fq.dtype, clip_of(s_out), s_out)
+
+
+def _conv_mults(s_in: float, w_scale: torch.Tensor, s_out: float, s_res: float | None,
+                like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A conv's ``m / 2**s`` (and the residual's ``m_res / 2**s``, sharing ``s``; None without
+    a residual) as float64 tensors shaped like ``like``'s channels."""
+    ratio = (np.float32(s_in) * w_scale.detach().cpu().numpy()).astype(np.float64) / s_out
+    if s_res is None:
+        m, s = qspec.requant_params(ratio)
+        return _t(_mult(m, s), like), None
+    (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
+    return _t(_mult(m, s), like), _t(_mult(m_res, s), like)
 
 
 class ConvInts(NamedTuple):
@@ -267,16 +274,10 @@ def conv_ints(w: torch.Tensor, b: torch.Tensor, conv: Any, s_in: float, s_res: f
             f64 = False
         acc_scale = torch.tensor(s_in, dtype=torch.float32, device=w.device) * w_scale.float()
         bi = torch.round(b.float() / acc_scale).clamp(*qspec.QRANGE["int32"]).double()
-        ratio = (np.float32(s_in) * w_scale.cpu().numpy()).astype(np.float64) / s_out
-        mult_res = None
-        if s_res is None:
-            m, s = qspec.requant_params(ratio)
-        else:
-            (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
-            mult_res = _t(_mult(m_res, s), bi)
+        mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res, bi)
         lo, hi = _bounds(out_dtype, clip)
         return ConvInts(wi.to(torch.float64 if f64 else torch.float32).contiguous(),
-                        bi.reshape(1, -1, 1, 1), _t(_mult(m, s), bi), mult_res, chunks,
+                        bi.reshape(1, -1, 1, 1), mult, mult_res, chunks,
                         torch.float64 if f64 else torch.float32, lo, hi,
                         torch.tensor(s_out, dtype=torch.float32, device=w.device))
 
