@@ -239,6 +239,6 @@ def test_fused_requant_reads_the_head_saturated_to_its_own_type(tmp_path: Path, 
     want = Simulator(g).run(x)
     assert want[0].abs().max() > 1.0 and (want[0] <= 127 / 64 + 1e-6).all()  # saturated at int8
     rts = assert_bit_exact(g, x, tmp_path)
-    assert [i.op for i in rts[1].program.instrs] == [head if head == "quantize" else "quantize",
-                                                     *(["concat"] if head == "concat" else [])]
+    assert [i.op for i in rts[1].program.instrs] == {"quantize": ["quantize"],
+                                                     "concat": ["quantize", "concat"]}[head]
     assert rts[1].program.instrs[-1].nodes[-1] == "rq"  # the requantize was fused
