@@ -152,6 +152,17 @@ def test_add_matches_reference(march: str, dtype: str, data: st.DataObject, s_a:
     assert np.array_equal(fq_add(xs, scales, s_out, march, dtype), want)
 
 
+@pytest.mark.parametrize("march", ["bernoulli2", "bayes-e"])
+def test_add_weights_round_the_exact_quotient(march: str) -> None:
+    """Found by a random run: 0.5 / ((1/3) / 127) is 190.5 in float64 but 190.50...01 exactly,
+    so bernoulli2's weight is 191; rounding the float quotient gave 190 and 64 for 65."""
+    xs = np.array([[64], [1]], np.int64)
+    scales = [0.5, 1 / 3]
+    want = np.array([ref_add([64, 1], scales, 0.5, march, "int8")], np.float64)
+    assert np.array_equal(sim_add(xs, scales, 0.5, march, "int8"), want)
+    assert np.array_equal(fq_add(xs, scales, 0.5, march, "int8"), want)
+
+
 @pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("dtype", ["int8", "int16"])
 @settings(max_examples=10, deadline=None)

@@ -26,6 +26,7 @@ only when the exact value lies within ~1e-5 LSB of a rounding boundary.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -256,21 +257,28 @@ def add_rule(march: str | None) -> str:
     return "shared"
 
 
+def _rint_ratio(num: float, den: float) -> int:
+    """``round_half_even(num / den)`` of the exact quotient of the two floats: a float64
+    quotient can round onto or off a tie (0.5 / ((1/3) / 127) is 190.5 in float64, 190.50...01
+    exactly: 191, not 190)."""
+    return round(Fraction(num) / Fraction(den))
+
+
 def _int_weights(scales: list[float], march: str | None) -> tuple[list[int], float]:
     """Integer weights ``a_i`` and the intermediate scale ``s_int`` of a march's add:
     ``acc = Σ x_i · a_i`` is the sum at scale ``s_int`` (``a_i ≈ s_i / s_int``)."""
     rule = add_rule(march)
     if rule == "align14":
         s_int = max(scales) / 2**ADD_ALIGN_SHIFT
-        return [int(np.rint(s / s_int)) for s in scales], s_int
+        return [_rint_ratio(s, s_int) for s in scales], s_int
     if rule == "bernoulli2":
         if len(scales) != 2:
             raise ValueError(f"bernoulli2 adds two tensors, got {len(scales)}")
         f, s = (0, 1) if scales[0] <= scales[1] else (1, 0)  # feature: the smaller scale
         s_int = max(scales[f] / B2_FEATURE_QMAX, scales[s] / B2_SUMIN_DIV)
         a = [0, 0]
-        a[f] = int(np.clip(np.rint(scales[f] / s_int), -128, 127))
-        sw = float(np.rint(scales[s] / s_int))
+        a[f] = int(np.clip(_rint_ratio(scales[f], s_int), -128, 127))
+        sw = float(_rint_ratio(scales[s], s_int))
         mant, exp = math.frexp(sw)  # sw = mant · 2**exp, mant in [0.5, 1)
         qm = min(int(mant * 2 ** min(exp, B2_SUMIN_BITS)), 2**B2_SUMIN_BITS - 1)
         a[s] = qm << max(exp - B2_SUMIN_BITS, 0)
