@@ -378,11 +378,31 @@ class Pipeline:
                             "\nfix the model or choose another target before training")
         echo(f"check: the model is deployable on {target}")
 
+    def require_current(self, names: Iterable[str], reader: str) -> None:
+        """Refuse to run ``reader`` on an upstream stage's outputs made from other inputs.
+
+        Fingerprints chain through the recipe, not through the files: without this check a
+        ``--stage calibration`` on a stale float checkpoint would be recorded as current, and a
+        later full run would retrain float but skip the calibration made from the old one.
+        A stage never run is left to the reader's own "does not exist" message.
+        """
+        for name in names:
+            data = read_json(self.workdir.stage(name) / STAGE_STATE)
+            if data and (data.get("fingerprint") != self.fps[name] or data.get("status") != "done"):
+                why = "did not finish" if data.get("fingerprint") == self.fps[name] \
+                    else "was made from other inputs"
+                raise UserError(f"{reader} reads stage {name!r}, whose output in "
+                                f"{self.workdir.stage(name)} {why}: run `hat run {self.source} "
+                                f"--stage {name}` first (or `hat run {self.source}` to redo "
+                                "every stage whose inputs changed)")
+
     def run_stage(self, stage: Stage) -> None:
         state = StageState(self.workdir.stage(stage.name), self.fps[stage.name])
         if state.done():
             echo(f"{stage.name}: done, inputs unchanged, skipped")
             return
+        if stage.needs:
+            self.require_current([self.source_of(stage), *stage.needs[1:]], f"stage {stage.name!r}")
         if state.start():
             echo(f"{stage.name}: continuing an interrupted run")
         seed_everything(self.recipe.task.seed)  # a redone stage builds and draws the same
@@ -397,6 +417,8 @@ class Pipeline:
         if ckpt is None and state.done():
             echo(f"predict {row}: done, inputs unchanged, skipped")
             return read_json(self.workdir.predict_metrics(row)) or {}
+        if ckpt is None:
+            self.require_current([self.table.scored_by(row).name], f"predict row {row!r}")
         state.start()  # every process scores its share of the val set; rank 0 writes
         self.ran.append(key)
         model, runner = self.predictor(row, ckpt)

@@ -369,6 +369,23 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_what_follows(stand_in) -> N
     assert meta["stage"] == "qat" and meta["train"]["epochs"] == 2  # the new run's metrics
 
 
+def test_a_stage_alone_refuses_a_stale_upstream_and_the_full_run_redoes_both(stand_in) -> None:
+    backend, recipe, work = stand_in
+    assert hat("run", str(recipe), "--stage", "float").exit_code == 0
+    changed = ("--set", "stages.float.epochs=3")  # float's inputs change; its outputs are stale
+    alone = hat("run", str(recipe), *changed, "--stage", "calibration")
+    assert alone.exit_code == 2, alone.output
+    assert "stage 'calibration' reads stage 'float'" in alone.output
+    assert "was made from other inputs" in alone.output and "--stage float" in alone.output
+    assert not (work / "calibration").exists()
+    row = hat("run", str(recipe), *changed, "--stage", "predict")
+    assert row.exit_code == 2 and "predict row 'float' reads stage 'float'" in row.output
+    backend.calls.clear()
+    full = hat("run", str(recipe), *changed)
+    assert full.exit_code == 0, full.output
+    assert "float: done" not in full.output and ("quantize", "calibration") in backend.calls
+
+
 def test_predict_command_and_missing_artifacts(stand_in) -> None:
     _, recipe, work = stand_in
     missing = hat("predict", str(recipe), "--stage", "int_infer")
