@@ -242,3 +242,39 @@ def test_fused_requant_reads_the_head_saturated_to_its_own_type(tmp_path: Path, 
     assert [i.op for i in rts[1].program.instrs] == {"quantize": ["quantize"],
                                                      "concat": ["quantize", "concat"]}[head]
     assert rts[1].program.instrs[-1].nodes[-1] == "rq"  # the requantize was fused
+
+
+@pytest.mark.parametrize("dtype,groups", [("int8", 1), ("int8", 8), ("int16", 1), ("int16", 8)])
+def test_float64_convs_run_as_exact_float32_convs(dtype: str, groups: int) -> None:
+    """The runtime's float32 route for an ``f64`` conv (bias apart, int16 split in bytes) equals
+    a float64 conv of the same integers (exact: every sum < 2**53), extremes included."""
+    from hat_bpu.device.kernels import _split_conv
+
+    g = torch.Generator().manual_seed(3)
+    lo, hi = (-128, 127) if dtype == "int8" else (-32768, 32767)
+    x = torch.randint(lo, hi + 1, (1, 8, 9, 9), generator=g, dtype=torch.int16)
+    x[0, :, 0] = lo
+    x[0, :, 1] = hi
+    w = torch.randint(-127, 128, (8, 8 // groups, 3, 3), generator=g).to(torch.float64)
+    w[0] = 127  # the largest row sum the bound admits for these shapes
+    b = torch.randint(-2**30, 2**30, (8,), generator=g).to(torch.float64)
+    geo = ([1, 1], [1, 1], [1, 1])
+    conv = _split_conv(w, b, geo, groups, dtype)
+    assert conv is not None
+    got = conv([x.to(torch.int8) if dtype == "int8" else x])
+    want = torch.nn.functional.conv2d(x.to(torch.float64), w, b, *geo, groups)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert _split_conv(w * 2**12, b, geo, groups, dtype) is None  # too large: float64 conv
+
+
+def test_round_shift_i64_rounds_half_to_even() -> None:
+    from fractions import Fraction
+
+    from hat_bpu.device.kernels import round_shift_i64
+
+    v = torch.cat([torch.arange(-70, 70), torch.randint(-2**40, 2**40, (5000,),
+                                                        generator=torch.Generator().manual_seed(0))])
+    for shift in (0, 1, 2, 3, 7, 31):
+        got = round_shift_i64(v.clone(), torch.full_like(v, shift))
+        want = torch.tensor([round(Fraction(int(a), 2**shift)) for a in v])  # half to even
+        assert torch.equal(got, want), shift

@@ -6,7 +6,13 @@ from the simulator: no code is shared with :mod:`hat_bpu.ir.simulator` or
 holds them the compiler has proved it exact (``arith``):
 
 * conv ``f32``: ``x_max·Σ|w[o]| + |bias[o]| <= 2**24`` bounds every partial sum, so any
-  summation order gives the exact integer; ``f64``: the same bound ``< 2**53``.
+  summation order gives the exact integer; ``f64``: the same bound ``< 2**53``. Float64
+  convolutions have no fast CPU kernel, so an ``f64`` spatial conv runs as exact float32 convs
+  when it can: the bias (often what breaks the 2**24 bound) is added afterwards in float64, and
+  when ``x_max·Σ|w[o]| > 2**24`` an int16 input is split ``x = 256·hi + lo`` (``hi = x >> 8`` in
+  [-128, 127], ``lo = x & 255`` in [0, 255]) when ``255·Σ|w[o]| <= 2**24``: each conv is then an
+  exact integer in float32 and ``256·conv(hi) + conv(lo) + bias`` in float64 (every term below
+  2**53) is the exact result. 1x1 convs are float64 matmuls (BLAS is fast there).
 * requant ``f64``: ``v = Σ term·m`` with ``Σ|term|·|m| < 2**53``: every product and partial sum
   is an integer below 2**53 (exact), scaling by ``2**-shift`` is exact, and ``torch.round``
   rounds half to even - the integer rule ``round_shift``. ``i64``: ``v`` in int64 and
@@ -30,13 +36,15 @@ Step = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def round_shift_i64(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``round_half_even(v / 2**s)`` of int64 ``v`` for ``s >= 0`` (broadcast): the floor
-    quotient, plus one when the remainder is above half, or exactly half and the quotient odd."""
-    q = v >> s
-    rem = v - (q << s)
-    half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp(min=0), torch.zeros_like(s))
-    up = (s > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
-    return q + up.to(torch.int64)
+    """``round_half_even(v / 2**s)`` of int64 ``v`` for ``s >= 0`` (broadcast), in place on
+    ``v``: ``(v + 2**(s-1) - 1 + odd) >> s`` with ``odd = (v >> s) & 1``, the floor quotient's
+    parity, for ``s > 0`` (a remainder below half stays, above half carries, exactly half
+    carries only an odd quotient); ``v`` itself for ``s == 0``. Exact while
+    ``|v| + 2**s < 2**63``."""
+    on = (s > 0).to(torch.int64)
+    bias = ((torch.ones_like(s) << s) >> 1) - on
+    odd = (v >> s).bitwise_and_(on)
+    return v.add_(odd).add_(bias).bitwise_right_shift_(s)
 
 
 def _channels(a: np.ndarray, ndim: int) -> torch.Tensor:
@@ -174,20 +182,52 @@ def _conv(ins: Instr, src: TensorInfo) -> Callable[[list[torch.Tensor]], torch.T
         sh, sw = geo[0]
         wt = w.reshape(w.shape[0], -1).t().contiguous()
 
+        # float64 proved but the products alone fit float32: an exact float32 matmul, then
+        # the bias in float64 (module docstring)
+        mm32 = ftype == torch.float64 and \
+            -QRANGE[src.dtype][0] * float(w.abs().flatten(1).sum(1).max()) <= 2.0**24
+        wt32 = wt.to(torch.float32)
+
         def pointwise(xs: list[torch.Tensor]) -> torch.Tensor:
             x = xs[0][:, :, ::sh, ::sw].permute(0, 2, 3, 1)  # [1, H, W, C]
-            y = torch.addmm(b, x.reshape(-1, x.shape[-1]).to(ftype), wt)
+            pixels = x.reshape(-1, x.shape[-1])
+            y = (pixels.to(torch.float32) @ wt32).to(torch.float64).add_(b) if mm32 \
+                else torch.addmm(b, pixels.to(ftype), wt)
             return y.reshape(*x.shape[:3], -1).permute(0, 3, 1, 2)
         return pointwise
-    if layout == "dense":
-        return lambda xs: F.conv2d(xs[0].to(ftype), w, b, *geo, 1)
-    if layout == "depthwise":
-        return lambda xs: F.conv2d(xs[0].to(ftype), w, b, *geo, w.shape[0])
+    if layout in ("dense", "depthwise"):
+        groups = 1 if layout == "dense" else w.shape[0]
+        if ftype == torch.float64:
+            split = _split_conv(w, b, geo, groups, src.dtype)
+            if split is not None:
+                return split
+        return lambda xs: F.conv2d(xs[0].to(ftype), w, b, *geo, groups)
     groups = int(a["groups"])
     n_out = b.shape[0]
     wl, bl = w, b
     return lambda xs: F.pad(F.conv2d(logical(xs[0], src).to(ftype), wl, bl[:wl.shape[0]], *geo,
                                      groups), (0, 0, 0, 0, 0, n_out - wl.shape[0]))
+
+
+def _split_conv(w: torch.Tensor, b: torch.Tensor, geo: tuple[list[int], list[int], list[int]],
+                groups: int, dtype: str) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+    """An exact float64 conv as one or two exact float32 convs (module docstring); None when
+    the weights are too large for either."""
+    w32 = w.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    b64 = b.reshape(1, -1, 1, 1)
+    w_sum = float(w.abs().flatten(1).sum(1).max())
+    if -QRANGE[dtype][0] * w_sum <= 2.0**24:
+        return lambda xs: F.conv2d(xs[0].to(torch.float32), w32, None, *geo, groups) \
+            .to(torch.float64).add_(b64)
+    if dtype != "int16" or 255 * w_sum > 2.0**24:
+        return None
+
+    def split(xs: list[torch.Tensor]) -> torch.Tensor:
+        x = xs[0]
+        hi = F.conv2d(torch.bitwise_right_shift(x, 8).to(torch.float32), w32, None, *geo, groups)
+        lo = F.conv2d(torch.bitwise_and(x, 255).to(torch.float32), w32, None, *geo, groups)
+        return hi.to(torch.float64).mul_(256).add_(lo.to(torch.float64)).add_(b64)
+    return split
 
 
 def _concat(ins: Instr, tensors: dict[str, TensorInfo]) -> Callable[[list[torch.Tensor]],

@@ -44,9 +44,15 @@ class Runtime:
 
     :param arith: ``"i64"`` runs every epilogue stage in int64 whatever the compiler proved
         (tests use it to check both arithmetic paths); None: as compiled.
+    :param threads: torch's intra-op threads while a program runs (restored after); None: the
+        process's. One image's instructions are small (the demo's 192² FCOS: ~190 instructions
+        in 40-50 ms), so a second thread pays little and, under ``OMP_WAIT_POLICY=PASSIVE``
+        (hat's default), costs: align_bpu on the demo's 64 images took 9.0 s on 2 threads,
+        4.1 s on 1 (3.3 s on 2 spinning threads of a free machine; bench/RESULTS-deploy.md).
     """
 
-    def __init__(self, path: Path, arith: str | None = None) -> None:
+    def __init__(self, path: Path, arith: str | None = None, threads: int | None = 1) -> None:
+        self.threads = threads
         self.header, self.program = hbm.load_hbm(Path(path))
         prog = self.program
         try:
@@ -96,10 +102,16 @@ class Runtime:
         """Flat float32 outputs for a batch: each image through the program, the host's
         dequantization ``float32(q · scale)`` (product in float64), concatenated on the batch."""
         outs = []
-        for i in range(x.shape[0]):
-            ints = self.run_int(x[i:i + 1])
-            outs.append([(q.to(torch.float64) * o.scale).to(torch.float32)
-                         for q, o in zip(ints, self.program.outputs, strict=True)])
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            for i in range(x.shape[0]):
+                ints = self.run_int(x[i:i + 1])
+                outs.append([(q.to(torch.float64) * o.scale).to(torch.float32)
+                             for q, o in zip(ints, self.program.outputs, strict=True)])
+        finally:
+            torch.set_num_threads(before)
         return [torch.cat([o[k] for o in outs], 0) for k in range(len(self.program.outputs))]
 
     def __call__(self, x: torch.Tensor) -> Any:
