@@ -57,6 +57,23 @@ def fast_paths() -> bool:
     return not _plain[0] and not torch.is_grad_enabled()
 
 
+def fast_train_paths() -> bool:
+    """True when training (gradients on) may take the QAT fast paths: fused autograd functions
+    that compute the plain paths' values and gradients bit for bit with fewer temporaries;
+    off inside :func:`plain_paths` (and with ``HAT_BPU_PLAIN_FQ=1``)."""
+    return not _plain[0]
+
+
+def dense_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed in its memory order (a channels-last NCHW tensor as NHWC), for reductions
+    whose value does not depend on the order (max, min): torch reduces a channels-last tensor
+    several times slower than a contiguous one."""
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
 class _WeightFakeQuant(torch.autograd.Function):
     """Per-output-channel ``clamp(round(w·(1/s[o])), qmin, qmax)·s[o]`` with a straight-through
     gradient inside the range: the values of ``torch.fake_quantize_per_channel_affine``, in a
@@ -225,6 +242,81 @@ def int_conv(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torc
     mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res if ri is not None else None, acc)
     v = acc * mult if ri is None else acc * mult + ri * mult_res
     return _finish(v, out_fq.dtype, clip_of(s_out), s_out)
+
+
+def int_conv_train(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor,
+                   conv: Any, s_in: float, s_res: float | None, out_fq: Any, clip_of: Any,
+                   pow2: bool, in_dtype: str = "int8", exact: bool = False, act: str = "none"
+                   ) -> torch.Tensor:
+    """:func:`int_conv` with gradients, fused (:func:`fast_train_paths`): the same weight,
+    input and bias integers and conv, then the float64 epilogue and its backward in one
+    autograd function (:class:`_ConvEpilogue`) that keeps a bool mask instead of the plain
+    path's chain of float64 temporaries. Values and gradients equal :func:`int_conv`'s."""
+    wi, w_scale = int_weight(w, pow2, b, s_in)
+    k = int(np.prod(w.shape[1:]))
+    f64 = in_dtype != "int8" or (exact and k * 128 * 127 >= 2**24)
+    ftype = torch.float64 if f64 else torch.float32
+    xi = ste_round(x.to(ftype) / s_in)
+    acc = F.conv2d(xi, wi.to(ftype), None, conv.stride, conv.padding, conv.dilation,
+                   conv.groups)
+    acc_scale = torch.tensor(s_in, dtype=torch.float32, device=w.device) * w_scale.float()
+    bi = ste_round(b.float() / acc_scale).clamp(*qspec.QRANGE["int32"]).double()
+    bi = bi.reshape(1, -1, 1, 1)
+    has_res = res is not None and s_res is not None
+    tracks = out_fq.tracks()
+    if tracks or has_res:
+        with torch.no_grad():
+            a = acc.to(torch.float64, copy=True).add_(bi)
+            ri = None
+            if has_res:
+                assert res is not None and s_res is not None
+                ri = (res.double() / s_res).round_()
+            if tracks:  # QAT: the output range follows the float pre-activation
+                y = a.mul_(acc_scale.double().reshape(1, -1, 1, 1))
+                out_fq.track(y if ri is None else y.add_(ri * s_res), act)
+    s_out = float(out_fq.scale)
+    mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res if has_res else None, bi)
+    lo, hi = _bounds(out_fq.dtype, clip_of(s_out))
+    t_out = torch.tensor(s_out, dtype=torch.float32, device=acc.device)
+    if has_res:
+        assert res is not None
+        return _ConvEpilogue.apply(acc, bi, mult, res, s_res, mult_res, lo, hi, t_out)
+    return _ConvEpilogue.apply(acc, bi, mult, None, None, None, lo, hi, t_out)
+
+
+class _ConvEpilogue(torch.autograd.Function):
+    """``float32(clamp(round((float64(acc) + b)·m [+ round(float64(r)/s_r)·m_r]), lo, hi))·s_out``
+    with the gradients autograd gives :func:`int_conv`'s op chain (straight through the
+    roundings, zero outside ``[lo, hi]``), op by op in the same order, in place where the
+    plain path allocates."""
+
+    @staticmethod
+    def forward(ctx: Any, acc: torch.Tensor, bi: torch.Tensor, mult: torch.Tensor,
+                res: torch.Tensor | None, s_res: float | None, mult_res: torch.Tensor | None,
+                lo: int, hi: int, s_out: torch.Tensor) -> torch.Tensor:
+        v = acc.to(torch.float64, copy=True).add_(bi).mul_(mult)
+        if res is not None:
+            v.add_((res.double() / s_res).round_().mul_(mult_res))
+        r = v.round_()
+        q = r.clamp(lo, hi)
+        inside = torch.eq(r, q)
+        del r, v
+        ctx.save_for_backward(inside, mult, mult_res, s_out)
+        ctx.s_res, ctx.acc_dtype, ctx.bi_shape = s_res, acc.dtype, bi.shape
+        ctx.res_dtype = None if res is None else res.dtype
+        return q.float().mul_(s_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        inside, mult, mult_res, s_out = ctx.saved_tensors
+        g = (grad * s_out).double().mul_(inside)  # to_float's mul, cast back, the STE mask
+        g_res = None
+        if mult_res is not None:
+            g_res = (g * mult_res).div_(ctx.s_res).to(ctx.res_dtype)
+        g.mul_(mult)
+        g_bi = g.sum_to_size(ctx.bi_shape) if ctx.needs_input_grad[1] else None
+        g_acc = g.to(ctx.acc_dtype)
+        return g_acc, g_bi, None, g_res, None, None, None, None, None
 
 
 def _conv_mults(s_in: float, w_scale: torch.Tensor, s_out: float, s_res: float | None,
