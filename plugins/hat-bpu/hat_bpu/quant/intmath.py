@@ -11,8 +11,11 @@ the integer model runs; ``exact_eval`` only adds float64 accumulation where floa
 Eval under ``torch.no_grad()`` takes fast paths with the same values bit for bit: no autograd
 wrappers, in-place epilogues, conv integers prepared once (:class:`ConvInts`, cached by
 :class:`hat_bpu.quant.fake_quant.QConv2d`), and exact int8 accumulation in float32 chunks of at
-most :data:`F32_CHUNK` terms instead of float64. :func:`plain_paths` turns them off (tests and
-``bench/bpu_fq_speed.py`` compare both; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process);
+most :data:`F32_CHUNK` terms instead of float64. Training (gradients on) takes fused fast
+paths with the same values and gradients bit for bit (:func:`fast_train_paths`:
+:func:`int_conv_train`, :class:`_IntSum`).
+:func:`plain_paths` turns both off (tests, ``bench/bpu_fq_speed.py`` and ``bench/bpu_quant.py
+--interleave`` compare them; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process);
 :func:`compile_epilogue` (opt-in) fuses the conv epilogue with ``torch.compile``.
 """
 
