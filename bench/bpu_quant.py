@@ -15,6 +15,9 @@ ratios come from the same minutes of a shared machine (the demo's QAT setting, a
         --size 192 --batch 8 --threads 2 --channels-last --lr 0 --interleave
 
 (``--lr 0``: the random-weight model diverges under this loss; the step's arithmetic is the same.)
+The ``hat`` command's process settings (:mod:`hatcore.runtime`: ``OMP_WAIT_POLICY=PASSIVE``
+unless set, glibc malloc thresholds) are applied first, as in ``hat run``
+(``HAT_PROCESS_SETTINGS=0``: without them).
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from hat_bpu.plugin import HorizonQuantizeSpec, quantize
-from torch import nn
+from hatcore.runtime import apply_process_settings
 
-from hatcore import quant
-from hatcore.quant import DeQuantStub, QuantStub
+SETTINGS = apply_process_settings()  # as `hat` applies them, before torch loads
+
+import torch  # noqa: E402
+from hat_bpu.plugin import HorizonQuantizeSpec, quantize  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hatcore import quant  # noqa: E402
+from hatcore.quant import DeQuantStub, QuantStub  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "hat-bpu" / "tests"))
 from example_net import SmallNet  # noqa: E402  (a test helper of hat-bpu)
@@ -230,7 +237,7 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
     result: dict[str, Any] = {"model": args.recipe or args.model, "input": list(x.shape),
                               "threads": args.threads, "channels_last": args.channels_last,
-                              "lr": args.lr}
+                              "lr": args.lr, "process_settings": SETTINGS}
     if args.interleave:
         q = calibrated_hat(model, x, args.frozen_bn)
         models = {"float": model, "qat_fast": q, "qat_plain": copy.deepcopy(q)}
