@@ -6,10 +6,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from example_net import MiniFCOS, SmallNet, conv_bn
-from hat_bpu.quant import intmath
+from hat_bpu.quant import intmath, qspec
 from hat_bpu.quant.fake_quant import QConv2d
 from hat_bpu.quant.prepare import QConfig, prepare
 from torch import nn
@@ -142,3 +143,17 @@ def test_dense_view_reduces_like_the_tensor() -> None:
     assert v.is_contiguous() and v.data_ptr() == x.data_ptr()
     assert torch.equal(v.max(), torch.tensor(x.tolist()).max())
     assert intmath.dense_view(x.contiguous()).shape == x.shape  # contiguous: unchanged
+
+
+def test_requant_mults_equal_requant_params() -> None:
+    """The fast multiplier skips requant_params' trailing-zero strip: same m / 2**s."""
+    g = np.random.default_rng(0)
+    ratios = np.concatenate([
+        np.exp2(g.uniform(-70, 29.9, 4000)),  # the whole range, MAX_SHIFT included
+        np.exp2(np.arange(-70, 30, dtype=np.float64)),  # powers of two: m = 1 after the strip
+        np.nextafter(np.exp2(np.arange(-40, 30, dtype=np.float64)), 0),  # just below them
+        g.uniform(0.001, 0.1, 1000).astype(np.float32).astype(np.float64)])
+    m, s = qspec.requant_params(ratios)
+    assert np.array_equal(intmath.requant_mults(ratios), m / np.exp2(s.astype(np.float64)))
+    with pytest.raises(ValueError):
+        intmath.requant_mults(np.array([0.5, -1.0]))
