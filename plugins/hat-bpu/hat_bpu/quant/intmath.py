@@ -276,7 +276,7 @@ def int_conv_train(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b
             ri = res.detach().to(torch.float64, copy=True).div_(s_res).round_()
         if out_fq.tracks():  # QAT: the output range follows the float pre-activation
             y = a * acc_scale.double().reshape(1, -1, 1, 1)
-            out_fq.track(y if ri is None else y.add_(ri * s_res), act)
+            out_fq.track(y if ri is None or s_res is None else y.add_(ri * s_res), act)
             del y
     s_out = float(out_fq.scale)
     mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res if has_res else None, bi, True)
@@ -314,7 +314,7 @@ class _ConvEpilogue(torch.autograd.Function):
                 s_res: float | None, mult_res: torch.Tensor | None, lo: int, hi: int,
                 s_out: torch.Tensor) -> torch.Tensor:
         v = a.mul_(mult)
-        if ri is not None:
+        if ri is not None and mult_res is not None:
             v.add_(ri.mul_(mult_res))
         r = v.round_()
         q = r.clamp(lo, hi)
