@@ -5,6 +5,19 @@
 A step is forward + MSE loss + backward + SGD update. The median of ``--iters`` steps after
 ``--warmup`` is reported. ``--model fcos`` builds the FCOS-EfficientNet-B0 through the
 installed plugins' ``build_model`` hook (when hat-fcos is installed) and times its backbone+neck+head.
+
+``--recipe recipes/demo.toml`` builds the recipe's ``[model]`` instead (random weights:
+``pretrained`` is dropped) and ``--interleave`` times float, HAT QAT with the training fast
+paths and HAT QAT on the plain paths (``intmath.plain_paths``) one step each in turn, so the
+ratios come from the same minutes of a shared machine (the demo's QAT setting, as ``hat run``):
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bpu_quant.py --recipe recipes/demo.toml \
+        --size 192 --batch 8 --threads 2 --channels-last --lr 0 --interleave
+
+(``--lr 0``: the random-weight model diverges under this loss; the step's arithmetic is the same.)
+The ``hat`` command's process settings (:mod:`hatcore.runtime`: ``OMP_WAIT_POLICY=PASSIVE``
+unless set, glibc malloc thresholds) are applied first, as in ``hat run``
+(``HAT_PROCESS_SETTINGS=0``: without them).
 """
 
 from __future__ import annotations
@@ -18,12 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from hat_bpu.plugin import HorizonQuantizeSpec, quantize
-from torch import nn
+from hatcore.runtime import apply_process_settings
 
-from hatcore import quant
-from hatcore.quant import DeQuantStub, QuantStub
+SETTINGS = apply_process_settings()  # as `hat` applies them, before torch loads
+
+import torch  # noqa: E402
+from hat_bpu.plugin import HorizonQuantizeSpec, quantize  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hatcore import quant  # noqa: E402
+from hatcore.quant import DeQuantStub, QuantStub  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "hat-bpu" / "tests"))
 from example_net import SmallNet  # noqa: E402  (a test helper of hat-bpu)
@@ -107,13 +124,58 @@ def build(name: str) -> nn.Module:
     raise SystemExit(f"unknown model {name!r}")
 
 
+def build_from_recipe(path: str) -> nn.Module:
+    """The ``[model]`` of a recipe file through the installed plugins (``pretrained`` dropped)."""
+    import tomllib
+
+    from hatcore.plugins import get_plugins
+    from hatcore.recipe import (
+        ModelSpec,
+        make_converter,  # type: ignore[attr-defined]
+    )
+
+    with open(path, "rb") as f:
+        table = dict(tomllib.load(f)["model"])
+    if isinstance(table.get("backbone"), dict):
+        table["backbone"] = {k: v for k, v in table["backbone"].items() if k != "pretrained"}
+    plugins = get_plugins()
+    spec = make_converter(plugins.registry).structure(table, ModelSpec)
+    return plugins.hook.build_model(spec=spec, plugins=plugins)
+
+
 def loss_of(out: Any) -> torch.Tensor:
     leaves = torch.utils._pytree.tree_leaves(out)
     return sum(t.float().square().mean() for t in leaves if isinstance(t, torch.Tensor))
 
 
-def time_steps(model: nn.Module, x: torch.Tensor, iters: int, warmup: int) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+def interleaved(models: dict[str, tuple[nn.Module, bool]], x: torch.Tensor, iters: int,
+                warmup: int, lr: float) -> dict[str, list[float]]:
+    """One step of each model in turn (``(model, plain paths)``), ``warmup + iters`` rounds;
+    the step times (s) of the last ``iters`` rounds, per model."""
+    from hat_bpu.quant import intmath
+
+    opts = {k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+            for k, (m, _) in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m, _ in models.values():
+        m.train()
+    for i in range(warmup + iters):
+        for k, (m, plain) in models.items():
+            with intmath.plain_paths(plain):
+                t0 = time.perf_counter()
+                loss = loss_of(m(x))
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
+                t = time.perf_counter() - t0
+            if i >= warmup:
+                times[k].append(t)
+    return times
+
+
+def time_steps(model: nn.Module, x: torch.Tensor, iters: int, warmup: int,
+               lr: float = 1e-4) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
     times = []
     for i in range(warmup + iters):
@@ -130,7 +192,7 @@ def time_steps(model: nn.Module, x: torch.Tensor, iters: int, warmup: int) -> fl
 def calibrated_hat(model: nn.Module, x: torch.Tensor, frozen_bn: bool = False) -> nn.Module:
     spec = HorizonQuantizeSpec(type="horizon", observer="minmax",
                                freeze_bn_epoch=0 if frozen_bn else None)
-    q = quantize(model=copy.deepcopy(model).eval(), spec=spec, stage="qat")
+    q = quantize(model=copy.deepcopy(model).eval(), spec=spec, stage="qat", target=None)
     quant.set_mode(q, "observe")
     with torch.no_grad():
         q(x)
@@ -162,13 +224,36 @@ def main() -> None:
     ap.add_argument("--frozen-bn", action="store_true",
                     help="HAT QAT with BN folded from the start (freeze_bn_epoch = 0): the "
                          "integer requantization path; default: live BN (float fake quant)")
+    ap.add_argument("--recipe", help="time this recipe's [model] (random weights) instead")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="models and input channels-last, as hat's trainer does by default")
+    ap.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the steps")
+    ap.add_argument("--interleave", action="store_true",
+                    help="float, QAT (fast paths) and QAT (plain paths) one step each in turn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build(args.model)
+    model = build_from_recipe(args.recipe) if args.recipe else build(args.model)
     x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
-    result: dict[str, Any] = {"model": args.model, "input": list(x.shape),
-                              "threads": args.threads}
+    result: dict[str, Any] = {"model": args.recipe or args.model, "input": list(x.shape),
+                              "threads": args.threads, "channels_last": args.channels_last,
+                              "lr": args.lr, "process_settings": SETTINGS}
+    if args.interleave:
+        q = calibrated_hat(model, x, args.frozen_bn)
+        models = {"float": model, "qat_fast": q, "qat_plain": copy.deepcopy(q)}
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            models = {k: m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+                      for k, m in models.items()}
+        times = interleaved({k: (m, k == "qat_plain") for k, m in models.items()}, x,
+                            args.iters, args.warmup, args.lr)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result.update(frozen_bn=args.frozen_bn, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                      fast_ratio=med["qat_fast"] / med["float"],
+                      plain_ratio=med["qat_plain"] / med["float"],
+                      fast_over_plain=med["qat_fast"] / med["qat_plain"])
+        print(json.dumps(result, indent=1))
+        return
     t_float = time_steps(model, x, args.iters, args.warmup)
     t_hat = time_steps(calibrated_hat(model, x, args.frozen_bn), x, args.iters, args.warmup)
     result["frozen_bn"] = args.frozen_bn

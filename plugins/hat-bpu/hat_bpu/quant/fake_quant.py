@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,8 +54,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
-        inv = float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
-        r = torch.round(x * inv)
+        inv = float(np.float32(1.0) / np.float32(scale))  # 1/s rounded to float32
+        r = (x * inv).round_()  # (the same values as torch.round(x * inv), one tensor less)
         q = r.clamp(qmin, qmax)
         ctx.save_for_backward(r.eq_(q))  # 1.0 where round(x/s) is inside [qmin, qmax]
         return q.mul_(scale)
@@ -145,10 +146,12 @@ class ActFQ(nn.Module):
         if float(self.qat_amax) < 0:
             self.qat_amax.fill_(float(self.scale) * self.qmax)
         c = self.qat_averaging
+        # (max and min do not depend on the order: reduce in memory order when fast)
+        xd = intmath.dense_view(x.detach()) if intmath.fast_train_paths() else x.detach()
         if act != "none":
-            amax = x.detach().max().clamp(0, 6.0 if act == "relu6" else None)
+            amax = xd.max().clamp(0, 6.0 if act == "relu6" else None)
         else:
-            lo, hi = torch.aminmax(x.detach())
+            lo, hi = torch.aminmax(xd)
             amax = torch.maximum(-lo, hi)
         self.qat_amax.mul_(1 - c).add_(c * amax.float())
         self.scale.copy_(scale_from_amax(self.qat_amax, self.dtype, self.pow2))
@@ -322,9 +325,11 @@ class QConv2d(nn.Module):
                 return intmath.int_conv_fast(x, res, ints_, self.conv, s_in, s_res)
             w, b = self.folded()
             dtype, act = self.out_fq.dtype, self.act
-            return intmath.int_conv(x, res, w, b, self.conv, s_in, s_res, self.out_fq,
-                                    lambda s_out: act_clip(act, s_out, dtype), self.pow2,
-                                    in_dtype, self.exact and not self.training, act)
+            fused = torch.is_grad_enabled() and intmath.fast_train_paths()
+            run = intmath.int_conv_train if fused else intmath.int_conv
+            return run(x, res, w, b, self.conv, s_in, s_res, self.out_fq,
+                       lambda s_out: act_clip(act, s_out, dtype), self.pow2, in_dtype,
+                       self.exact and not self.training, act)
         if self.mode in ("float", "observe") or self.out_fq is None:
             y = self.conv(x)
             if self.bn is not None:
@@ -374,6 +379,18 @@ def _int_scales(mod: nn.Module, float_out: Any) -> list[float] | None:
     return [float(q.scale) for q in ins if q is not None]
 
 
+def _sum(xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The detached sum of ``xs`` for the QAT range (max/min): the fast paths add in place
+    into one new tensor (the plain ``0 + x0 + x1 ...`` differs at most in the sign of a zero,
+    which the range update cannot see: it adds ``c·amax`` to a positive ``(1-c)·amax``)."""
+    if not intmath.fast_train_paths() or len(xs) < 2:
+        return sum(x.detach() for x in xs)  # type: ignore[return-value]
+    y = xs[0].detach() + xs[1].detach()
+    for x in xs[2:]:
+        y.add_(x.detach())
+    return y
+
+
 class QAdd(nn.Module):
     """Elementwise sum of quantized tensors (+ relu), fake-quantized at its own scale, with the
     march's add arithmetic (``march``: :func:`hat_bpu.quant.qspec.add_params`)."""
@@ -385,7 +402,7 @@ class QAdd(nn.Module):
         self.in_fqs: list[ActFQ | None] = []
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        scales = _int_scales(self, lambda: sum(x.detach() for x in xs))
+        scales = _int_scales(self, lambda: _sum(xs))
         if scales is not None:
             s_out, dtype = float(self.out_fq.scale), self.out_fq.dtype
             return intmath.int_sum(list(xs), scales, s_out, dtype,

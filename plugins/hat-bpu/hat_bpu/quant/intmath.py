@@ -11,8 +11,11 @@ the integer model runs; ``exact_eval`` only adds float64 accumulation where floa
 Eval under ``torch.no_grad()`` takes fast paths with the same values bit for bit: no autograd
 wrappers, in-place epilogues, conv integers prepared once (:class:`ConvInts`, cached by
 :class:`hat_bpu.quant.fake_quant.QConv2d`), and exact int8 accumulation in float32 chunks of at
-most :data:`F32_CHUNK` terms instead of float64. :func:`plain_paths` turns them off (tests and
-``bench/bpu_fq_speed.py`` compare both; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process);
+most :data:`F32_CHUNK` terms instead of float64. Training (gradients on) takes fused fast
+paths with the same values and gradients bit for bit (:func:`fast_train_paths`:
+:func:`int_conv_train`, :class:`_IntSum`).
+:func:`plain_paths` turns both off (tests, ``bench/bpu_fq_speed.py`` and ``bench/bpu_quant.py
+--interleave`` compare them; ``HAT_BPU_PLAIN_FQ=1`` does it for a whole process);
 :func:`compile_epilogue` (opt-in) fuses the conv epilogue with ``torch.compile``.
 """
 
@@ -55,6 +58,23 @@ def fast_paths() -> bool:
     """True when this call may take the no-grad fast paths: not inside :func:`plain_paths`
     and gradients off (``torch.no_grad()`` / ``inference_mode``)."""
     return not _plain[0] and not torch.is_grad_enabled()
+
+
+def fast_train_paths() -> bool:
+    """True when training (gradients on) may take the QAT fast paths: fused autograd functions
+    that compute the plain paths' values and gradients bit for bit with fewer temporaries;
+    off inside :func:`plain_paths` (and with ``HAT_BPU_PLAIN_FQ=1``)."""
+    return not _plain[0]
+
+
+def dense_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` viewed in its memory order (a channels-last NCHW tensor as NHWC), for reductions
+    whose value does not depend on the order (max, min): torch reduces a channels-last tensor
+    several times slower than a contiguous one."""
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return x.permute(0, 2, 3, 1)
+    return x
 
 
 class _WeightFakeQuant(torch.autograd.Function):
@@ -227,12 +247,126 @@ def int_conv(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torc
     return _finish(v, out_fq.dtype, clip_of(s_out), s_out)
 
 
+def int_conv_train(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor,
+                   conv: Any, s_in: float, s_res: float | None, out_fq: Any, clip_of: Any,
+                   pow2: bool, in_dtype: str = "int8", exact: bool = False, act: str = "none"
+                   ) -> torch.Tensor:
+    """:func:`int_conv` with gradients, fused (:func:`fast_train_paths`): the same weight and
+    bias integers and conv; the input's ``round(x / s_in)`` in one autograd function
+    (:class:`_DivRoundSTE`), the float64 epilogue and its backward in another
+    (:class:`_ConvEpilogue`) that keeps one mask instead of the plain path's chain of
+    float64 temporaries, sharing the accumulator with the QAT range update. Values and
+    gradients equal :func:`int_conv`'s."""
+    wi, w_scale = int_weight(w, pow2, b, s_in)
+    k = int(np.prod(w.shape[1:]))
+    f64 = in_dtype != "int8" or (exact and k * 128 * 127 >= 2**24)
+    ftype = torch.float64 if f64 else torch.float32
+    xi = _DivRoundSTE.apply(x.to(ftype), s_in)
+    acc = F.conv2d(xi, wi.to(ftype), None, conv.stride, conv.padding, conv.dilation,
+                   conv.groups)
+    acc_scale = torch.tensor(s_in, dtype=torch.float32, device=w.device) * w_scale.float()
+    bi = ste_round(b.float() / acc_scale).clamp(*qspec.QRANGE["int32"]).double()
+    bi = bi.reshape(1, -1, 1, 1)
+    has_res = res is not None and s_res is not None
+    with torch.no_grad():  # acc + b and the residual's integers, shared with the range update
+        a = acc.detach().to(torch.float64, copy=True).add_(bi)
+        ri = None
+        if has_res:
+            assert res is not None and s_res is not None
+            ri = res.detach().to(torch.float64, copy=True).div_(s_res).round_()
+        if out_fq.tracks():  # QAT: the output range follows the float pre-activation
+            y = a * acc_scale.double().reshape(1, -1, 1, 1)
+            out_fq.track(y if ri is None or s_res is None else y.add_(ri * s_res), act)
+            del y
+    s_out = float(out_fq.scale)
+    mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res if has_res else None, bi, True)
+    lo, hi = _bounds(out_fq.dtype, clip_of(s_out))
+    t_out = torch.tensor(s_out, dtype=torch.float32, device=acc.device)
+    return _ConvEpilogue.apply(acc, bi, a, mult, res if has_res else None, ri, s_res, mult_res,
+                               lo, hi, t_out)
+
+
+class _DivRoundSTE(torch.autograd.Function):
+    """``round_half_even(x / s)``, gradient ``grad / s``: :func:`ste_round` of ``x / s``, one
+    tensor and one autograd node less."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, s: float) -> torch.Tensor:
+        ctx.s = s
+        return (x / s).round_()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / ctx.s, None
+
+
+class _ConvEpilogue(torch.autograd.Function):
+    """``float32(clamp(round((float64(acc) + b)·m [+ round(float64(r)/s_r)·m_r]), lo, hi))·s_out``
+    with the gradients autograd gives :func:`int_conv`'s op chain (straight through the
+    roundings, zero outside ``[lo, hi]``), op by op in the same order, in place where the
+    plain path allocates (the mask as float64 ``1.0/0.0``: ``grad · mask`` is the same
+    product as ``grad · bool``, without a mixed-dtype multiply). ``a`` (``float64(acc) + b``)
+    and ``ri`` (the residual's integers) come precomputed, as temporaries it may overwrite."""
+
+    @staticmethod
+    def forward(ctx: Any, acc: torch.Tensor, bi: torch.Tensor, a: torch.Tensor,
+                mult: torch.Tensor, res: torch.Tensor | None, ri: torch.Tensor | None,
+                s_res: float | None, mult_res: torch.Tensor | None, lo: int, hi: int,
+                s_out: torch.Tensor) -> torch.Tensor:
+        v = a.mul_(mult)
+        if ri is not None and mult_res is not None:
+            v.add_(ri.mul_(mult_res))
+        r = v.round_()
+        q = r.clamp(lo, hi)
+        inside = r.eq_(q)  # 1.0 where round(v) is inside [lo, hi]: float64, for a fast backward
+        del v, a, ri
+        ctx.save_for_backward(inside, mult, mult_res, s_out)
+        ctx.s_res, ctx.acc_dtype, ctx.bi_shape = s_res, acc.dtype, bi.shape
+        ctx.res_dtype = None if res is None else res.dtype
+        return q.float().mul_(s_out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        inside, mult, mult_res, s_out = ctx.saved_tensors
+        g = (grad * s_out).double().mul_(inside)  # to_float's mul, cast back, the STE mask
+        g_res = None
+        if mult_res is not None and ctx.needs_input_grad[4]:
+            g_res = (g * mult_res).div_(ctx.s_res).to(ctx.res_dtype)
+        g.mul_(mult)
+        g_bi = g.sum_to_size(ctx.bi_shape) if ctx.needs_input_grad[1] else None
+        g_acc = g.to(ctx.acc_dtype)
+        return g_acc, g_bi, None, None, g_res, None, None, None, None, None, None
+
+
+def requant_mults(ratio: np.ndarray) -> np.ndarray:
+    """``m / 2**s`` of :func:`qspec.requant_params` (float64, exact), without its last step:
+    stripping ``m``'s trailing zero bits (``m/2, s-1``) leaves ``m / 2**s`` unchanged, and the
+    strip loop is most of that function's time (~0.2 ms per 64-channel conv per QAT step)."""
+    r = np.atleast_1d(np.asarray(ratio, np.float64))
+    if np.any(r <= 0) or np.any(~np.isfinite(r)) or np.any(r >= 2.0**30):
+        m, s = qspec.requant_params(r)  # raises as it does
+        return _mult(m, s)
+    s = (qspec.MULT_BITS - 1) - np.floor(np.log2(r)).astype(np.int64)
+    m = np.rint(r * np.exp2(s.astype(np.float64))).astype(np.int64)
+    over = m >= 2**qspec.MULT_BITS
+    m[over] //= 2
+    s[over] -= 1
+    small = s > qspec.MAX_SHIFT
+    if np.any(small):
+        m[small] = np.rint(r[small] * 2.0**qspec.MAX_SHIFT).astype(np.int64)
+        s[small] = qspec.MAX_SHIFT
+    return _mult(m, s)
+
+
 def _conv_mults(s_in: float, w_scale: torch.Tensor, s_out: float, s_res: float | None,
-                like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                like: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A conv's ``m / 2**s`` (and the residual's ``m_res / 2**s``, sharing ``s``; None without
-    a residual) as float64 tensors shaped like ``like``'s channels."""
+    a residual) as float64 tensors shaped like ``like``'s channels (``fast``: the single
+    multiplier through :func:`requant_mults`, the same values)."""
     ratio = (np.float32(s_in) * w_scale.detach().cpu().numpy()).astype(np.float64) / s_out
     if s_res is None:
+        if fast:
+            return _t(requant_mults(ratio), like), None
         m, s = qspec.requant_params(ratio)
         return _t(_mult(m, s), like), None
     (m, m_res), s = qspec.shared_requant_params([ratio, np.full_like(ratio, s_res / s_out)])
@@ -377,9 +511,12 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: st
     output: values from the int64 ``sat(clip(round_shift(Σ x_i · m_i, s)))`` (the multipliers
     may exceed float64's exact range), gradients straight through the float64 form."""
     ms, s = qspec.add_params(list(scales), s_out, march)
-    if fast_paths() and 0 <= int(s[0]) < 62:
-        return _int_sum_fast(xs, scales, [int(m[0]) for m in ms],
-                             [float(_mult(m, s)[0]) for m in ms], int(s[0]), s_out, dtype, clip)
+    if (fast_paths() or (fast_train_paths() and torch.is_grad_enabled())) and 0 <= int(s[0]) < 62:
+        args = (scales, [int(m[0]) for m in ms], [float(_mult(m, s)[0]) for m in ms], int(s[0]),
+                s_out, dtype, clip)
+        if fast_paths():
+            return _int_sum_fast(xs, *args)
+        return _IntSum.apply(args, *xs)
     xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
     v = sum(x * float(_mult(m, s)[0]) for x, m in zip(xi, ms, strict=True))
     assert isinstance(v, torch.Tensor)
@@ -410,6 +547,48 @@ def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mu
         acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
     t = to_float(acc.clamp_(*_bounds(dtype, clip)), s_out)
     return t.sub_(y).add_(y)  # y + (t - y), as int_sum's straight-through form
+
+
+class _IntSum(torch.autograd.Function):
+    """:func:`int_sum` with gradients, fused: the values of :func:`_int_sum_fast`, the
+    gradients autograd gives :func:`int_sum`'s op chain (through the float64 form ``y``: the
+    output scale's multiply, the clip mask, each input's multiplier and ``1/s_i``), op by op,
+    keeping only the clip mask (float64 ``1.0/0.0``)."""
+
+    @staticmethod
+    def forward(ctx: Any, args: tuple[Any, ...], *xs: torch.Tensor) -> torch.Tensor:
+        scales, ms, mults, s, s_out, dtype, clip = args
+        xi = [x.to(torch.float64, copy=True).div_(si).round_()
+              for x, si in zip(xs, scales, strict=True)]
+        acc = xi[0].long().mul_(ms[0])
+        for x, m in zip(xi[1:], ms[1:], strict=True):
+            acc.add_(x.long().mul_(m))
+        v = xi[0].mul_(mults[0])
+        for x, m in zip(xi[1:], mults[1:], strict=True):
+            v.add_(x.mul_(m))
+        lo, hi = _bounds(dtype, clip)
+        r = v.round_()
+        q = r.clamp(lo, hi)
+        inside = r.eq_(q)  # 1.0 where round(v) is inside [lo, hi]: float64, for a fast backward
+        del v, xi
+        t_out = torch.tensor(s_out, dtype=torch.float32, device=q.device)
+        y = q.float().mul_(t_out)
+        del q
+        if s > 0:  # the int64 round_shift, as _int_sum_fast
+            odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
+            acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
+        t = acc.clamp_(lo, hi).float().mul_(t_out)
+        ctx.save_for_backward(inside, t_out)
+        ctx.scales, ctx.mults, ctx.dtypes = scales, mults, [x.dtype for x in xs]
+        return t.sub_(y).add_(y)  # y + (t - y), as int_sum's straight-through form
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        inside, t_out = ctx.saved_tensors
+        g = (grad * t_out).double().mul_(inside)
+        grads = [(g * m).div_(si).to(dt) if need else None for m, si, dt, need in zip(
+            ctx.mults, ctx.scales, ctx.dtypes, ctx.needs_input_grad[1:], strict=True)]
+        return (None, *grads)
 
 
 def int_requant(x: torch.Tensor, ratio: float, s_in: float, s_out: float, dtype: str,
