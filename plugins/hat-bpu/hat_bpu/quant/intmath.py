@@ -528,19 +528,26 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], s_out: float, dtype: st
     return y + (to_float(q, s_out) - y).detach()
 
 
-def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
-                  s: int, s_out: float, dtype: str, clip: tuple[int, int] | None) -> torch.Tensor:
-    """:func:`int_sum`'s values in place (no gradients): the same float64 form ``y``, the int64
-    ``q = sat(clip(round_shift(Σ x_i·m_i, s)))`` with the tie rule folded into one shift
-    (``(v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s``: round half to even, no overflow while
-    ``|v| < 2**62``), and the same ``y + (q·s_out - y)``."""
-    xi = [to_int(x, si) for x, si in zip(xs, scales, strict=True)]
+def _sum_terms(xi: list[torch.Tensor], ms: list[int], mults: list[float]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ x_i·m_i in int64, Σ x_i·mult_i in float64)`` of the integer-valued float64 ``xi``;
+    the float64 sum is built in place on ``xi`` (after the int64 one has read it)."""
     acc = xi[0].long().mul_(ms[0])
     for x, m in zip(xi[1:], ms[1:], strict=True):
         acc.add_(x.long().mul_(m))
     v = xi[0].mul_(mults[0])
     for x, m in zip(xi[1:], mults[1:], strict=True):
         v.add_(x.mul_(m))
+    return acc, v
+
+
+def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
+                  s: int, s_out: float, dtype: str, clip: tuple[int, int] | None) -> torch.Tensor:
+    """:func:`int_sum`'s values in place (no gradients): the same float64 form ``y``, the int64
+    ``q = sat(clip(round_shift(Σ x_i·m_i, s)))`` with the tie rule folded into one shift
+    (``(v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s``: round half to even, no overflow while
+    ``|v| < 2**62``), and the same ``y + (q·s_out - y)``."""
+    acc, v = _sum_terms([to_int(x, si) for x, si in zip(xs, scales, strict=True)], ms, mults)
     y = _finish(v, dtype, clip, s_out)
     if s > 0:
         odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
@@ -560,12 +567,7 @@ class _IntSum(torch.autograd.Function):
         scales, ms, mults, s, s_out, dtype, clip = args
         xi = [x.to(torch.float64, copy=True).div_(si).round_()
               for x, si in zip(xs, scales, strict=True)]
-        acc = xi[0].long().mul_(ms[0])
-        for x, m in zip(xi[1:], ms[1:], strict=True):
-            acc.add_(x.long().mul_(m))
-        v = xi[0].mul_(mults[0])
-        for x, m in zip(xi[1:], mults[1:], strict=True):
-            v.add_(x.mul_(m))
+        acc, v = _sum_terms(xi, ms, mults)
         lo, hi = _bounds(dtype, clip)
         r = v.round_()
         q = r.clamp(lo, hi)
