@@ -541,6 +541,16 @@ def _sum_terms(xi: list[torch.Tensor], ms: list[int], mults: list[float]
     return acc, v
 
 
+def _round_shift_sat_(acc: torch.Tensor, s: int, lo: int, hi: int) -> torch.Tensor:
+    """``clamp(round_half_even(acc / 2**s), lo, hi)`` of int64 ``acc``, in place: the tie rule
+    folded into one shift, ``(acc + 2**(s-1) - 1 + ((acc >> s) & 1)) >> s`` (no overflow while
+    ``|acc| < 2**62``)."""
+    if s > 0:
+        odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
+        acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
+    return acc.clamp_(lo, hi)
+
+
 def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
                   s: int, s_out: float, dtype: str, clip: tuple[int, int] | None) -> torch.Tensor:
     """:func:`int_sum`'s values in place (no gradients): the same float64 form ``y``, the int64
@@ -549,10 +559,7 @@ def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mu
     ``|v| < 2**62``), and the same ``y + (q·s_out - y)``."""
     acc, v = _sum_terms([to_int(x, si) for x, si in zip(xs, scales, strict=True)], ms, mults)
     y = _finish(v, dtype, clip, s_out)
-    if s > 0:
-        odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
-        acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
-    t = to_float(acc.clamp_(*_bounds(dtype, clip)), s_out)
+    t = to_float(_round_shift_sat_(acc, s, *_bounds(dtype, clip)), s_out)
     return t.sub_(y).add_(y)  # y + (t - y), as int_sum's straight-through form
 
 
@@ -576,10 +583,7 @@ class _IntSum(torch.autograd.Function):
         t_out = torch.tensor(s_out, dtype=torch.float32, device=q.device)
         y = q.float().mul_(t_out)
         del q
-        if s > 0:  # the int64 round_shift, as _int_sum_fast
-            odd = torch.bitwise_right_shift(acc, s).bitwise_and_(1)
-            acc.add_(2 ** (s - 1) - 1).add_(odd).bitwise_right_shift_(s)
-        t = acc.clamp_(lo, hi).float().mul_(t_out)
+        t = _round_shift_sat_(acc, s, lo, hi).float().mul_(t_out)
         ctx.save_for_backward(inside, t_out)
         ctx.scales, ctx.mults, ctx.dtypes = scales, mults, [x.dtype for x in xs]
         return t.sub_(y).add_(y)  # y + (t - y), as int_sum's straight-through form
