@@ -184,8 +184,7 @@ def _conv(ins: Instr, src: TensorInfo) -> Callable[[list[torch.Tensor]], torch.T
 
         # float64 proved but the products alone fit float32: an exact float32 matmul, then
         # the bias in float64 (module docstring)
-        mm32 = ftype == torch.float64 and \
-            -QRANGE[src.dtype][0] * float(w.abs().flatten(1).sum(1).max()) <= 2.0**24
+        mm32 = ftype == torch.float64 and _products_fit_f32(w, src.dtype)
         wt32 = wt.to(torch.float32)
 
         def pointwise(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -209,17 +208,27 @@ def _conv(ins: Instr, src: TensorInfo) -> Callable[[list[torch.Tensor]], torch.T
                                      groups), (0, 0, 0, 0, 0, n_out - wl.shape[0]))
 
 
+def _row_sum(w: torch.Tensor) -> float:
+    """``max_o Σ|w[o]|``: the largest output channel's weight magnitude."""
+    return float(w.abs().flatten(1).sum(1).max())
+
+
+def _products_fit_f32(w: torch.Tensor, dtype: str) -> bool:
+    """Every partial sum of ``x·w`` (bias apart) is an exact float32 integer for ``dtype``
+    activations: ``x_max·Σ|w[o]| <= 2**24``."""
+    return -QRANGE[dtype][0] * _row_sum(w) <= 2.0**24
+
+
 def _split_conv(w: torch.Tensor, b: torch.Tensor, geo: tuple[list[int], list[int], list[int]],
                 groups: int, dtype: str) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
     """An exact float64 conv as one or two exact float32 convs (module docstring); None when
     the weights are too large for either."""
     w32 = w.to(torch.float32).contiguous(memory_format=torch.channels_last)
     b64 = b.reshape(1, -1, 1, 1)
-    w_sum = float(w.abs().flatten(1).sum(1).max())
-    if -QRANGE[dtype][0] * w_sum <= 2.0**24:
+    if _products_fit_f32(w, dtype):
         return lambda xs: F.conv2d(xs[0].to(torch.float32), w32, None, *geo, groups) \
             .to(torch.float64).add_(b64)
-    if dtype != "int16" or 255 * w_sum > 2.0**24:
+    if dtype != "int16" or 255 * _row_sum(w) > 2.0**24:
         return None
 
     def split(xs: list[torch.Tensor]) -> torch.Tensor:
