@@ -387,9 +387,10 @@ class Pipeline:
         A stage never run is left to the reader's own "does not exist" message.
         """
         for name in names:
-            data = read_json(self.workdir.stage(name) / STAGE_STATE)
-            if data and (data.get("fingerprint") != self.fps[name] or data.get("status") != "done"):
-                why = "did not finish" if data.get("fingerprint") == self.fps[name] \
+            state = StageState(self.workdir.stage(name), self.fps[name])
+            data = read_json(state.file)
+            if data and not state.done():
+                why = "did not finish" if data.get("fingerprint") == state.fp \
                     else "was made from other inputs"
                 raise UserError(f"{reader} reads stage {name!r}, whose output in "
                                 f"{self.workdir.stage(name)} {why}: run `hat run {self.source} "
