@@ -16,6 +16,17 @@ def yuv_input(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), generator=g).float().sub(128).div(128)
 
 
+def spread_bn(net: nn.Module) -> nn.Module:
+    """``net`` with non-trivial BatchNorm statistics and scales (drawn from torch's generator,
+    in module order), so that folding BN into the convs is exercised."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
 def calibrate(net: nn.Module, x: torch.Tensor, pow2: bool = False, exact: bool = True
               ) -> QuantModel:
     """Prepare ``net`` (eval), calibrate it on ``x`` and leave it in fake-quant mode.
@@ -34,11 +45,6 @@ def small_model(width: int = 16, size: int = 32, pow2: bool = False, seed: int =
                 exact: bool = True) -> tuple[QuantModel, torch.Tensor]:
     """A calibrated :class:`SmallNet` with non-trivial BN statistics and its calibration input."""
     torch.manual_seed(seed)
-    net = SmallNet(width=width).eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+    net = spread_bn(SmallNet(width=width).eval())
     x = yuv_input(2, size, seed)
     return calibrate(net, x, pow2, exact), x

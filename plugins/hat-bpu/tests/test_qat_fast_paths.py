@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from deploy_fixtures import spread_bn
+from deploy_fixtures import yuv_input as yuv
 from example_net import MiniFCOS, SmallNet, conv_bn
 from hat_bpu.quant import intmath, qspec
 from hat_bpu.quant.fake_quant import QConv2d
@@ -47,19 +49,10 @@ NETS = {"smallnet": lambda: SmallNet(width=16), "minifcos": lambda: MiniFCOS(wid
         "resnet": ResNet}
 
 
-def yuv(n: int, size: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), generator=g).float().sub(128).div(128)
-
-
 def qat_model(name: str, frozen_bn: bool, pow2: bool, channels_last: bool) -> nn.Module:
     torch.manual_seed(0)
     net = NETS[name]().eval()
-    for m in net.modules():  # non-trivial BN statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+    spread_bn(net)  # non-trivial BN statistics
     q = prepare(net, QConfig(pow2=pow2, march="bayes-e"))
     quant.set_mode(q, "observe")
     with torch.no_grad():

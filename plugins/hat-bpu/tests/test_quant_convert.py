@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from deploy_fixtures import spread_bn
 from example_net import SmallNet
 from hat_bpu.ir.reference import run_ir
 from hat_bpu.quant import qspec
@@ -34,11 +35,7 @@ def calibrated(pow2: bool = False, seed: int = 0, exact: bool = True
                ) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
     net = SmallNet().eval()
-    for m in net.modules():  # non-trivial BN statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+    spread_bn(net)  # non-trivial BN statistics
     x = yuv(4, 16)
     q = ready(net, x, QConfig(pow2=pow2, exact_eval=exact))
     return q, x

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from deploy_fixtures import spread_bn
+from deploy_fixtures import yuv_input as yuv
 from example_net import MiniFCOS, SmallNet, conv_bn
 from hat_bpu.ir.reference import run_ir
 from hat_bpu.quant import intmath
@@ -50,19 +52,10 @@ NETS: dict[str, Callable[[], nn.Module]] = {
     "widenet": WideNet}
 
 
-def yuv(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), generator=g).float().sub(128).div(128)
-
-
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     net = NETS[name]().eval()
-    for m in net.modules():  # non-trivial BN statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+    spread_bn(net)  # non-trivial BN statistics
     return net
 
 
