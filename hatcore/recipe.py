@@ -218,6 +218,12 @@ class TrainStage:
     frozen_bn: list[str] = option(
         factory=list, doc='module-name globs whose BatchNorm layers keep their pretrained statistics '
         '(eval mode) while training, e.g. ["backbone*"]; much faster on CPU')
+    frozen: list[str] = option(
+        factory=list, doc='module-name globs whose parameters do not train (no gradient, not in '
+        'the optimizer), e.g. ["backbone.stem", "backbone.stages.[01]"]: a pretrained backbone\'s '
+        'first layers, as mmdetection\'s frozen_stages; no backward pass runs through them, so a '
+        'step is much cheaper. Their BatchNorm statistics still follow the data unless frozen_bn '
+        'names them too')
     val_interval: int = option(1, doc="validate every N epochs and after the last; 0: never "
                                "(the best checkpoint is the last one, scored by `predict`)")
     log_interval: int = option(10, doc="iterations between log.jsonl lines")

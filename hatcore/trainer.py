@@ -112,6 +112,25 @@ def freeze_bn(model: nn.Module, patterns: list[str]) -> int:
     return count
 
 
+def freeze_params(model: nn.Module, patterns: list[str], stage: str) -> int:
+    """Stop the parameters of the modules matching ``patterns`` (fnmatch globs on module names)
+    from training: ``requires_grad = False``, so they get no gradient and stay out of the
+    optimizer. A pattern that matches no module is a :class:`UserError` (a typo would otherwise
+    train everything, silently). Returns how many parameters were frozen."""
+    frozen: set[int] = set()
+    for pattern in patterns:
+        modules = [m for name, m in model.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
+        if not modules:
+            top = ", ".join(name for name, _ in model.named_children())
+            raise UserError(f"stages.{stage}.frozen: {pattern!r} matches no module of the model "
+                            f"(module names are dotted paths such as 'backbone.stem'; top level: {top})")
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(False)
+                frozen.add(id(p))
+    return len(frozen)
+
+
 class DivergenceError(UserError):
     """Training produced a non-finite loss; the stage stopped (checkpoint-last.pt untouched)."""
 
@@ -222,6 +241,7 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.raw_model = model
+        self.frozen_params = freeze_params(model, cfg.frozen, stage)  # before DDP and optimizer
         self.model = dist.wrap(model, device, cfg.sync_bn)
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.iters_per_epoch = len(train_loader)
@@ -347,6 +367,11 @@ class Trainer:
             tqdm.write(f"{self.stage}: {self.lr_note}; warmup {warm} iterations")
             self._log({"kind": "lr", "lr": self.base_lr, "global_batch": self.global_batch,
                        "warmup_iters": warm, "why": self.lr_note})
+            if self.frozen_params:
+                tqdm.write(f"{self.stage}: {self.frozen_params} parameter tensors frozen "
+                           f"({', '.join(self.cfg.frozen)})")
+                self._log({"kind": "frozen", "patterns": self.cfg.frozen,
+                           "parameters": self.frozen_params})
         metrics: dict[str, Any] = self.history[-1] if self.history else {}
         while self.epoch < self.cfg.epochs and not self.should_stop:
             metrics = self._epoch()

@@ -328,3 +328,25 @@ def test_frozen_bn_keeps_running_statistics_of_the_matching_modules(tmp_path) ->
     assert torch.equal(frozen.running_mean, before)
     assert not torch.equal(trainer.raw_model.body[4].running_mean, other)
     assert frozen.weight.grad is not None  # the affine parameters still train
+
+
+def test_frozen_modules_keep_their_weights_and_stay_out_of_the_optimizer(tmp_path) -> None:
+    trainer = make(tmp_path, stage(epochs=1, frozen=["body.[01]"]))
+    model = trainer.raw_model
+    first = {k: v.clone() for k, v in model.body[:2].state_dict().items()}
+    rest = model.body[3].weight.clone()
+    trainer.fit()
+    after = model.body[:2].state_dict()
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias"):
+        assert torch.equal(after[key], first[key]), key  # no step moved them
+        assert model.body[:2].get_parameter(key).grad is None
+    assert not torch.equal(after["1.running_mean"], first["1.running_mean"])  # stats still follow
+    assert not torch.equal(model.body[3].weight, rest)  # the rest trains
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer.isdisjoint(id(p) for p in model.body[:2].parameters())
+    assert id(model.body[3].weight) in in_optimizer
+
+
+def test_a_frozen_pattern_matching_no_module_is_a_user_error(tmp_path) -> None:
+    with pytest.raises(UserError, match=r"stages.float.frozen: 'backbone\*' matches no module.*body"):
+        make(tmp_path, stage(epochs=1, frozen=["backbone*"]))
