@@ -15,8 +15,8 @@ ratios come from the same minutes of a shared machine (the demo's QAT setting, a
         --size 192 --batch 8 --threads 2 --channels-last --lr 0 --interleave
 
 (``--lr 0``: the random-weight model diverges under this loss; the step's arithmetic is the same.)
-The ``hat`` command's process settings (:mod:`hatcore.runtime`: ``OMP_WAIT_POLICY=PASSIVE``
-unless set, glibc malloc thresholds) are applied first, as in ``hat run``
+The ``hat`` command's process settings (:mod:`hatcore.runtime`: the OpenMP wait for a free or busy
+machine unless set, glibc malloc thresholds) are applied first, as in ``hat run``
 (``HAT_PROCESS_SETTINGS=0``: without them).
 """
 

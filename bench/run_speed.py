@@ -3,6 +3,9 @@
     .venv/bin/python bench/run_speed.py recipes/demo.toml --iters 12 --rounds 2 \\
         --variant default: --variant passive:OMP_WAIT_POLICY=PASSIVE --variant 1thr:OMP_NUM_THREADS=1
 
+A variant can also change the recipe: ``--vset NAME:KEY=VALUE`` adds a ``--set`` for that
+variant only (``--set`` applies to all).
+
 Each variant is a fresh `hat run RECIPE --stage float` (one epoch of ``--iters`` iterations, a
 throw-away work dir) in its own process with the variant's environment; rounds alternate the
 variants so the machine's load hits them alike. Inside the child the trainer's epoch is timed:
@@ -138,6 +141,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:K=V,K=V (environment of that variant); default: one 'default:'")
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--vset", action="append", default=[],
+                    help="NAME:KEY=VALUE, a recipe --set for variant NAME only (e.g. "
+                         "'frozen:stages.float.frozen=[\"backbone.stem\"]')")
     ap.add_argument("--bare", action="store_true",
                     help="also run the bare loop each round (first variant's environment)")
     args = ap.parse_args()
@@ -145,13 +151,17 @@ def main() -> None:
     for v in args.variant or ["default:"]:
         name, _, kv = v.partition(":")
         variants.append((name, dict(p.split("=", 1) for p in kv.split(",") if p)))
+    own: dict[str, list[str]] = {}
+    for v in args.vset:
+        name, _, kv = v.partition(":")
+        own.setdefault(name, []).append(kv)
     runs = [(name, env, one) for name, env in variants]
     if args.bare:
         runs.append(("bare", variants[0][1], bare))
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     for r in range(args.rounds):
         for name, env, run in runs:
-            res = run(args.recipe, env, args.iters, args.skip, args.sets)
+            res = run(args.recipe, env, args.iters, args.skip, args.sets + own.get(name, []))
             rows[name].append(res)
             print(f"round {r + 1} {name:12s} {res['img_s']:6.2f} img/s  user {res['user']:7.1f} s  "
                   f"sys {res['sys']:6.1f} s  sys/user {res['sys'] / max(res['user'], 1e-9):.2f}  "

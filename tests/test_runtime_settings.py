@@ -6,22 +6,53 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hatcore import runtime
 
 PROBE = ("import json, os, hatcore.cli, hatcore.runtime as r, torch; "
-         "print(json.dumps({'env': os.environ.get('OMP_WAIT_POLICY'), 'applied': r.applied()}))")
+         "print(json.dumps({'env': os.environ.get('OMP_WAIT_POLICY'), "
+         "'spin': os.environ.get('GOMP_SPINCOUNT'), 'applied': r.applied()}))")
 
 
 def _probe(**env: str) -> dict:  # type: ignore[type-arg]
     base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "HAT_PROCESS_SETTINGS") and not k.startswith("MALLOC_")}
+            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "HAT_PROCESS_SETTINGS")
+            and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_defaults_applied_before_torch() -> None:
-    got = _probe()
-    assert got["env"] == "PASSIVE"
+@contextmanager
+def busy_machine() -> Iterator[int]:
+    """As many busy-looping processes as the machine has cores, for the duration."""
+    n = os.cpu_count() or 1
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5)  # all running
+        yield n
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_wait_policy_spins_briefly_on_a_free_machine_and_sleeps_on_a_busy_one() -> None:
+    assert runtime.wait_policy(0, 2) == ("GOMP_SPINCOUNT", "10000")
+    assert runtime.wait_policy(0.9, 2) == ("GOMP_SPINCOUNT", "10000")
+    assert runtime.wait_policy(1, 2) == ("OMP_WAIT_POLICY", "PASSIVE")
+    assert runtime.wait_policy(1, 4) == ("GOMP_SPINCOUNT", "10000")
+    assert runtime.wait_policy(7, 4) == ("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def test_defaults_applied_before_torch_on_a_busy_machine() -> None:
+    with busy_machine() as n:
+        assert runtime.other_runnable() >= n - 1  # the busy loops are seen (give one slack)
+        got = _probe()
+    assert got["env"] == "PASSIVE" and got["spin"] is None
     assert got["applied"]["OMP_WAIT_POLICY"] == "PASSIVE"
     if sys.platform.startswith("linux"):
         assert got["applied"]["M_TRIM_THRESHOLD"] == str(1 << 30)
@@ -31,6 +62,12 @@ def test_user_environment_wins() -> None:
     got = _probe(OMP_WAIT_POLICY="ACTIVE", MALLOC_TRIM_THRESHOLD_="131072")
     assert got["env"] == "ACTIVE"
     assert got["applied"] == {}
+
+
+def test_a_users_spin_count_wins() -> None:
+    got = _probe(GOMP_SPINCOUNT="0")
+    assert got["spin"] == "0" and got["env"] is None
+    assert "OMP_WAIT_POLICY" not in got["applied"] and "GOMP_SPINCOUNT" not in got["applied"]
 
 
 def test_switched_off() -> None:

@@ -47,7 +47,7 @@ class Runtime:
     :param threads: torch's intra-op threads while a program runs (restored after); None: the
         process's. One image's instructions are small (the demo's 192² FCOS: ~190 instructions
         in 40-50 ms), so a second thread pays little and, under ``OMP_WAIT_POLICY=PASSIVE``
-        (hat's default), costs: align_bpu on the demo's 64 images took 9.0 s on 2 threads,
+        (hat's choice on a busy machine), costs: align_bpu on the demo's 64 images took 9.0 s on 2 threads,
         4.1 s on 1 (3.3 s on 2 spinning threads of a free machine; bench/RESULTS-deploy.md).
     """
 
