@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from hat_bpu.quant.observers import Observer
+from hat_bpu.quant.observers import Observer, kl_from_hist
 
 N = 100_000
 
@@ -116,3 +118,40 @@ def test_auto_keeps_the_least_measured_error(name: str) -> None:
     fresh = Observer("auto", "int8")
     fresh.load_state_dict(obs.state_dict())
     assert fresh.choice == obs.choice  # persisted for quant-debug
+
+
+def _kl_scan(hist: torch.Tensor, hmax: float, levels: int = 128) -> float:
+    """TensorRT's entropy calibration written out plainly, one threshold at a time (the
+    reference for the closed-form search in ``kl_from_hist``)."""
+    h = hist.numpy().astype(np.float64).copy()
+    h[0] = h[1]
+    best, best_i = float("inf"), h.size
+    for i in range(levels, h.size + 1):
+        p = h[:i].copy()
+        p[-1] += h[i:].sum()
+        q = np.zeros(i)
+        for g in range(levels):
+            members = [j for j in range(i) if j * levels // i == g]
+            nonzero = [j for j in members if h[j] > 0]
+            for j in nonzero:
+                q[j] = h[members].sum() / len(nonzero)
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-30)
+        kl = sum(a * math.log(a / max(b, 1e-12)) for a, b in zip(ps, qs, strict=True) if a > 0)
+        if kl < best:
+            best, best_i = kl, i
+    return hmax * best_i / h.size
+
+
+@pytest.mark.parametrize("kind", ["relu_gauss", "exp_half_zero", "outliers", "integers",
+                                  "spikes", "empty_tail"])
+def test_kl_search_picks_the_threshold_of_the_plain_scan(kind: str) -> None:
+    rng = np.random.default_rng(len(kind))
+    x = {"relu_gauss": lambda: np.maximum(rng.normal(size=20000), 0),
+         "exp_half_zero": lambda: rng.exponential(size=20000) * (rng.random(20000) > 0.5),
+         "outliers": lambda: np.concatenate([rng.random(2000) * 0.1, rng.random(5) * 5]),
+         "integers": lambda: rng.integers(0, 40, size=3000).astype(float),
+         "spikes": lambda: rng.choice([0.0, 0.5, 0.51, 3.0], size=4000),
+         "empty_tail": lambda: rng.random(5000)}[kind]()
+    top = float(x.max()) * (3.0 if kind == "empty_tail" else 1.0)  # last bins all empty
+    hist = torch.histc(torch.tensor(x), bins=512, min=0.0, max=top).double()
+    assert kl_from_hist(hist, top, 127) == _kl_scan(hist, top)
