@@ -57,7 +57,9 @@ def configure_determinism(deterministic: bool) -> None:
 
     On: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
     deterministic implementation warns, naming itself, instead of stopping the run), cuDNN in
-    deterministic mode without autotuning, and the fixed cuBLAS workspace CUDA asks for. Off: the
+    deterministic mode without autotuning, and the fixed cuBLAS workspace CUDA asks for (new
+    tensors are not NaN-filled: ``torch.utils.deterministic.fill_uninitialized_memory`` off,
+    either way). Off: the
     library defaults plus cuDNN autotuning (fastest, not reproducible). Seeding (``task.seed``)
     happens either way: every epoch from ``(seed, epoch)``, calibration from ``seed``, loader
     workers from the loader's generator.
@@ -65,6 +67,10 @@ def configure_determinism(deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # Deterministic mode also NaN-fills every new tensor by default (a debugging aid for code
+    # that reads memory it never wrote; kernels write their outputs whole): a full extra write
+    # of every activation, 18 % of an FCOS eval forward here (bench/RESULTS.md). Off.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
 
