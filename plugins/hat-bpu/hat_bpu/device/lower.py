@@ -216,6 +216,8 @@ class _Lowering:
         j = next((j for j in cands if self.producer[n.inputs[j]].op == "conv2d"), cands[0])
         if self.tensors[n.inputs[j]].stored != self.tensors[n.outputs[0]].stored:
             return False
+        if len(n.inputs) > 1 and self.producer[n.inputs[j]].op == "concat":
+            return False  # a concat head's inputs are its parts, one per multiplier: no others
         ins = self.producer.pop(n.inputs[j])
         self.instrs.remove(ins)
         terms: dict[int, int] = {}
