@@ -9,7 +9,8 @@ STAMP   := $(VENV)/.hat-installed
 .PHONY: setup browser demo test lint wheels clean
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml plugins/*/pyproject.toml tests/plugin_toy/pyproject.toml
+$(STAMP): pyproject.toml plugins/*/pyproject.toml plugins/hat-bpu/setup.py plugins/hat-bpu/hat_bpu/_native.c \
+		tests/plugin_toy/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,plots,tb]" $(addprefix -e ,$(PLUGINS)) \

@@ -13,7 +13,9 @@ ratio to the float forward; the fast outputs are checked equal to the plain ones
 The ``hat`` command's process settings (:mod:`hatcore.runtime`) are applied first, as in ``hat
 run`` / ``hat predict`` (``HAT_PROCESS_SETTINGS=0``: without them). ``--compile`` adds the fast
 paths with the ``torch.compile``-fused conv epilogue
-(:func:`hat_bpu.quant.intmath.compile_epilogue`; compiled before timing). ``--threads 0`` keeps
+(:func:`hat_bpu.quant.intmath.compile_epilogue`; compiled before timing; the built epilogue off).
+"fast" uses the built epilogue (:mod:`hat_bpu.native`) where it is built; "torch_epilogue" is the
+fast paths with it switched off. ``--threads 0`` keeps
 torch's default thread count.
 """
 
@@ -35,6 +37,7 @@ SETTINGS = apply_process_settings()  # as `hat` applies them, before torch loads
 
 import attrs  # noqa: E402
 import torch  # noqa: E402
+from hat_bpu import native  # noqa: E402
 from hat_bpu.quant import intmath  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
@@ -92,22 +95,27 @@ def main() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     fq, exact = (quantized(plugins, recipe, model, x, e) for e in (False, True))
 
-    def run(m: nn.Module, plain: bool, compiled: bool = False) -> Callable[[], Any]:
+    def run(m: nn.Module, plain: bool, compiled: bool = False, built: bool = True
+            ) -> Callable[[], Any]:
         def go() -> Any:
             intmath.compile_epilogue(compiled)
-            with intmath.plain_paths(plain), torch.no_grad():
+            with intmath.plain_paths(plain), torch.no_grad(), native.disabled(not built):
                 return m(x)
         return go
 
     cases = {"float": run(model, False), "fq_plain": run(fq, True), "fq_fast": run(fq, False),
              "exact_plain": run(exact, True), "exact_fast": run(exact, False)}
-    if args.compile:
-        cases.update(fq_compiled=run(fq, False, True), exact_compiled=run(exact, False, True))
+    if native.available():  # the fast paths with the torch-pass epilogue, for comparison
+        cases.update(fq_torch_epilogue=run(fq, False, built=False),
+                     exact_torch_epilogue=run(exact, False, built=False))
+    if args.compile:  # the compiled epilogue serves only where the built one does not
+        cases.update(fq_compiled=run(fq, False, True, False),
+                     exact_compiled=run(exact, False, True, False))
     same = {}
     for name, m in (("fq", fq), ("exact", exact)):
         ref = leaves(run(m, True)())
         for kind in ("fast", "compiled") if args.compile else ("fast",):
-            got = leaves(run(m, False, kind == "compiled")())
+            got = leaves(run(m, False, kind == "compiled", kind != "compiled")())
             same[f"{name}_{kind}"] = len(got) == len(ref) > 0 and all(
                 torch.equal(u, v) for u, v in zip(got, ref, strict=True))
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -117,7 +125,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     result: dict[str, Any] = {
         "recipe": args.recipe, "input": list(x.shape), "channels_last": args.channels_last,
-        "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "threads": torch.get_num_threads(), "built_epilogue": native.available(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "rounds": args.rounds, "pretrained": args.pretrained, "process_settings": SETTINGS,
         "ms": {k: round(1e3 * v, 1) for k, v in med.items()},
         "ratio_to_float": {k: round(v / med["float"], 2) for k, v in med.items() if k != "float"},

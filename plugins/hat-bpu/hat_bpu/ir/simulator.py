@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hat_bpu import native
 from hat_bpu.ir import graph as ir
 from hat_bpu.quant import qspec
 
@@ -152,7 +153,27 @@ def sim_add(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
     bound = sum(_QMAX_ABS[x.dtype] * abs(mi) for x, mi in zip(in_t, ms, strict=True))
     rs = [float(r) for r in _ratio(p["m"], p["shift"][0])]
 
+    lo, hi = qspec.qrange(out.dtype)
+    if _clip(n):
+        lo, hi = max(lo, int(_clip(n)[0])), min(hi, int(_clip(n)[1]))
+    per_channel: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_native(xs: list[torch.Tensor]) -> torch.Tensor | None:
+        """Two float32 inputs alike in layout: ``x0·r0 + x1·r1`` rounded in one pass."""
+        if len(xs) != 2 or out.dtype == "int32" or xs[0].dim() != 4 or \
+                xs[0].dtype != torch.float32 or xs[1].dtype != torch.float32:
+            return None
+        c = xs[0].shape[1]
+        if c not in per_channel:
+            per_channel[c] = (torch.full((c,), rs[0], dtype=torch.float64),
+                              torch.full((c,), rs[1], dtype=torch.float64))
+        r0, r1 = per_channel[c]
+        return native.requant(xs[0], None, r0, lo, hi, xs[1], r1)
+
     def add_f64(xs: list[torch.Tensor]) -> torch.Tensor:
+        y = add_native(xs) if native.available() else None
+        if y is not None:
+            return y
         v = xs[0].double() * rs[0]
         for x, r in zip(xs[1:], rs[1:], strict=True):
             v.add_(x.double(), alpha=r)
@@ -204,6 +225,9 @@ def sim_upsample_nearest(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) ->
     def up(xs: list[torch.Tensor]) -> torch.Tensor:
         x = xs[0]
         nb, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last):  # stay channels-last
+            y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(nb, h, fh, w, fw, c)
+            return y.reshape(nb, h * fh, w * fw, c).permute(0, 3, 1, 2)
         return x[:, :, :, None, :, None].expand(nb, c, h, fh, w, fw).reshape(nb, c, h * fh, w * fw)
     return up
 
@@ -260,6 +284,23 @@ def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
     r_res = (torch.from_numpy(_ratio(p["m_res"], p["shift"])).reshape(1, -1, 1, 1)
              if m_res is not None else None)
     clip = a.get("clip")
+    lo, hi = qspec.qrange(out.dtype)
+    if clip:
+        lo, hi = max(lo, int(clip[0])), min(hi, int(clip[1]))
+    nat = {"bias": None if b32 is not None else b64.reshape(-1), "mult": r.reshape(-1),
+           "res_mult": None if r_res is None else r_res.reshape(-1)}
+
+    def native_epilogue(acc: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor | None:
+        """The epilogue in one pass (:mod:`hat_bpu.native`) where it is exact in float64 and
+        the extension serves the call; else None."""
+        if out.dtype == "int32" or (res is not None and res.dtype != torch.float32):
+            return None
+        if static_f64 + res_bound >= F64_EXACT:
+            peak = native.peak_abs(acc, nat["bias"])
+            if peak is None or peak * m_abs + res_bound >= F64_EXACT:
+                return None
+        return native.requant(acc, nat["bias"], nat["mult"], lo, hi, res, nat["res_mult"],
+                              out=acc if acc.dtype == torch.float32 else None)  # in place
 
     def epilogue(acc: torch.Tensor, res: torch.Tensor | None, consts: dict[str, torch.Tensor],
                  buf: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,6 +338,9 @@ def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
             acc = F.conv2d(x.double(), w64, None, *geo, groups)
         assert isinstance(acc, torch.Tensor)
         res = xs[1] if m_res is not None else None
+        y = native_epilogue(acc, res) if native.available() else None
+        if y is not None:
+            return y
         if acc.numel() > SLICE_ABOVE:
             sliced = _by_rows(acc, res, lambda a, rr, buf: epilogue(a, rr, rows, buf),
                               _storage(out.dtype))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hat_bpu import native
 from hat_bpu.quant import qspec
 
 F32_CHUNK = 1024
@@ -445,7 +446,10 @@ def int_conv_fast(x: torch.Tensor, res: torch.Tensor | None, p: ConvInts, conv: 
                   s_res: float | None) -> torch.Tensor:
     """:func:`int_conv`'s eval values (no gradients) from prepared integers ``p``, epilogue in
     place: ``sat(clip(round((acc + b)·m/2**s [+ r·m_res/2**s])))·s_out``."""
-    xi = torch.div(x.to(p.dtype), s_in, out=_buffer(0, x, p.dtype)).round_()
+    xi = native.quantize(x, s_in, out=_buffer(0, x, p.dtype)) \
+        if p.dtype == torch.float32 and x.dtype == torch.float32 else None  # one pass, same bits
+    if xi is None:
+        xi = torch.div(x.to(p.dtype), s_in, out=_buffer(0, x, p.dtype)).round_()
 
     def conv_of(xs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         return F.conv2d(xs, ws, None, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -457,8 +461,16 @@ def int_conv_fast(x: torch.Tensor, res: torch.Tensor | None, p: ConvInts, conv: 
         acc = _buffer(1, first, torch.float64).copy_(first)  # exact: integers (< 2**24)
         for xs, ws in chunks[1:]:  # exact integer partial sums, added exactly in float64
             acc.add_(conv_of(xs, ws))
+    has_res = res is not None and s_res is not None and p.mult_res is not None
+    src = first if len(chunks) == 1 else acc  # a float32 conv output: overwritten in place
+    y = native.requant(src, p.bias, p.mult, p.lo, p.hi, res if has_res else None,
+                       p.mult_res if has_res else None, out_scale=float(p.s_out),
+                       out=src if src.dtype == torch.float32 else None,
+                       res_div=s_res if has_res else None)  # the residual's integers inside
+    if y is not None:
+        return y
     ri = None
-    if res is not None and s_res is not None and p.mult_res is not None:
+    if has_res:
         ri = _buffer(2, res, torch.float64).copy_(res).div_(s_res).round_().mul_(p.mult_res)
     fused = _fused_epilogue()
     if fused is not None:

@@ -1,0 +1,311 @@
+/* hat_bpu._native: the conv requantization epilogue in one pass over memory.
+ *
+ * What it computes is the float64 expression the torch code writes as several whole-tensor
+ * passes (hat_bpu.ir.simulator.sim_conv2d's epilogue, hat_bpu.quant.intmath.int_conv_fast),
+ * operation for operation, each an IEEE-754 double operation rounded once (built with
+ * -ffp-contract=off: no fused multiply-add), so the results are the same bits:
+ *
+ *     v   = (acc[i] + bias[c]) * mult[c]          (bias optional; acc float32 or float64)
+ *     v   = v + res[i] * res_mult[c]              (residual float32, per-channel multiplier)
+ *        or v + res[i]                            (residual float64, already multiplied)
+ *     q   = clamp(round_half_even(v), lo, hi)     -> float32
+ *     out = q * out_scale                         (float32 multiply, optional)
+ *
+ * with c the channel of element i in a tensor laid out as [outer][C][inner] (NHWC rows:
+ * inner = 1; NCHW: outer = N, inner = H*W); out may be acc itself (float32: in place).
+ * A float32 residual may also come as fake-quant values to quantize first: res[i] becomes
+ * round_half_even(res[i] / res_div) (float64 division) before its multiplier. quantize() is
+ * the input side: out[i] = round_half_even(x[i] / s) in float32 (an IEEE float division).
+ * peak_abs gives max |acc[i] + bias[c]|, which the simulator needs to know whether the float64
+ * form is exact. On x86 the loops exist twice, AVX2 (chosen at import where the CPU has it) and
+ * baseline; set_isa switches (tests run both).
+ *
+ * Plain C99 and the CPython API only: no torch headers, so it builds wherever the package
+ * builds; the Python side (hat_bpu.native) falls back to the torch passes when it is absent.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SPAN 1024 /* elements per step; the per-element constant tiles (3 x 8 KiB) stay in L1 */
+#define MAGIC 6755399441055744.0 /* 1.5 * 2**52: (x + M) - M rounds half to even */
+
+/* One loop per (accumulator type, residual kind, bias or not), each simple enough to vectorize:
+ * out[k] = clamp(round_half_even((a[k] + b[k]) * m[k] [+ r[k] * rm[k] | + r[k]]), lo, hi) * s
+ * (s = 1 when unscaled: an exact multiply). The constants are per-element tiles. */
+#define RES_NONE(k, RX) v
+#define RES_F32(k, RX) v + (double)r32[k] * rm[k]
+#define RES_F64(k, RX) v + r64[k]
+#define RES_F32Q(k, RX) v + RX((double)r32[k] / rdiv) * rm[k]
+#define BIAS_0(k) v
+#define BIAS_1(k) v + b[k]
+#define LOOP(A, RES, BIAS, ROUND, ROUNDX)                                                      \
+    for (int64_t k = 0; k < n; k++) {                                                        \
+        double v = (double)A[k];                                                             \
+        v = BIAS(k);                                                                         \
+        v = v * m[k];                                                                        \
+        v = RES(k, ROUNDX);                                                                    \
+        double q = ROUND(v);                                                                 \
+        q = q < lo ? lo : q;                                                                 \
+        q = q > hi ? hi : q;                                                                 \
+        out[k] = (float)q * s;                                                               \
+    }
+
+/* round_half_even with torch's sign of zero (torch.round(-0.3) is -0.0); the clamps above as
+ * torch clamps (a bound replaces a value only when strictly beyond it). NEAR: the hardware
+ * rounding instruction (nearbyint in the default rounding mode). MAGIC, for CPUs without one
+ * (x86-64's baseline SSE2): x held to [lo - 1, hi + 1] first (the same after rounding and
+ * clamping: rounding is monotone and keeps integers), then (x + 1.5·2**52) - 1.5·2**52, exact
+ * half to even for |x| < 2**51, with the sign of x. */
+#define ROUND_NEAR(v) nearbyint(v)
+#define ROUNDX_NEAR(x) nearbyint(x)
+#define ROUNDF_NEAR(x) nearbyintf(x)
+/* round_half_even of any x by the 2**52 addition on |x| (float: 2**23), sign restored; |x| at
+ * or above it is an integer already */
+static inline double roundx_magic(double x)
+{
+    const double ax = fabs(x), r = copysign((ax + 0x1p52) - 0x1p52, x);
+    return ax < 0x1p52 ? r : x;
+}
+static inline float roundf_magic(float x)
+{
+    const float ax = fabsf(x), r = copysignf((ax + 0x1p23f) - 0x1p23f, x);
+    return ax < 0x1p23f ? r : x;
+}
+#define ROUNDX_MAGIC(x) roundx_magic(x)
+#define ROUNDF_MAGIC(x) roundf_magic(x)
+#define ROUND_MAGIC(v) copysign((((v) < lo1 ? lo1 : (v) > hi1 ? hi1 : (v)) + MAGIC) - MAGIC, v)
+
+#define SPAN_FN(name, ATTR, ROUND, ROUNDX)                                                     \
+    ATTR static void name(const void *acc, int acc_f64, const double *restrict b,             \
+                          const double *restrict m, const void *res, int res_kind,             \
+                          const double *restrict rm, double rdiv, double lo, double hi,        \
+                          float *restrict out, float s, int64_t n)                             \
+    {                                                                                        \
+        const float *restrict a32 = (const float *)acc;                                      \
+        const double *restrict a64 = (const double *)acc;                                    \
+        const float *restrict r32 = (const float *)res;                                      \
+        const double *restrict r64 = (const double *)res;                                    \
+        const double lo1 = lo - 1.0, hi1 = hi + 1.0;                                         \
+        (void)lo1, (void)hi1, (void)r32, (void)r64, (void)rm, (void)rdiv;                    \
+        switch (acc_f64 * 8 + res_kind * 2 + (b != NULL)) {                                  \
+        case 0: LOOP(a32, RES_NONE, BIAS_0, ROUND, ROUNDX) break;                            \
+        case 1: LOOP(a32, RES_NONE, BIAS_1, ROUND, ROUNDX) break;                            \
+        case 2: LOOP(a32, RES_F32, BIAS_0, ROUND, ROUNDX) break;                             \
+        case 3: LOOP(a32, RES_F32, BIAS_1, ROUND, ROUNDX) break;                             \
+        case 4: LOOP(a32, RES_F64, BIAS_0, ROUND, ROUNDX) break;                             \
+        case 5: LOOP(a32, RES_F64, BIAS_1, ROUND, ROUNDX) break;                             \
+        case 6: LOOP(a32, RES_F32Q, BIAS_0, ROUND, ROUNDX) break;                            \
+        case 7: LOOP(a32, RES_F32Q, BIAS_1, ROUND, ROUNDX) break;                            \
+        case 8: LOOP(a64, RES_NONE, BIAS_0, ROUND, ROUNDX) break;                            \
+        case 9: LOOP(a64, RES_NONE, BIAS_1, ROUND, ROUNDX) break;                            \
+        case 10: LOOP(a64, RES_F32, BIAS_0, ROUND, ROUNDX) break;                            \
+        case 11: LOOP(a64, RES_F32, BIAS_1, ROUND, ROUNDX) break;                            \
+        case 12: LOOP(a64, RES_F64, BIAS_0, ROUND, ROUNDX) break;                            \
+        case 13: LOOP(a64, RES_F64, BIAS_1, ROUND, ROUNDX) break;                            \
+        case 14: LOOP(a64, RES_F32Q, BIAS_0, ROUND, ROUNDX) break;                           \
+        default: LOOP(a64, RES_F32Q, BIAS_1, ROUND, ROUNDX) break;                           \
+        }                                                                                    \
+    }
+
+/* out[k] = round_half_even(x[k] / s) in float32 (the input integers of a fake-quant conv) */
+#define QUANT_FN(name, ATTR, ROUNDF)                                                           \
+    ATTR static void name(const float *restrict x, float s, float *restrict out, int64_t n)  \
+    {                                                                                        \
+        for (int64_t k = 0; k < n; k++) {                                                    \
+            const float v = x[k] / s;                                                        \
+            out[k] = ROUNDF(v);                                                              \
+        }                                                                                    \
+    }
+
+typedef void (*span_fn)(const void *, int, const double *, const double *, const void *, int,
+                        const double *, double, double, double, float *, float, int64_t);
+typedef void (*quant_fn)(const float *, float, float *, int64_t);
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define AVX2 __attribute__((target("avx2")))
+SPAN_FN(span_avx2, AVX2, ROUND_NEAR, ROUNDX_NEAR)
+SPAN_FN(span_base, , ROUND_MAGIC, ROUNDX_MAGIC)
+QUANT_FN(quant_avx2, AVX2, ROUNDF_NEAR)
+QUANT_FN(quant_base, , ROUNDF_MAGIC)
+static int best_is_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+}
+#define HAVE_AVX2 1
+#else
+SPAN_FN(span_base, , ROUND_NEAR, ROUNDX_NEAR)
+QUANT_FN(quant_base, , ROUNDF_NEAR)
+static int best_is_avx2(void) { return 0; }
+#define HAVE_AVX2 0
+#endif
+static span_fn span = span_base; /* the loops in use (set_isa; module init: the best) */
+static quant_fn quant = quant_base;
+
+static void use_isa(int avx2)
+{
+#if HAVE_AVX2
+    span = avx2 ? span_avx2 : span_base;
+    quant = avx2 ? quant_avx2 : quant_base;
+#else
+    (void)avx2;
+#endif
+}
+
+#define AT(p, size, i) ((const void *)((const char *)(p) + (size) * (size_t)(i)))
+
+/* The whole tensor, [outer][c][inner], in spans of at most SPAN elements sharing one tile of
+ * constants: NHWC rows (inner = 1) SPAN / c whole rows at a time, NCHW planes one plane (or a
+ * piece of one) at a time. */
+static void requant(const void *acc, int acc_f64, const double *bias, const double *mult,
+                    const void *res, int res_f64, const double *res_mult, double rdiv, double lo,
+                    double hi, float *out, float s, int64_t outer, int64_t c, int64_t inner)
+{
+    double tb[SPAN], tm[SPAN], trm[SPAN];
+    const size_t asz = acc_f64 ? sizeof(double) : sizeof(float);
+    const size_t rsz = res_f64 ? sizeof(double) : sizeof(float);
+    const int res_kind = res ? (res_f64 ? 2 : rdiv != 0.0 ? 3 : 1) : 0;
+    const double *b = bias ? tb : NULL;
+    if (inner == 1 && c <= SPAN) {
+        const int64_t t = (SPAN / c) * c, total = outer * c;
+        for (int64_t k = 0; k < t; k++) {
+            tb[k] = bias ? bias[k % c] : 0.0;
+            tm[k] = mult[k % c];
+            trm[k] = res_mult ? res_mult[k % c] : 0.0;
+        }
+        for (int64_t i = 0; i < total; i += t)
+            span(AT(acc, asz, i), acc_f64, b, tm, res ? AT(res, rsz, i) : NULL, res_kind, trm, rdiv,
+                 lo, hi, out + i, s, total - i < t ? total - i : t);
+        return;
+    }
+    const int64_t seg = inner == 1 ? c : inner, segs = inner == 1 ? outer : outer * c;
+    int64_t tiled = -1; /* the channel the tiles hold (planes) */
+    for (int64_t g = 0; g < segs; g++) {
+        for (int64_t k0 = 0; k0 < seg; k0 += SPAN) {
+            const int64_t n = seg - k0 < SPAN ? seg - k0 : SPAN, i = g * seg + k0;
+            if (inner == 1) { /* rows longer than SPAN: the constants of channels k0.. */
+                for (int64_t k = 0; k < n; k++) {
+                    tb[k] = bias ? bias[k0 + k] : 0.0;
+                    tm[k] = mult[k0 + k];
+                    trm[k] = res_mult ? res_mult[k0 + k] : 0.0;
+                }
+            } else if (tiled != g % c) {
+                const int64_t ch = tiled = g % c, len = seg < SPAN ? seg : SPAN;
+                for (int64_t k = 0; k < len; k++) {
+                    tb[k] = bias ? bias[ch] : 0.0;
+                    tm[k] = mult[ch];
+                    trm[k] = res_mult ? res_mult[ch] : 0.0;
+                }
+            }
+            span(AT(acc, asz, i), acc_f64, b, tm, res ? AT(res, rsz, i) : NULL, res_kind, trm, rdiv,
+                 lo, hi, out + i, s, n);
+        }
+    }
+}
+
+/* max |acc[i] + bias[c]|: whether the float64 form of the simulator is exact */
+static double peak_abs(const void *acc, int acc_f64, const double *bias, int64_t outer, int64_t c,
+                       int64_t inner)
+{
+    double hi = 0.0, lo = 0.0;
+    int64_t i = 0;
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t ch = 0; ch < c; ch++) {
+            const double b = bias ? bias[ch] : 0.0;
+            for (int64_t k = 0; k < inner; k++, i++) {
+                const double x = (acc_f64 ? ((const double *)acc)[i] : ((const float *)acc)[i]) + b;
+                hi = x > hi ? x : hi;
+                lo = x < lo ? x : lo;
+            }
+        }
+    return hi > -lo ? hi : -lo;
+}
+
+static PyObject *py_requant(PyObject *self, PyObject *args)
+{
+    unsigned long long acc, bias, mult, res, res_mult, out;
+    int acc_f64, res_f64, scaled;
+    double rdiv, lo, hi, out_scale;
+    long long outer, c, inner;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKKKiKdddKidLLL", &acc, &acc_f64, &bias, &mult, &res, &res_f64,
+                          &res_mult, &rdiv, &lo, &hi, &out, &scaled, &out_scale, &outer, &c,
+                          &inner))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    requant((const void *)(uintptr_t)acc, acc_f64, (const double *)(uintptr_t)bias,
+            (const double *)(uintptr_t)mult, (const void *)(uintptr_t)res, res_f64,
+            (const double *)(uintptr_t)res_mult, rdiv, lo, hi, (float *)(uintptr_t)out,
+            scaled ? (float)out_scale : 1.0f, outer, c, inner);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out;
+    double s;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KdKL", &x, &s, &out, &n))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    quant((const float *)(uintptr_t)x, (float)s, (float *)(uintptr_t)out, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_peak_abs(PyObject *self, PyObject *args)
+{
+    unsigned long long acc, bias;
+    int acc_f64;
+    long long outer, c, inner;
+    double peak;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKLLL", &acc, &acc_f64, &bias, &outer, &c, &inner))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    peak = peak_abs((const void *)(uintptr_t)acc, acc_f64, (const double *)(uintptr_t)bias, outer,
+                    c, inner);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(peak);
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args)
+{
+    const char *name;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &name))
+        return NULL;
+    if (strcmp(name, "base") != 0 && strcmp(name, "best") != 0) {
+        PyErr_SetString(PyExc_ValueError, "isa: 'base' or 'best'");
+        return NULL;
+    }
+    use_isa(strcmp(name, "best") == 0 && best_is_avx2());
+    return PyUnicode_FromString(span == span_base ? "base" : "avx2");
+}
+
+static PyMethodDef methods[] = {
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa('base' | 'best') -> the loops now used: 'avx2' or 'base' (tests run both)"},
+    {"requant", py_requant, METH_VARARGS,
+     "requant(acc, acc_f64, bias, mult, res, res_f64, res_mult, res_div, lo, hi, out, scaled,"
+     " out_scale, outer, c, inner); pointers as integers (0 = absent), res_div 0 = none"},
+    {"quantize", py_quantize, METH_VARARGS,
+     "quantize(x, s, out, n): out = round_half_even(x / s) in float32"},
+    {"peak_abs", py_peak_abs, METH_VARARGS,
+     "peak_abs(acc, acc_f64, bias, outer, c, inner) -> max |acc + bias|"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    use_isa(best_is_avx2());
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,204 @@
+"""The compiled conv epilogue (hat_bpu._native) gives the torch expression's bits, declines
+what it cannot serve, and the simulator and fake-quant eval give the same outputs with it and
+without it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from deploy_fixtures import calibrate, small_model, spread_bn, yuv_input
+from example_net import MiniFCOS
+from hat_bpu import native
+from hat_bpu.ir import simulator
+from hat_bpu.ir.reference import run_ir
+from hat_bpu.ir.simulator import Simulator
+from hat_bpu.quant.convert import convert
+
+built = pytest.mark.skipif(not native.available(), reason="hat_bpu._native not built")
+
+
+def test_built_where_a_compiler_is() -> None:
+    """The package build compiles it wherever a C compiler exists (Makefile's setup)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.available()
+
+
+def torch_epilogue(acc: torch.Tensor, bias: torch.Tensor | None, mult: torch.Tensor,
+                   lo: float, hi: float, res: torch.Tensor | None, res_mult: torch.Tensor | None,
+                   out_scale: float | None) -> torch.Tensor:
+    """The expression, written with torch ops (per-channel constants broadcast on dim 1)."""
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    v = acc.double()
+    if bias is not None:
+        v = v + bias.reshape(shape)
+    v = v * mult.reshape(shape)
+    if res is not None:
+        v = v + (res.double() * res_mult.reshape(shape) if res_mult is not None else res)
+    q = v.round().clamp(lo, hi).float()
+    return q * torch.tensor(out_scale, dtype=torch.float32) if out_scale is not None else q
+
+
+def layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if how == "nhwc" else t.contiguous()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.fixture(params=["best", "base"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both loop sets: the CPU's best (AVX2 with its rounding instruction, where it has it) and
+    the baseline one (rounding by the 1.5·2**52 addition)."""
+    yield native._native.set_isa(request.param)
+    native._native.set_isa("best")
+
+
+@built
+@pytest.mark.parametrize("how", ["nhwc", "nchw", "rows", "wide"])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("res_kind", ["none", "f32", "f64"])
+def test_requant_gives_the_torch_bits(how: str, acc_dtype: torch.dtype, res_kind: str,
+                                      isa: str) -> None:
+    g = torch.Generator().manual_seed(hash((how, str(acc_dtype), res_kind)) % 2**31)
+    # rows: more than one span of rows, odd channels; wide: rows longer than a span (1100
+    # channels); nchw: planes of 99
+    shape = {"rows": (600, 37), "wide": (3, 1100)}.get(how, (2, 37, 9, 11))
+    c = shape[1]
+
+    def ints(lim: int, size: tuple[int, ...] = shape) -> torch.Tensor:
+        return torch.randint(-lim, lim, size, generator=g).to(acc_dtype)
+    acc = ints(2**20)
+    # ties: accumulators that land exactly on x.5 after the multiplier 2**-3, and values far
+    # beyond the range (saturate), and small negatives (round to -0.0)
+    acc.view(-1)[:40] = torch.arange(-20, 20, dtype=acc_dtype) * 4 + 4
+    acc.view(-1)[40:50] = 2.0**30
+    acc = acc if acc.dim() == 2 else layout(acc, how)
+    mult = torch.rand(c, generator=g, dtype=torch.float64) * 2.0**-10
+    mult[:3] = 2.0**-3
+    res = res_mult = None
+    if res_kind != "none":
+        res = ints(128).float() if res_kind == "f32" else ints(128).double() * 0.37
+        res = res if res.dim() == 2 else layout(res, how)
+        res_mult = torch.rand(c, generator=g, dtype=torch.float64) if res_kind == "f32" else None
+    for bias in (None, torch.randint(-5000, 5000, (c,), generator=g).double()):
+        for lo, hi, scale in ((-128, 127, None), (0, 127, 0.0371), (-32768, 32767, None)):
+            want = torch_epilogue(acc, bias, mult, lo, hi, res, res_mult, scale)
+            got = native.requant(acc, bias, mult, lo, hi, res, res_mult, out_scale=scale)
+            assert got is not None and got.stride() == acc.stride()
+            assert torch.equal(bits(got), bits(want)), (bias is None, lo, scale)
+            peak = native.peak_abs(acc, bias)
+            v = acc.double() + (0 if bias is None else bias.reshape((1, -1) + (1,) * (acc.dim() - 2)))
+            assert peak == float(v.abs().max())
+
+
+@built
+@pytest.mark.parametrize("how", ["nhwc", "nchw"])
+def test_requant_of_a_fake_quant_residual_gives_the_torch_bits(how: str, isa: str) -> None:
+    """``res_div``: the residual's integers ``round(float64(res) / s)`` taken inside the pass,
+    as ``int_conv_fast``'s torch code takes them (copy to float64, divide, round, multiply)."""
+    g = torch.Generator().manual_seed(7)
+    c, s_res = 24, 0.0371
+    acc = layout(torch.randint(-2**20, 2**20, (2, c, 5, 7), generator=g).float(), how)
+    res = torch.randint(-128, 128, (2, c, 5, 7), generator=g).float() * s_res
+    res.view(-1)[:10] = (torch.arange(10) - 5.0) * s_res * 0.5  # halfway between integers
+    res = layout(res, how)
+    mult = torch.rand(c, generator=g, dtype=torch.float64) * 2.0**-12
+    res_mult = torch.rand(c, generator=g, dtype=torch.float64) * 0.5
+    bias = torch.randint(-5000, 5000, (c,), generator=g).double()
+    ri = res.double().div(s_res).round().mul(res_mult.reshape(1, -1, 1, 1))
+    want = torch_epilogue(acc, bias, mult, -128, 127, ri, None, 0.05)
+    got = native.requant(acc, bias, mult, -128, 127, res, res_mult, out_scale=0.05, res_div=s_res)
+    assert got is not None and torch.equal(bits(got), bits(want))
+
+
+@built
+@pytest.mark.parametrize("scale", [0.0123, 1 / 128, 3.7e-5, 0.5, 0.1])
+def test_quantize_gives_the_torch_bits(scale: float, isa: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 17, 33, 9, generator=g) * 100
+    x.view(-1)[:20] = (torch.arange(20) - 10.0) * scale * 0.5  # ties
+    x.view(-1)[20:30] = torch.tensor([3e9, -3e9, 1e-30, -1e-30, 0.0, -0.0, 2.0**23, 2**22 + 0.5,
+                                      -(2**22) - 0.5, 1e38])
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = native.quantize(t, scale)
+        assert got is not None and got.stride() == t.stride()
+        assert torch.equal(bits(got), bits(torch.div(t, scale).round_()))
+    assert native.quantize(x.double(), scale) is None and native.quantize(x[:, :, :5], scale) is None
+
+
+@built
+def test_requant_declines_what_it_cannot_serve() -> None:
+    acc = torch.zeros(2, 8, 4, 4)
+    m = torch.ones(8, dtype=torch.float64)
+    assert native.requant(acc[:, :, :, :2], None, m, -128, 127) is None  # not dense
+    assert native.requant(acc.int(), None, m, -128, 127) is None  # not float
+    assert native.requant(acc, None, m.float(), -128, 127) is None  # constants not float64
+    assert native.requant(acc, None, m[:1], -128, 127) is None  # not per channel
+    assert native.requant(acc, None, m, -128, 127, res=layout(acc, "nhwc"),
+                          res_mult=m) is None  # residual laid out otherwise
+    with native.disabled():
+        assert not native.available()
+        assert native.requant(acc, None, m, -128, 127) is None
+        assert native.peak_abs(acc, None) is None
+    assert native.requant(acc, None, m, -128, 127) is not None
+
+
+def minifcos() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = yuv_input(2, 64)
+    return calibrate(spread_bn(MiniFCOS(width=8).eval()), x), x
+
+
+@built
+@pytest.mark.parametrize("f64_exact", [2.0**53, 2.0**40, 0.0])
+@pytest.mark.parametrize("model", ["smallnet", "minifcos"])
+def test_simulator_native_epilogue_equals_torch_and_reference(monkeypatch: pytest.MonkeyPatch,
+                                                              f64_exact: float,
+                                                              model: str) -> None:
+    """Static float64 bound, measured bound (2**40: the weights no longer prove it), int64
+    fallback (0: the native epilogue declines): the same outputs, with residual convs
+    (smallnet) and two-input adds and channels-last upsampling (minifcos)."""
+    q, x = small_model(width=128) if model == "smallnet" else minifcos()
+    g = convert(q, x[:1])
+    ops = {n.op for n in g.nodes}
+    assert ({"conv2d", "upsample_nearest"} <= ops and
+            any(len(n.inputs) > 1 for n in g.nodes if n.op == "conv2d")) if model == "smallnet" \
+        else any(len(n.inputs) == 2 for n in g.nodes if n.op == "add")
+    monkeypatch.setattr(simulator, "F64_EXACT", f64_exact)
+    calls: list[int] = []
+    real = native.requant
+    monkeypatch.setattr(native, "requant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = Simulator(g).run(x)
+    assert bool(calls) == (f64_exact > 0)
+    with native.disabled():
+        plain = Simulator(g).run(x)
+    for r, s, p in zip(run_ir(g, x.numpy()), got, plain, strict=True):
+        assert np.array_equal(r, s.numpy()) and torch.equal(s, p)
+
+
+@built
+@pytest.mark.parametrize("exact", [False, True])
+def test_fake_quant_eval_native_epilogue_equals_plain_paths(monkeypatch: pytest.MonkeyPatch,
+                                                            exact: bool) -> None:
+    from hat_bpu.quant import intmath
+
+    q, x = small_model(width=128, exact=exact)
+    calls: list[int] = []
+    real = native.requant
+    monkeypatch.setattr(native, "requant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = q(x)
+        assert calls  # the fast path ran the compiled epilogue
+        with native.disabled():
+            eager = q(x)
+        with intmath.plain_paths():
+            plain = q(x)
+    got, eager, plain = (t if isinstance(t, tuple) else (t,) for t in (got, eager, plain))
+    for a, b, c in zip(got, eager, plain, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
