@@ -120,9 +120,57 @@ static inline float roundf_magic(float x)
         }                                                                                    \
     }
 
+/* ir add of fake-quant inputs (intmath._int_sum_fast), per element: the integers
+ * xi = round_half_even(float64(x_i) / s_i); the device's q = clamp(round_half_even(Σ xi·m_i /
+ * 2**sh)) — Σ xi·m_i in float64, exact while Σ |xi|·|m_i| < 2**53 (the caller checks), the
+ * division by 2**sh exact, so the int64 round-shift's value; the float form
+ * y = clamp(round_half_even(Σ xi·mult_i)) (each product rounded, added in order) ·s; and
+ * out = (q·s - y) + y in float32, as the torch code's straight-through form computes it.
+ * Returns 1 when some |xi| exceeded xbound (then the float64 sum may not be exact: the
+ * caller discards out and runs its int64 code). */
+#define SUM_LOOP(NIN, ROUND, ROUNDX)                                                           \
+    for (int64_t k = 0; k < n; k++) {                                                        \
+        const double x0 = ROUNDX((double)xs[0][k] / si[0]);                                  \
+        double acc = x0 * mi[0], v = x0 * multi[0], top = fabs(x0);                          \
+        for (int i = 1; i < NIN; i++) {                                                      \
+            const double xi = ROUNDX((double)xs[i][k] / si[i]);                              \
+            top = fabs(xi) > top ? fabs(xi) : top;                                           \
+            acc = acc + xi * mi[i];                                                          \
+            v = v + xi * multi[i];                                                           \
+        }                                                                                    \
+        beyond = top > xbound ? 1.0 : beyond;                                                \
+        double qy = ROUND(v), qt = ROUND(acc * inv2s);                                       \
+        qy = qy < lo ? lo : qy;                                                              \
+        qy = qy > hi ? hi : qy;                                                              \
+        qt = qt < lo ? lo : qt;                                                              \
+        qt = qt > hi ? hi : qt;                                                              \
+        const float y = (float)qy * s, t = (float)qt * s;                                    \
+        out[k] = (t - y) + y;                                                                \
+    }
+
+#define SUM_FN(name, ATTR, ROUND, ROUNDX)                                                      \
+    ATTR static int name(const float *const *x, const double *si, const double *mi,           \
+                         const double *multi, int nin, double inv2s, double lo, double hi,     \
+                         float s, double xbound, float *restrict out, int64_t n)               \
+    {                                                                                        \
+        const double lo1 = lo - 1.0, hi1 = hi + 1.0;                                         \
+        const float *restrict xs[4] = {x[0], x[1], x[2], x[3]};                              \
+        double beyond = 0.0;                                                                 \
+        (void)lo1, (void)hi1;                                                                \
+        switch (nin) {                                                                       \
+        case 1: SUM_LOOP(1, ROUND, ROUNDX) break;                                            \
+        case 2: SUM_LOOP(2, ROUND, ROUNDX) break;                                            \
+        case 3: SUM_LOOP(3, ROUND, ROUNDX) break;                                            \
+        default: SUM_LOOP(4, ROUND, ROUNDX) break;                                           \
+        }                                                                                    \
+        return beyond != 0.0;                                                                \
+    }
+
 typedef void (*span_fn)(const void *, int, const double *, const double *, const void *, int,
                         const double *, double, double, double, float *, float, int64_t);
 typedef void (*quant_fn)(const float *, float, float *, int64_t);
+typedef int (*sum_fn)(const float *const *, const double *, const double *, const double *, int,
+                      double, double, double, float, double, float *, int64_t);
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define AVX2 __attribute__((target("avx2")))
@@ -130,6 +178,8 @@ SPAN_FN(span_avx2, AVX2, ROUND_NEAR, ROUNDX_NEAR)
 SPAN_FN(span_base, , ROUND_MAGIC, ROUNDX_MAGIC)
 QUANT_FN(quant_avx2, AVX2, ROUNDF_NEAR)
 QUANT_FN(quant_base, , ROUNDF_MAGIC)
+SUM_FN(sum_avx2, AVX2, ROUND_NEAR, ROUNDX_NEAR)
+SUM_FN(sum_base, , ROUNDX_MAGIC, ROUNDX_MAGIC)
 static int best_is_avx2(void)
 {
     __builtin_cpu_init();
@@ -139,17 +189,20 @@ static int best_is_avx2(void)
 #else
 SPAN_FN(span_base, , ROUND_NEAR, ROUNDX_NEAR)
 QUANT_FN(quant_base, , ROUNDF_NEAR)
+SUM_FN(sum_base, , ROUND_NEAR, ROUNDX_NEAR)
 static int best_is_avx2(void) { return 0; }
 #define HAVE_AVX2 0
 #endif
 static span_fn span = span_base; /* the loops in use (set_isa; module init: the best) */
 static quant_fn quant = quant_base;
+static sum_fn sum = sum_base;
 
 static void use_isa(int avx2)
 {
 #if HAVE_AVX2
     span = avx2 ? span_avx2 : span_base;
     quant = avx2 ? quant_avx2 : quant_base;
+    sum = avx2 ? sum_avx2 : sum_base;
 #else
     (void)avx2;
 #endif
@@ -258,6 +311,31 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_int_sum(PyObject *self, PyObject *args)
+{
+    unsigned long long xp[4], out;
+    double si[4], mi[4], multi[4], inv2s, lo, hi, s, xbound;
+    int nin, beyond;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(KKKK)(dddd)(dddd)(dddd)idddddKL", &xp[0], &xp[1], &xp[2], &xp[3],
+                          &si[0], &si[1], &si[2], &si[3], &mi[0], &mi[1], &mi[2], &mi[3],
+                          &multi[0], &multi[1], &multi[2], &multi[3], &nin, &inv2s, &lo, &hi, &s,
+                          &xbound, &out, &n))
+        return NULL;
+    if (nin < 1 || nin > 4) {
+        PyErr_SetString(PyExc_ValueError, "int_sum: 1 to 4 inputs");
+        return NULL;
+    }
+    const float *x[4];
+    for (int i = 0; i < 4; i++)
+        x[i] = (const float *)(uintptr_t)xp[i];
+    Py_BEGIN_ALLOW_THREADS
+    beyond = sum(x, si, mi, multi, nin, inv2s, lo, hi, (float)s, xbound, (float *)(uintptr_t)out, n);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(!beyond);
+}
+
 static PyObject *py_peak_abs(PyObject *self, PyObject *args)
 {
     unsigned long long acc, bias;
@@ -296,6 +374,9 @@ static PyMethodDef methods[] = {
      " out_scale, outer, c, inner); pointers as integers (0 = absent), res_div 0 = none"},
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(x, s, out, n): out = round_half_even(x / s) in float32"},
+    {"int_sum", py_int_sum, METH_VARARGS,
+     "int_sum((x0..x3), (s_i), (m_i), (mult_i), n_in, 2**-shift, lo, hi, s_out, xbound, out, n)"
+     " -> True when every |integer| <= xbound (else out is not to be used)"},
     {"peak_abs", py_peak_abs, METH_VARARGS,
      "peak_abs(acc, acc_f64, bias, outer, c, inner) -> max |acc + bias|"},
     {NULL, NULL, 0, NULL},

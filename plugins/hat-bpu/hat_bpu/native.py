@@ -130,6 +130,36 @@ def quantize(x: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torc
     return out
 
 
+def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
+            shift: int, s_out: float, lo: int, hi: int) -> torch.Tensor | None:
+    """:func:`hat_bpu.quant.intmath._int_sum_fast`'s values in one pass: the inputs' integers
+    ``round(float64(x_i) / s_i)``, the device's ``clamp(round_shift(Σ xi·m_i, shift))`` (in
+    float64, exact while ``Σ |xi|·|m_i| < 2**53``: checked per element, else None), the float
+    form ``clamp(round(Σ xi·mult_i))`` and ``(q·s_out - y) + y`` in float32. 1 to 4 float32
+    inputs alike in shape and layout (dense, CPU); None when not served."""
+    if not _on[0] or not 1 <= len(xs) <= 4 or not 0 <= shift < 62:
+        return None
+    x0 = xs[0]
+    if x0.device.type != "cpu" or not (x0.is_contiguous() or
+                                       x0.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if any(x.dtype != torch.float32 or x.shape != x0.shape or x.stride() != x0.stride() or
+           x.device != x0.device for x in xs):
+        return None
+    total = float(sum(abs(int(m)) for m in ms))
+    xbound = float(int(2.0**52 / total)) if total else 2.0**52
+    if xbound < 1 or any(abs(int(m)) >= 2**53 for m in ms):
+        return None
+    pad = 4 - len(xs)
+    out = torch.empty_like(x0)
+    ok = _native.int_sum(tuple([x.data_ptr() for x in xs] + [0] * pad),
+                         tuple([float(v) for v in scales] + [1.0] * pad),
+                         tuple([float(int(m)) for m in ms] + [0.0] * pad),
+                         tuple([float(v) for v in mults] + [0.0] * pad), len(xs), 2.0**-shift,
+                         float(lo), float(hi), float(s_out), xbound, out.data_ptr(), x0.numel())
+    return out if ok else None
+
+
 def peak_abs(acc: torch.Tensor, bias: torch.Tensor | None) -> float | None:
     """``max |acc + bias|`` (``bias`` per-channel float64 or None), in one pass and without
     a float64 copy; None when not served."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,3 +203,45 @@ def test_fake_quant_eval_native_epilogue_equals_plain_paths(monkeypatch: pytest.
     got, eager, plain = (t if isinstance(t, tuple) else (t,) for t in (got, eager, plain))
     for a, b, c in zip(got, eager, plain, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@built
+@pytest.mark.parametrize("march", [None, "bayes-e", "bernoulli2"])
+def test_int_sum_gives_the_bits_of_the_torch_paths(monkeypatch: pytest.MonkeyPatch, march: str | None,
+                                                   isa: str) -> None:
+    """The add of 2 and 3 fake-quant inputs: the built pass, the torch fast path and the plain
+    path agree bit for bit (values between integers and at saturation included); inputs whose
+    integers could make the float64 sum inexact are left to the int64 code."""
+    from hat_bpu.quant import intmath
+
+    calls: list[bool] = []
+    real = native.int_sum
+    def spy(*a: Any) -> torch.Tensor | None:
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(native, "int_sum", spy)
+    g = torch.Generator().manual_seed(11)
+    for trial in range(12):
+        n = 2 if march == "bernoulli2" else 2 + trial % 2
+        scales = [float(torch.rand(1, generator=g)) * 0.1 + 1e-3 for _ in range(n)]
+        if march == "bernoulli2":
+            scales = [2.0 ** round(torch.log2(torch.tensor(s)).item()) for s in scales]
+        xs = [torch.randint(-128, 128, (2, 6, 5, 7), generator=g).float() * s for s in scales]
+        xs[0].view(-1)[:8] = (torch.arange(8) - 4.0) * scales[0] * 0.5  # halfway values
+        xs = [layout(x, "nhwc") for x in xs]
+        s_out = sum(scales) * float(torch.rand(1, generator=g) + 0.2)
+        clip = (0, 2**15) if trial % 3 == 0 else None
+        dtype = "int8" if trial % 2 else "int16"
+        with torch.no_grad():
+            got = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
+            with native.disabled():
+                eager = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
+            with intmath.plain_paths():
+                plain = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
+        assert torch.equal(bits(got), bits(eager)) and torch.equal(got, plain), trial
+    # served most calls outside native.disabled(); bayes-e's large add multipliers leave some
+    # (integers beyond 2**52 / Σ|m|) to the int64 code
+    assert sum(calls) >= (12 if march != "bayes-e" else 6)
+    big = [torch.full((1, 2, 2, 2), 1e12), torch.ones(1, 2, 2, 2)]  # |integer| beyond the bound
+    assert native.int_sum(big, [1.0, 1.0], [2**30, 2**30], [1.0, 1.0], 4, 1.0, -128, 127) is None

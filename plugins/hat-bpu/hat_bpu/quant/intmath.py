@@ -568,7 +568,11 @@ def _int_sum_fast(xs: list[torch.Tensor], scales: list[float], ms: list[int], mu
     """:func:`int_sum`'s values in place (no gradients): the same float64 form ``y``, the int64
     ``q = sat(clip(round_shift(Σ x_i·m_i, s)))`` with the tie rule folded into one shift
     (``(v + 2**(s-1) - 1 + ((v >> s) & 1)) >> s``: round half to even, no overflow while
-    ``|v| < 2**62``), and the same ``y + (q·s_out - y)``."""
+    ``|v| < 2**62``), and the same ``y + (q·s_out - y)``; in one pass where the built
+    epilogue serves (:func:`hat_bpu.native.int_sum`: the same bits)."""
+    done = native.int_sum(xs, scales, ms, mults, s, s_out, *_bounds(dtype, clip))
+    if done is not None:
+        return done
     acc, v = _sum_terms([to_int(x, si) for x, si in zip(xs, scales, strict=True)], ms, mults)
     y = _finish(v, dtype, clip, s_out)
     t = to_float(_round_shift_sat_(acc, s, *_bounds(dtype, clip)), s_out)
