@@ -166,9 +166,48 @@ static inline float roundf_magic(float x)
         return beyond != 0.0;                                                                \
     }
 
+/* QAT's activation fake quant (fake_quant._FakeQuantSTE) in one pass: r = round_half_even(x[k]
+ * · inv) in float32, q = clamp(r, qmin, qmax) as torch clamps (NaN stays NaN), out = q · s,
+ * mask = 1 where r == q (inside the range) else 0: the straight-through gradient's mask. */
+#define FQ_FN(name, ATTR, ROUNDF)                                                              \
+    ATTR static void name(const float *restrict x, float inv, float qmin, float qmax, float s,  \
+                          float *restrict out, float *restrict mask, int64_t n)                \
+    {                                                                                        \
+        for (int64_t k = 0; k < n; k++) {                                                    \
+            const float r = ROUNDF(x[k] * inv);                                              \
+            float q = r < qmin ? qmin : r;                                                   \
+            q = q > qmax ? qmax : q;                                                         \
+            mask[k] = r == q ? 1.0f : 0.0f;                                                  \
+            out[k] = q * s;                                                                  \
+        }                                                                                    \
+    }
+
+/* The simulator's ir add in exact integers, any multipliers (hat_bpu.ir.simulator.sim_add's
+ * int64 form): v = Σ int64(x_i[k]) · m_i, q = clamp(round_shift(v, sh), lo, hi), out = q (float32
+ * storage of int8/int16); round_shift(v, sh) = (v + 2**(sh-1) - 1 + ((v >> sh) & 1)) >> sh, the
+ * same int64 operations torch runs (wrapping two's-complement sums, arithmetic shifts). */
+static void add_int(const float *const *x, const int64_t *m, int nin, int sh, double lo, double hi,
+                    float *restrict out, int64_t n)
+{
+    const uint64_t bias = sh > 0 ? ((uint64_t)1 << (sh - 1)) - 1 : 0;
+    for (int64_t k = 0; k < n; k++) {
+        uint64_t acc = 0;
+        for (int i = 0; i < nin; i++)
+            acc += (uint64_t)((int64_t)x[i][k]) * (uint64_t)m[i];
+        int64_t v = (int64_t)acc;
+        if (sh > 0)
+            v = (int64_t)((uint64_t)v + bias + (uint64_t)((v >> sh) & 1)) >> sh;
+        double q = (double)v;
+        q = q < lo ? lo : q;
+        q = q > hi ? hi : q;
+        out[k] = (float)q;
+    }
+}
+
 typedef void (*span_fn)(const void *, int, const double *, const double *, const void *, int,
                         const double *, double, double, double, float *, float, int64_t);
 typedef void (*quant_fn)(const float *, float, float *, int64_t);
+typedef void (*fq_fn)(const float *, float, float, float, float, float *, float *, int64_t);
 typedef int (*sum_fn)(const float *const *, const double *, const double *, const double *, int,
                       double, double, double, float, double, float *, int64_t);
 
@@ -179,6 +218,8 @@ SPAN_FN(span_base, , ROUND_MAGIC, ROUNDX_MAGIC)
 QUANT_FN(quant_avx2, AVX2, ROUNDF_NEAR)
 QUANT_FN(quant_base, , ROUNDF_MAGIC)
 SUM_FN(sum_avx2, AVX2, ROUND_NEAR, ROUNDX_NEAR)
+FQ_FN(fq_avx2, AVX2, ROUNDF_NEAR)
+FQ_FN(fq_base, , ROUNDF_MAGIC)
 SUM_FN(sum_base, , ROUNDX_MAGIC, ROUNDX_MAGIC)
 static int best_is_avx2(void)
 {
@@ -190,12 +231,14 @@ static int best_is_avx2(void)
 SPAN_FN(span_base, , ROUND_NEAR, ROUNDX_NEAR)
 QUANT_FN(quant_base, , ROUNDF_NEAR)
 SUM_FN(sum_base, , ROUND_NEAR, ROUNDX_NEAR)
+FQ_FN(fq_base, , ROUNDF_NEAR)
 static int best_is_avx2(void) { return 0; }
 #define HAVE_AVX2 0
 #endif
 static span_fn span = span_base; /* the loops in use (set_isa; module init: the best) */
 static quant_fn quant = quant_base;
 static sum_fn sum = sum_base;
+static fq_fn fq = fq_base;
 
 static void use_isa(int avx2)
 {
@@ -203,6 +246,7 @@ static void use_isa(int avx2)
     span = avx2 ? span_avx2 : span_base;
     quant = avx2 ? quant_avx2 : quant_base;
     sum = avx2 ? sum_avx2 : sum_base;
+    fq = avx2 ? fq_avx2 : fq_base;
 #else
     (void)avx2;
 #endif
@@ -336,6 +380,47 @@ static PyObject *py_int_sum(PyObject *self, PyObject *args)
     return PyBool_FromLong(!beyond);
 }
 
+static PyObject *py_fake_quant(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, mask;
+    double inv, qmin, qmax, s;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KddddKKL", &x, &inv, &qmin, &qmax, &s, &out, &mask, &n))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fq((const float *)(uintptr_t)x, (float)inv, (float)qmin, (float)qmax, (float)s,
+       (float *)(uintptr_t)out, (float *)(uintptr_t)mask, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_add_int(PyObject *self, PyObject *args)
+{
+    unsigned long long xp[4], out;
+    long long m[4], n;
+    int nin, sh;
+    double lo, hi;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(KKKK)(LLLL)iiddKL", &xp[0], &xp[1], &xp[2], &xp[3], &m[0], &m[1],
+                          &m[2], &m[3], &nin, &sh, &lo, &hi, &out, &n))
+        return NULL;
+    if (nin < 1 || nin > 4 || sh < 0 || sh > 62) {
+        PyErr_SetString(PyExc_ValueError, "add_int: 1 to 4 inputs, shift 0..62");
+        return NULL;
+    }
+    const float *x[4];
+    int64_t mm[4];
+    for (int i = 0; i < 4; i++) {
+        x[i] = (const float *)(uintptr_t)xp[i];
+        mm[i] = (int64_t)m[i];
+    }
+    Py_BEGIN_ALLOW_THREADS
+    add_int(x, mm, nin, sh, lo, hi, (float *)(uintptr_t)out, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_peak_abs(PyObject *self, PyObject *args)
 {
     unsigned long long acc, bias;
@@ -377,6 +462,10 @@ static PyMethodDef methods[] = {
     {"int_sum", py_int_sum, METH_VARARGS,
      "int_sum((x0..x3), (s_i), (m_i), (mult_i), n_in, 2**-shift, lo, hi, s_out, xbound, out, n)"
      " -> True when every |integer| <= xbound (else out is not to be used)"},
+    {"fake_quant", py_fake_quant, METH_VARARGS,
+     "fake_quant(x, inv, qmin, qmax, s, out, mask, n): out = clamp(round(x*inv))*s, mask"},
+    {"add_int", py_add_int, METH_VARARGS,
+     "add_int((x0..x3), (m_i), n_in, shift, lo, hi, out, n): the simulator's int64 add"},
     {"peak_abs", py_peak_abs, METH_VARARGS,
      "peak_abs(acc, acc_f64, bias, outer, c, inner) -> max |acc + bias|"},
     {NULL, NULL, 0, NULL},

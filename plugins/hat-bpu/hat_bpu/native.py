@@ -160,6 +160,43 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: l
     return out if ok else None
 
 
+def fake_quant(x: torch.Tensor, inv: float, qmin: int, qmax: int, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """QAT's activation fake quant in one pass: ``(clamp(round(x·inv), qmin, qmax)·scale, mask)``
+    with ``mask`` 1.0 where ``round(x·inv)`` is inside the range (float32 throughout, ``inv``
+    already a float32 value), as :class:`hat_bpu.quant.fake_quant._FakeQuantSTE` computes them
+    with torch; None when not served (``x`` not a dense float32 CPU tensor)."""
+    if not _on[0] or x.dtype != torch.float32 or x.device.type != "cpu" or not (
+            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    out, mask = torch.empty_like(x), torch.empty_like(x)
+    _native.fake_quant(x.data_ptr(), float(inv), float(qmin), float(qmax), float(scale),
+                       out.data_ptr(), mask.data_ptr(), x.numel())
+    return out, mask
+
+
+def add_int(xs: list[torch.Tensor], ms: list[int], shift: int, lo: int, hi: int
+            ) -> torch.Tensor | None:
+    """The simulator's ir add in exact int64: ``clamp(round_shift(Σ x_i·m_i, shift), lo, hi)``
+    of 1 to 4 float32 tensors of integers alike in shape and layout (dense, CPU), as float32;
+    None when not served."""
+    if not _on[0] or not 1 <= len(xs) <= 4 or not 0 <= shift <= 62:
+        return None
+    x0 = xs[0]
+    if x0.device.type != "cpu" or not (x0.is_contiguous() or
+                                       x0.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if any(x.dtype != torch.float32 or x.shape != x0.shape or x.stride() != x0.stride() or
+           x.device != x0.device for x in xs) or any(abs(int(m)) >= 2**63 for m in ms):
+        return None
+    pad = 4 - len(xs)
+    out = torch.empty_like(x0)
+    _native.add_int(tuple([x.data_ptr() for x in xs] + [0] * pad),
+                    tuple([int(m) for m in ms] + [0] * pad), len(xs), int(shift), float(lo),
+                    float(hi), out.data_ptr(), x0.numel())
+    return out
+
+
 def peak_abs(acc: torch.Tensor, bias: torch.Tensor | None) -> float | None:
     """``max |acc + bias|`` (``bias`` per-channel float64 or None), in one pass and without
     a float64 copy; None when not served."""

@@ -173,10 +173,14 @@ def test_simulator_native_epilogue_equals_torch_and_reference(monkeypatch: pytes
         else any(len(n.inputs) == 2 for n in g.nodes if n.op == "add")
     monkeypatch.setattr(simulator, "F64_EXACT", f64_exact)
     calls: list[int] = []
-    real = native.requant
+    real, real_add = native.requant, native.add_int
     monkeypatch.setattr(native, "requant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    adds: list[int] = []
+    monkeypatch.setattr(native, "add_int", lambda *a: adds.append(1) or real_add(*a))
     got = Simulator(g).run(x)
     assert bool(calls) == (f64_exact > 0)
+    if model == "minifcos" and f64_exact == 0:  # every add through the exact int64 pass
+        assert adds
     with native.disabled():
         plain = Simulator(g).run(x)
     for r, s, p in zip(run_ir(g, x.numpy()), got, plain, strict=True):
@@ -245,3 +249,57 @@ def test_int_sum_gives_the_bits_of_the_torch_paths(monkeypatch: pytest.MonkeyPat
     assert sum(calls) >= (12 if march != "bayes-e" else 6)
     big = [torch.full((1, 2, 2, 2), 1e12), torch.ones(1, 2, 2, 2)]  # |integer| beyond the bound
     assert native.int_sum(big, [1.0, 1.0], [2**30, 2**30], [1.0, 1.0], 4, 1.0, -128, 127) is None
+
+
+@built
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 127), (-32768, 32767), (0, 48)])
+def test_activation_fake_quant_gives_the_torch_bits_and_gradient(qmin: int, qmax: int,
+                                                                 isa: str) -> None:
+    """QAT's activation fake quant: the built pass against the torch ops it replaces (values,
+    the straight-through mask, NaN/inf/ties/signed zeros), forward and backward."""
+    from hat_bpu.quant.fake_quant import _FakeQuantSTE
+
+    g = torch.Generator().manual_seed(qmax)
+    scale = 0.0371
+    x = torch.randn(2, 9, 7, 5, generator=g) * scale * qmax * 1.5
+    x.view(-1)[:12] = (torch.arange(12) - 6.0) * scale * 0.5  # ties
+    x.view(-1)[12:18] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                                      -scale * 0.3])
+    inv = float(np.float32(1.0) / np.float32(scale))
+    for t in (x, layout(x, "nhwc")):
+        r = (t * inv).round()
+        want_q = r.clamp(qmin, qmax)
+        want_mask, want = r.eq(want_q).float(), want_q * scale
+        got = native.fake_quant(t, inv, qmin, qmax, scale)
+        assert got is not None and got[0].stride() == t.stride()
+        assert torch.equal(bits(got[0]), bits(want)) and torch.equal(bits(got[1]), bits(want_mask))
+        a = t.clone().requires_grad_(True)
+        with native.disabled():
+            b = t.clone().requires_grad_(True)
+            (_FakeQuantSTE.apply(b, scale, qmin, qmax) * 3.0).nansum().backward()
+        out = _FakeQuantSTE.apply(a, scale, qmin, qmax)
+        (out * 3.0).nansum().backward()
+        assert torch.equal(bits(out.detach()), bits(want)) and torch.equal(a.grad, b.grad)
+
+
+@built
+@pytest.mark.parametrize("nin", [1, 2, 3, 4])
+def test_add_int_equals_the_simulators_int64_code(nin: int) -> None:
+    """The exact int64 add against the simulator's torch form (``round_shift`` of int64
+    products), multipliers up to 2**47, shifts 0..40, ties (multiplier 1, shift 1), clips."""
+    g = torch.Generator().manual_seed(nin)
+    for trial in range(24):
+        sh = [0, 1, 7, 23, 40][trial % 5]
+        big = trial % 2 == 0
+        ms = [int(torch.randint(1, 2**47 if big else 2**20, (1,), generator=g)) *
+              (1 if trial % 3 else -1) for _ in range(nin)]
+        if sh == 1:
+            ms = [1] * nin  # odd sums land exactly on halves
+        xs = [layout(torch.randint(-32768, 32768, (2, 5, 4, 3), generator=g).float(), "nhwc")
+              for _ in range(nin)]
+        lo, hi = (-128, 127) if trial % 4 else (0, 32767)
+        m, s, b, o = simulator._rq_consts(np.asarray(ms[:1]), np.asarray([sh]), ())
+        v = sum(x.long() * mi for x, mi in zip(xs, ms, strict=True))
+        want = simulator.round_shift(v, s, b, o).clamp(lo, hi).float()
+        got = native.add_int(xs, ms, sh, lo, hi)
+        assert got is not None and torch.equal(got, want), (trial, sh)

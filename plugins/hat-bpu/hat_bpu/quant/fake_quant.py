@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hat_bpu import native
 from hat_bpu.quant import intmath
 from hat_bpu.quant.intmath import fake_quant_weight
 from hat_bpu.quant.observers import Observer
@@ -55,6 +56,10 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
         inv = float(np.float32(1.0) / np.float32(scale))  # 1/s rounded to float32
+        done = native.fake_quant(x, inv, qmin, qmax, scale)  # one pass, the same bits
+        if done is not None:
+            ctx.save_for_backward(done[1])
+            return done[0]
         r = (x * inv).round_()  # (the same values as torch.round(x * inv), one tensor less)
         q = r.clamp(qmin, qmax)
         ctx.save_for_backward(r.eq_(q))  # 1.0 where round(x/s) is inside [qmin, qmax]
