@@ -173,13 +173,21 @@ static inline float roundf_magic(float x)
     ATTR static void name(const float *restrict x, float inv, float qmin, float qmax, float s,  \
                           float *restrict out, float *restrict mask, int64_t n)                \
     {                                                                                        \
-        for (int64_t k = 0; k < n; k++) {                                                    \
-            const float r = ROUNDF(x[k] * inv);                                              \
-            float q = r < qmin ? qmin : r;                                                   \
-            q = q > qmax ? qmax : q;                                                         \
-            mask[k] = r == q ? 1.0f : 0.0f;                                                  \
-            out[k] = q * s;                                                                  \
-        }                                                                                    \
+        if (mask)                                                                            \
+            for (int64_t k = 0; k < n; k++) {                                                \
+                const float r = ROUNDF(x[k] * inv);                                          \
+                float q = r < qmin ? qmin : r;                                               \
+                q = q > qmax ? qmax : q;                                                     \
+                mask[k] = r == q ? 1.0f : 0.0f;                                              \
+                out[k] = q * s;                                                              \
+            }                                                                                \
+        else /* no gradient wanted: no mask */                                               \
+            for (int64_t k = 0; k < n; k++) {                                                \
+                const float r = ROUNDF(x[k] * inv);                                          \
+                float q = r < qmin ? qmin : r;                                               \
+                q = q > qmax ? qmax : q;                                                     \
+                out[k] = q * s;                                                              \
+            }                                                                                \
     }
 
 /* The simulator's ir add in exact integers, any multipliers (hat_bpu.ir.simulator.sim_add's

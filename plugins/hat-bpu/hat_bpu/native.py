@@ -160,19 +160,20 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: l
     return out if ok else None
 
 
-def fake_quant(x: torch.Tensor, inv: float, qmin: int, qmax: int, scale: float
-               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fake_quant(x: torch.Tensor, inv: float, qmin: int, qmax: int, scale: float,
+               mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """QAT's activation fake quant in one pass: ``(clamp(round(x·inv), qmin, qmax)·scale, mask)``
     with ``mask`` 1.0 where ``round(x·inv)`` is inside the range (float32 throughout, ``inv``
     already a float32 value), as :class:`hat_bpu.quant.fake_quant._FakeQuantSTE` computes them
-    with torch; None when not served (``x`` not a dense float32 CPU tensor)."""
+    with torch (``mask=False``: no mask, None in its place); None when not served (``x`` not a
+    dense float32 CPU tensor)."""
     if not _on[0] or x.dtype != torch.float32 or x.device.type != "cpu" or not (
             x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return None
-    out, mask = torch.empty_like(x), torch.empty_like(x)
+    out, inside = torch.empty_like(x), torch.empty_like(x) if mask else None
     _native.fake_quant(x.data_ptr(), float(inv), float(qmin), float(qmax), float(scale),
-                       out.data_ptr(), mask.data_ptr(), x.numel())
-    return out, mask
+                       out.data_ptr(), 0 if inside is None else inside.data_ptr(), x.numel())
+    return out, inside
 
 
 def add_int(xs: list[torch.Tensor], ms: list[int], shift: int, lo: int, hi: int

@@ -273,6 +273,9 @@ def test_activation_fake_quant_gives_the_torch_bits_and_gradient(qmin: int, qmax
         got = native.fake_quant(t, inv, qmin, qmax, scale)
         assert got is not None and got[0].stride() == t.stride()
         assert torch.equal(bits(got[0]), bits(want)) and torch.equal(bits(got[1]), bits(want_mask))
+        no_mask = native.fake_quant(t, inv, qmin, qmax, scale, mask=False)  # eval: values only
+        assert no_mask is not None and no_mask[1] is None
+        assert torch.equal(bits(no_mask[0]), bits(want))
         a = t.clone().requires_grad_(True)
         with native.disabled():
             b = t.clone().requires_grad_(True)

@@ -56,9 +56,11 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
         inv = float(np.float32(1.0) / np.float32(scale))  # 1/s rounded to float32
-        done = native.fake_quant(x, inv, qmin, qmax, scale)  # one pass, the same bits
+        grad = ctx.needs_input_grad[0]  # eval: no mask to keep
+        done = native.fake_quant(x, inv, qmin, qmax, scale, mask=grad)  # one pass, same bits
         if done is not None:
-            ctx.save_for_backward(done[1])
+            if done[1] is not None:
+                ctx.save_for_backward(done[1])
             return done[0]
         r = (x * inv).round_()  # (the same values as torch.round(x * inv), one tensor less)
         q = r.clamp(qmin, qmax)
