@@ -119,8 +119,7 @@ def requant(acc: torch.Tensor, bias: torch.Tensor | None, mult: torch.Tensor,
 def quantize(x: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``round_half_even(x / s)`` of a dense float32 CPU ``x`` in float32 (as ``torch.div(x,
     s).round_()``), laid out as ``x`` (``out`` may be ``x``); None when not served."""
-    if not _on[0] or x.dtype != torch.float32 or x.device.type != "cpu" or not (
-            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    if not _on[0] or not _dense(x):
         return None
     if out is None:
         out = torch.empty_like(x)
@@ -130,6 +129,20 @@ def quantize(x: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torc
     return out
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor dense in NCHW or NHWC order (elementwise passes may run over its
+    memory as one flat array)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and (
+        t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _alike(xs: list[torch.Tensor]) -> bool:
+    """1 to 4 :func:`_dense` tensors of one shape and layout, and the extension on."""
+    return _on[0] and 1 <= len(xs) <= 4 and _dense(xs[0]) and all(
+        x.dtype == torch.float32 and x.shape == xs[0].shape and x.stride() == xs[0].stride() and
+        x.device == xs[0].device for x in xs)
+
+
 def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: list[float],
             shift: int, s_out: float, lo: int, hi: int) -> torch.Tensor | None:
     """:func:`hat_bpu.quant.intmath._int_sum_fast`'s values in one pass: the inputs' integers
@@ -137,15 +150,9 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: l
     float64, exact while ``Σ |xi|·|m_i| < 2**53``: checked per element, else None), the float
     form ``clamp(round(Σ xi·mult_i))`` and ``(q·s_out - y) + y`` in float32. 1 to 4 float32
     inputs alike in shape and layout (dense, CPU); None when not served."""
-    if not _on[0] or not 1 <= len(xs) <= 4 or not 0 <= shift < 62:
+    if not 0 <= shift < 62 or not _alike(xs):
         return None
     x0 = xs[0]
-    if x0.device.type != "cpu" or not (x0.is_contiguous() or
-                                       x0.is_contiguous(memory_format=torch.channels_last)):
-        return None
-    if any(x.dtype != torch.float32 or x.shape != x0.shape or x.stride() != x0.stride() or
-           x.device != x0.device for x in xs):
-        return None
     total = float(sum(abs(int(m)) for m in ms))
     xbound = float(int(2.0**52 / total)) if total else 2.0**52
     if xbound < 1 or any(abs(int(m)) >= 2**53 for m in ms):
@@ -167,8 +174,7 @@ def fake_quant(x: torch.Tensor, inv: float, qmin: int, qmax: int, scale: float,
     already a float32 value), as :class:`hat_bpu.quant.fake_quant._FakeQuantSTE` computes them
     with torch (``mask=False``: no mask, None in its place); None when not served (``x`` not a
     dense float32 CPU tensor)."""
-    if not _on[0] or x.dtype != torch.float32 or x.device.type != "cpu" or not (
-            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    if not _on[0] or not _dense(x):
         return None
     out, inside = torch.empty_like(x), torch.empty_like(x) if mask else None
     _native.fake_quant(x.data_ptr(), float(inv), float(qmin), float(qmax), float(scale),
@@ -181,15 +187,9 @@ def add_int(xs: list[torch.Tensor], ms: list[int], shift: int, lo: int, hi: int
     """The simulator's ir add in exact int64: ``clamp(round_shift(Σ x_i·m_i, shift), lo, hi)``
     of 1 to 4 float32 tensors of integers alike in shape and layout (dense, CPU), as float32;
     None when not served."""
-    if not _on[0] or not 1 <= len(xs) <= 4 or not 0 <= shift <= 62:
+    if not 0 <= shift <= 62 or not _alike(xs) or any(abs(int(m)) >= 2**63 for m in ms):
         return None
     x0 = xs[0]
-    if x0.device.type != "cpu" or not (x0.is_contiguous() or
-                                       x0.is_contiguous(memory_format=torch.channels_last)):
-        return None
-    if any(x.dtype != torch.float32 or x.shape != x0.shape or x.stride() != x0.stride() or
-           x.device != x0.device for x in xs) or any(abs(int(m)) >= 2**63 for m in ms):
-        return None
     pad = 4 - len(xs)
     out = torch.empty_like(x0)
     _native.add_int(tuple([x.data_ptr() for x in xs] + [0] * pad),

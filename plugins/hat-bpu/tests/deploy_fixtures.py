@@ -48,3 +48,16 @@ def small_model(width: int = 16, size: int = 32, pow2: bool = False, seed: int =
     net = spread_bn(SmallNet(width=width).eval())
     x = yuv_input(2, size, seed)
     return calibrate(net, x, pow2, exact), x
+
+
+def add_inputs(g: torch.Generator, march: str | None, trial: int, shape: tuple[int, ...],
+               s_out_floor: float = 0.5) -> tuple[list[torch.Tensor], list[float], float]:
+    """Fake-quant inputs of an ir add (2 or 3; 2 with power-of-two scales for bernoulli2), their
+    scales and an output scale: ``(xs, scales, s_out)``."""
+    n = 2 if march == "bernoulli2" else 2 + trial % 2
+    scales = [float(torch.rand(1, generator=g)) * 0.1 + 1e-3 for _ in range(n)]
+    if march == "bernoulli2":
+        scales = [2.0 ** round(torch.log2(torch.tensor(s)).item()) for s in scales]
+    xs = [torch.randint(-128, 128, shape, generator=g).float() * s for s in scales]
+    s_out = sum(scales) * float(torch.rand(1, generator=g) + s_out_floor)
+    return xs, scales, s_out

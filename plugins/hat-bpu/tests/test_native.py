@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deploy_fixtures import calibrate, small_model, spread_bn, yuv_input
+from deploy_fixtures import add_inputs, calibrate, small_model, spread_bn, yuv_input
 from example_net import MiniFCOS
 from hat_bpu import native
 from hat_bpu.ir import simulator
@@ -220,6 +220,7 @@ def test_int_sum_gives_the_bits_of_the_torch_paths(monkeypatch: pytest.MonkeyPat
 
     calls: list[bool] = []
     real = native.int_sum
+
     def spy(*a: Any) -> torch.Tensor | None:
         out = real(*a)
         calls.append(out is not None)
@@ -227,14 +228,9 @@ def test_int_sum_gives_the_bits_of_the_torch_paths(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(native, "int_sum", spy)
     g = torch.Generator().manual_seed(11)
     for trial in range(12):
-        n = 2 if march == "bernoulli2" else 2 + trial % 2
-        scales = [float(torch.rand(1, generator=g)) * 0.1 + 1e-3 for _ in range(n)]
-        if march == "bernoulli2":
-            scales = [2.0 ** round(torch.log2(torch.tensor(s)).item()) for s in scales]
-        xs = [torch.randint(-128, 128, (2, 6, 5, 7), generator=g).float() * s for s in scales]
+        xs, scales, s_out = add_inputs(g, march, trial, (2, 6, 5, 7), s_out_floor=0.2)
         xs[0].view(-1)[:8] = (torch.arange(8) - 4.0) * scales[0] * 0.5  # halfway values
         xs = [layout(x, "nhwc") for x in xs]
-        s_out = sum(scales) * float(torch.rand(1, generator=g) + 0.2)
         clip = (0, 2**15) if trial % 3 == 0 else None
         dtype = "int8" if trial % 2 else "int16"
         with torch.no_grad():

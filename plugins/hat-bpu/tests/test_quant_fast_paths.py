@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from deploy_fixtures import spread_bn
+from deploy_fixtures import add_inputs, spread_bn
 from deploy_fixtures import yuv_input as yuv
 from example_net import MiniFCOS, SmallNet, conv_bn
 from hat_bpu import native
@@ -246,12 +246,7 @@ def test_deepcopy_and_plain_switch() -> None:
 def test_int_sum_fast_equals_plain(march: str | None, dtype: str) -> None:
     g = torch.Generator().manual_seed(5)
     for trial in range(20):
-        n = 2 if march == "bernoulli2" else 2 + trial % 2
-        scales = [float(torch.rand(1, generator=g)) * 0.1 + 1e-3 for _ in range(n)]
-        if march == "bernoulli2":
-            scales = [2.0 ** round(torch.log2(torch.tensor(s)).item()) for s in scales]
-        xs = [torch.randint(-128, 128, (2, 4, 9, 9), generator=g).float() * s for s in scales]
-        s_out = sum(scales) * float(torch.rand(1, generator=g) + 0.5)
+        xs, scales, s_out = add_inputs(g, march, trial, (2, 4, 9, 9))
         clip = (0, 2**15) if trial % 3 == 0 else None
         with torch.no_grad():
             got = intmath.int_sum(xs, scales, s_out, dtype, clip, march)
