@@ -153,10 +153,8 @@ static inline float roundf_magic(float x)
                          const double *multi, int nin, double inv2s, double lo, double hi,     \
                          float s, double xbound, float *restrict out, int64_t n)               \
     {                                                                                        \
-        const double lo1 = lo - 1.0, hi1 = hi + 1.0;                                         \
         const float *restrict xs[4] = {x[0], x[1], x[2], x[3]};                              \
         double beyond = 0.0;                                                                 \
-        (void)lo1, (void)hi1;                                                                \
         switch (nin) {                                                                       \
         case 1: SUM_LOOP(1, ROUND, ROUNDX) break;                                            \
         case 2: SUM_LOOP(2, ROUND, ROUNDX) break;                                            \

@@ -1,14 +1,17 @@
-"""The compiled conv epilogue (``hat_bpu._native``, built with the package) behind one call.
+"""hat-bpu's built passes (``hat_bpu._native``, compiled with the package) behind plain calls.
 
-One thread: the loop is memory-bound here (splitting it over this machine's two threads
-measured no faster: 0.44 vs 0.48 ns per element on 2×32×256² in place).
-
-:func:`requant` does in one pass over memory what the torch code does in several: the float64
+Each does in one pass over memory what the torch code does in several, each operation the same
+IEEE float32/float64 operation as torch's, so the same bits (``tests/test_native.py`` checks
+every one against the torch expression it replaces): :func:`requant` the conv epilogue
 ``clamp(round_half_even((acc + bias)·mult [+ res·res_mult | + res]))`` to float32 (optionally
-``· out_scale``), each operation the same IEEE double operation as torch's, so the same bits
-(``tests/test_native.py`` checks it against the torch expression). It returns None whenever it
+``· out_scale``), :func:`quantize` a conv's input integers, :func:`int_sum` fake-quant eval's
+adds, :func:`add_int` the simulator's exact int64 adds, :func:`fake_quant` QAT's activation
+fake quant, :func:`peak_abs` the simulator's exactness check. Each returns None whenever it
 cannot serve a call (the extension was not built, ``HAT_BPU_NATIVE=0``, a tensor not on the CPU
-or laid out otherwise than NCHW/NHWC-contiguous) and the caller runs its torch passes.
+or laid out otherwise than NCHW/NHWC-dense) and the caller runs its torch passes.
+
+One thread: the passes are memory-bound here (splitting them over this machine's two threads
+measured no reliable gain, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ _on = [_native is not None and os.environ.get("HAT_BPU_NATIVE", "1") not in ("",
 
 
 def available() -> bool:
-    """True when :func:`requant` may serve calls (built, and not switched off)."""
+    """True when the built passes may serve calls (built, and not switched off)."""
     return _on[0]
 
 
 @contextlib.contextmanager
 def disabled(off: bool = True) -> Iterator[None]:
-    """Within the block :func:`requant` declines every call (the torch passes run)."""
+    """Within the block every built pass declines its calls (the torch passes run)."""
     old = _on[0]
     _on[0] = _native is not None and not off
     try:

@@ -71,18 +71,20 @@ def _ratio(m: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.asarray(m, np.float64) * np.exp2(-np.asarray(s, np.float64))
 
 
-def _finish_f64(v: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
+def _bounds(out: ir.Tensor, clip: Any) -> tuple[int, int]:
+    """The output's integer range: its dtype's, narrowed by the activation ``clip``."""
     lo, hi = qspec.qrange(out.dtype)
     if clip:
         lo, hi = max(lo, int(clip[0])), min(hi, int(clip[1]))
-    return v.round_().clamp_(lo, hi).to(_storage(out.dtype))
+    return lo, hi
+
+
+def _finish_f64(v: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
+    return v.round_().clamp_(*_bounds(out, clip)).to(_storage(out.dtype))
 
 
 def _finish(y: torch.Tensor, out: ir.Tensor, clip: Any) -> torch.Tensor:
-    lo, hi = qspec.qrange(out.dtype)
-    if clip:
-        lo, hi = max(lo, int(clip[0])), min(hi, int(clip[1]))
-    return y.clamp_(lo, hi).to(_storage(out.dtype))
+    return y.clamp_(*_bounds(out, clip)).to(_storage(out.dtype))
 
 
 class Simulator:
@@ -153,9 +155,7 @@ def sim_add(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
     bound = sum(_QMAX_ABS[x.dtype] * abs(mi) for x, mi in zip(in_t, ms, strict=True))
     rs = [float(r) for r in _ratio(p["m"], p["shift"][0])]
 
-    lo, hi = qspec.qrange(out.dtype)
-    if _clip(n):
-        lo, hi = max(lo, int(_clip(n)[0])), min(hi, int(_clip(n)[1]))
+    lo, hi = _bounds(out, _clip(n))
     per_channel: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_native(xs: list[torch.Tensor]) -> torch.Tensor | None:
@@ -291,9 +291,7 @@ def sim_conv2d(n: ir.Node, t: dict[str, ir.Tensor], sim: Simulator) -> OpFn:
     r_res = (torch.from_numpy(_ratio(p["m_res"], p["shift"])).reshape(1, -1, 1, 1)
              if m_res is not None else None)
     clip = a.get("clip")
-    lo, hi = qspec.qrange(out.dtype)
-    if clip:
-        lo, hi = max(lo, int(clip[0])), min(hi, int(clip[1]))
+    lo, hi = _bounds(out, clip)
     nat = {"bias": None if b32 is not None else b64.reshape(-1), "mult": r.reshape(-1),
            "res_mult": None if r_res is None else r_res.reshape(-1)}
 
