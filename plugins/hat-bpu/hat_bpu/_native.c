@@ -41,15 +41,18 @@
 #define RES_F32Q(k, RX) v + RX((double)r32[k] / rdiv) * rm[k]
 #define BIAS_0(k) v
 #define BIAS_1(k) v + b[k]
-#define LOOP(A, RES, BIAS, ROUND, ROUNDX)                                                      \
+#define MASK_0(k) (void)0
+#define MASK_1(k) mk[k] = (uint8_t)(r == q) /* QAT: round(v) inside [lo, hi] */
+#define LOOP(A, RES, BIAS, ROUND, ROUNDX, MASK)                                                \
     for (int64_t k = 0; k < n; k++) {                                                        \
         double v = (double)A[k];                                                             \
         v = BIAS(k);                                                                         \
         v = v * m[k];                                                                        \
-        v = RES(k, ROUNDX);                                                                    \
-        double q = ROUND(v);                                                                 \
-        q = q < lo ? lo : q;                                                                 \
+        v = RES(k, ROUNDX);                                                                  \
+        const double r = ROUND(v);                                                           \
+        double q = r < lo ? lo : r;                                                          \
         q = q > hi ? hi : q;                                                                 \
+        MASK(k);                                                                             \
         out[k] = (float)q * s;                                                               \
     }
 
@@ -82,7 +85,7 @@ static inline float roundf_magic(float x)
     ATTR static void name(const void *acc, int acc_f64, const double *restrict b,             \
                           const double *restrict m, const void *res, int res_kind,             \
                           const double *restrict rm, double rdiv, double lo, double hi,        \
-                          float *restrict out, float s, int64_t n)                             \
+                          float *restrict out, float s, uint8_t *restrict mk, int64_t n)       \
     {                                                                                        \
         const float *restrict a32 = (const float *)acc;                                      \
         const double *restrict a64 = (const double *)acc;                                    \
@@ -90,23 +93,32 @@ static inline float roundf_magic(float x)
         const double *restrict r64 = (const double *)res;                                    \
         const double lo1 = lo - 1.0, hi1 = hi + 1.0;                                         \
         (void)lo1, (void)hi1, (void)r32, (void)r64, (void)rm, (void)rdiv;                    \
+        if (mk) { /* QAT's forward (bias always; residual none or fake-quant values) */     \
+            switch (acc_f64 * 2 + (res_kind == 3)) {                                         \
+            case 0: LOOP(a32, RES_NONE, BIAS_1, ROUND, ROUNDX, MASK_1) break;                \
+            case 1: LOOP(a32, RES_F32Q, BIAS_1, ROUND, ROUNDX, MASK_1) break;                \
+            case 2: LOOP(a64, RES_NONE, BIAS_1, ROUND, ROUNDX, MASK_1) break;                \
+            default: LOOP(a64, RES_F32Q, BIAS_1, ROUND, ROUNDX, MASK_1) break;               \
+            }                                                                                \
+            return;                                                                          \
+        }                                                                                    \
         switch (acc_f64 * 8 + res_kind * 2 + (b != NULL)) {                                  \
-        case 0: LOOP(a32, RES_NONE, BIAS_0, ROUND, ROUNDX) break;                            \
-        case 1: LOOP(a32, RES_NONE, BIAS_1, ROUND, ROUNDX) break;                            \
-        case 2: LOOP(a32, RES_F32, BIAS_0, ROUND, ROUNDX) break;                             \
-        case 3: LOOP(a32, RES_F32, BIAS_1, ROUND, ROUNDX) break;                             \
-        case 4: LOOP(a32, RES_F64, BIAS_0, ROUND, ROUNDX) break;                             \
-        case 5: LOOP(a32, RES_F64, BIAS_1, ROUND, ROUNDX) break;                             \
-        case 6: LOOP(a32, RES_F32Q, BIAS_0, ROUND, ROUNDX) break;                            \
-        case 7: LOOP(a32, RES_F32Q, BIAS_1, ROUND, ROUNDX) break;                            \
-        case 8: LOOP(a64, RES_NONE, BIAS_0, ROUND, ROUNDX) break;                            \
-        case 9: LOOP(a64, RES_NONE, BIAS_1, ROUND, ROUNDX) break;                            \
-        case 10: LOOP(a64, RES_F32, BIAS_0, ROUND, ROUNDX) break;                            \
-        case 11: LOOP(a64, RES_F32, BIAS_1, ROUND, ROUNDX) break;                            \
-        case 12: LOOP(a64, RES_F64, BIAS_0, ROUND, ROUNDX) break;                            \
-        case 13: LOOP(a64, RES_F64, BIAS_1, ROUND, ROUNDX) break;                            \
-        case 14: LOOP(a64, RES_F32Q, BIAS_0, ROUND, ROUNDX) break;                           \
-        default: LOOP(a64, RES_F32Q, BIAS_1, ROUND, ROUNDX) break;                           \
+        case 0: LOOP(a32, RES_NONE, BIAS_0, ROUND, ROUNDX, MASK_0) break;                    \
+        case 1: LOOP(a32, RES_NONE, BIAS_1, ROUND, ROUNDX, MASK_0) break;                    \
+        case 2: LOOP(a32, RES_F32, BIAS_0, ROUND, ROUNDX, MASK_0) break;                     \
+        case 3: LOOP(a32, RES_F32, BIAS_1, ROUND, ROUNDX, MASK_0) break;                     \
+        case 4: LOOP(a32, RES_F64, BIAS_0, ROUND, ROUNDX, MASK_0) break;                     \
+        case 5: LOOP(a32, RES_F64, BIAS_1, ROUND, ROUNDX, MASK_0) break;                     \
+        case 6: LOOP(a32, RES_F32Q, BIAS_0, ROUND, ROUNDX, MASK_0) break;                    \
+        case 7: LOOP(a32, RES_F32Q, BIAS_1, ROUND, ROUNDX, MASK_0) break;                    \
+        case 8: LOOP(a64, RES_NONE, BIAS_0, ROUND, ROUNDX, MASK_0) break;                    \
+        case 9: LOOP(a64, RES_NONE, BIAS_1, ROUND, ROUNDX, MASK_0) break;                    \
+        case 10: LOOP(a64, RES_F32, BIAS_0, ROUND, ROUNDX, MASK_0) break;                    \
+        case 11: LOOP(a64, RES_F32, BIAS_1, ROUND, ROUNDX, MASK_0) break;                    \
+        case 12: LOOP(a64, RES_F64, BIAS_0, ROUND, ROUNDX, MASK_0) break;                    \
+        case 13: LOOP(a64, RES_F64, BIAS_1, ROUND, ROUNDX, MASK_0) break;                    \
+        case 14: LOOP(a64, RES_F32Q, BIAS_0, ROUND, ROUNDX, MASK_0) break;                   \
+        default: LOOP(a64, RES_F32Q, BIAS_1, ROUND, ROUNDX, MASK_0) break;                   \
         }                                                                                    \
     }
 
@@ -166,17 +178,19 @@ static inline float roundf_magic(float x)
 
 /* QAT's activation fake quant (fake_quant._FakeQuantSTE) in one pass: r = round_half_even(x[k]
  * · inv) in float32, q = clamp(r, qmin, qmax) as torch clamps (NaN stays NaN), out = q · s,
- * mask = 1 where r == q (inside the range) else 0: the straight-through gradient's mask. */
+ * mask = 1 where r == q (inside the range) else 0 (one byte): the straight-through gradient's
+ * mask. Its backward, mask_mul: out = g · (mask ? 1 : 0), the float32 product torch's
+ * ``grad * mask`` forms (so g · 0 keeps g's sign, NaN stays NaN). */
 #define FQ_FN(name, ATTR, ROUNDF)                                                              \
     ATTR static void name(const float *restrict x, float inv, float qmin, float qmax, float s,  \
-                          float *restrict out, float *restrict mask, int64_t n)                \
+                          float *restrict out, uint8_t *restrict mask, int64_t n)              \
     {                                                                                        \
         if (mask)                                                                            \
             for (int64_t k = 0; k < n; k++) {                                                \
                 const float r = ROUNDF(x[k] * inv);                                          \
                 float q = r < qmin ? qmin : r;                                               \
                 q = q > qmax ? qmax : q;                                                     \
-                mask[k] = r == q ? 1.0f : 0.0f;                                              \
+                mask[k] = (uint8_t)(r == q);                                                 \
                 out[k] = q * s;                                                              \
             }                                                                                \
         else /* no gradient wanted: no mask */                                               \
@@ -186,6 +200,49 @@ static inline float roundf_magic(float x)
                 q = q > qmax ? qmax : q;                                                     \
                 out[k] = q * s;                                                              \
             }                                                                                \
+    }
+
+#define MMUL_FN(name, ATTR)                                                                    \
+    ATTR static void name(const float *restrict g, const uint8_t *restrict mask,              \
+                          float *restrict out, int64_t n)                                      \
+    {                                                                                        \
+        for (int64_t k = 0; k < n; k++) /* (a mask holds 0 or 1: its float is 0.0 or 1.0) */ \
+            out[k] = g[k] * (float)mask[k];                                                  \
+    }
+
+/* The backward of QAT's conv epilogue (intmath._ConvEpilogue) in one pass, per element with
+ * channel constants m (multiplier), rm (the residual's): g = float64(grad · s) · (mask ? 1 : 0)
+ * (s the float32 output scale), the residual's gradient float32((g · rm) / res_div), then
+ * g = g · m, kept in float64 (g64: the bias gradient's terms, summed by torch, or a float64
+ * accumulator's gradient) and as float32 (g32: a float32 accumulator's gradient) — autograd's
+ * operations in autograd's order. One loop per set of outputs (no branch inside: vectorized). */
+#define W_0(k, e) (void)0
+#define W_RES(k, e) gres[k] = (float)((e * rm[k]) / rdiv)
+#define W_64(k, e) g64[k] = e
+#define W_32(k, e) g32[k] = (float)e
+#define GRAD_LOOP(WR, W6, W3)                                                                  \
+    for (int64_t k = 0; k < n; k++) {                                                        \
+        const double e = (double)(gr[k] * s) * (double)mk[k];                                \
+        WR(k, e);                                                                            \
+        const double f = e * m[k];                                                           \
+        W6(k, f);                                                                            \
+        W3(k, f);                                                                            \
+    }
+#define GRAD_FN(name, ATTR)                                                                    \
+    ATTR static void name(const float *restrict gr, const uint8_t *restrict mk, float s,      \
+                          const double *restrict m, const double *restrict rm, double rdiv,   \
+                          float *restrict gres, double *restrict g64, float *restrict g32,    \
+                          int64_t n)                                                           \
+    {                                                                                        \
+        switch ((gres != NULL) * 4 + (g64 != NULL) * 2 + (g32 != NULL)) {                    \
+        case 1: GRAD_LOOP(W_0, W_0, W_32) break;                                             \
+        case 2: GRAD_LOOP(W_0, W_64, W_0) break;                                             \
+        case 3: GRAD_LOOP(W_0, W_64, W_32) break;                                            \
+        case 5: GRAD_LOOP(W_RES, W_0, W_32) break;                                           \
+        case 6: GRAD_LOOP(W_RES, W_64, W_0) break;                                           \
+        case 7: GRAD_LOOP(W_RES, W_64, W_32) break;                                          \
+        default: break;                                                                      \
+        }                                                                                    \
     }
 
 /* The simulator's ir add in exact integers, any multipliers (hat_bpu.ir.simulator.sim_add's
@@ -211,9 +268,13 @@ static void add_int(const float *const *x, const int64_t *m, int nin, int sh, do
 }
 
 typedef void (*span_fn)(const void *, int, const double *, const double *, const void *, int,
-                        const double *, double, double, double, float *, float, int64_t);
+                        const double *, double, double, double, float *, float, uint8_t *,
+                        int64_t);
+typedef void (*grad_fn)(const float *, const uint8_t *, float, const double *, const double *,
+                        double, float *, double *, float *, int64_t);
 typedef void (*quant_fn)(const float *, float, float *, int64_t);
-typedef void (*fq_fn)(const float *, float, float, float, float, float *, float *, int64_t);
+typedef void (*fq_fn)(const float *, float, float, float, float, float *, uint8_t *, int64_t);
+typedef void (*mmul_fn)(const float *, const uint8_t *, float *, int64_t);
 typedef int (*sum_fn)(const float *const *, const double *, const double *, const double *, int,
                       double, double, double, float, double, float *, int64_t);
 
@@ -226,6 +287,10 @@ QUANT_FN(quant_base, , ROUNDF_MAGIC)
 SUM_FN(sum_avx2, AVX2, ROUND_NEAR, ROUNDX_NEAR)
 FQ_FN(fq_avx2, AVX2, ROUNDF_NEAR)
 FQ_FN(fq_base, , ROUNDF_MAGIC)
+MMUL_FN(mmul_avx2, AVX2)
+MMUL_FN(mmul_base, )
+GRAD_FN(grad_avx2, AVX2)
+GRAD_FN(grad_base, )
 SUM_FN(sum_base, , ROUNDX_MAGIC, ROUNDX_MAGIC)
 static int best_is_avx2(void)
 {
@@ -238,6 +303,8 @@ SPAN_FN(span_base, , ROUND_NEAR, ROUNDX_NEAR)
 QUANT_FN(quant_base, , ROUNDF_NEAR)
 SUM_FN(sum_base, , ROUND_NEAR, ROUNDX_NEAR)
 FQ_FN(fq_base, , ROUNDF_NEAR)
+MMUL_FN(mmul_base, )
+GRAD_FN(grad_base, )
 static int best_is_avx2(void) { return 0; }
 #define HAVE_AVX2 0
 #endif
@@ -245,6 +312,8 @@ static span_fn span = span_base; /* the loops in use (set_isa; module init: the 
 static quant_fn quant = quant_base;
 static sum_fn sum = sum_base;
 static fq_fn fq = fq_base;
+static mmul_fn mmul = mmul_base;
+static grad_fn grad = grad_base;
 
 static void use_isa(int avx2)
 {
@@ -253,6 +322,8 @@ static void use_isa(int avx2)
     quant = avx2 ? quant_avx2 : quant_base;
     sum = avx2 ? sum_avx2 : sum_base;
     fq = avx2 ? fq_avx2 : fq_base;
+    mmul = avx2 ? mmul_avx2 : mmul_base;
+    grad = avx2 ? grad_avx2 : grad_base;
 #else
     (void)avx2;
 #endif
@@ -260,28 +331,39 @@ static void use_isa(int avx2)
 
 #define AT(p, size, i) ((const void *)((const char *)(p) + (size) * (size_t)(i)))
 
+/* One call's operands; each pass reads what it needs (requant: acc..mask; grad: grad..g32;
+ * peak: acc, res, rscale and accumulates lo/hi/nan). */
+typedef struct {
+    const void *acc, *res;
+    int acc_f64, res_kind, bias; /* bias: whether the tile tb holds one (requant) */
+    size_t asz, rsz;
+    double rdiv, lo, hi, rscale;
+    float *out, s;
+    uint8_t *mask;
+    const float *grad;
+    float *gres, *g32;
+    double *g64;
+    int nan;
+} job;
+typedef void (*span_job)(job *, int64_t, const double *, const double *, const double *, int64_t);
+
 /* The whole tensor, [outer][c][inner], in spans of at most SPAN elements sharing one tile of
- * constants: NHWC rows (inner = 1) SPAN / c whole rows at a time, NCHW planes one plane (or a
- * piece of one) at a time. */
-static void requant(const void *acc, int acc_f64, const double *bias, const double *mult,
-                    const void *res, int res_f64, const double *res_mult, double rdiv, double lo,
-                    double hi, float *out, float s, int64_t outer, int64_t c, int64_t inner)
+ * each per-channel constant (b, m, rm; absent ones read as 0): NHWC rows (inner = 1) SPAN / c
+ * whole rows at a time, NCHW planes one plane (or a piece of one) at a time. fn(j, i, tiles,
+ * n) does elements i .. i+n-1. */
+static void over_spans(job *j, span_job fn, const double *bias, const double *mult,
+                       const double *res_mult, int64_t outer, int64_t c, int64_t inner)
 {
     double tb[SPAN], tm[SPAN], trm[SPAN];
-    const size_t asz = acc_f64 ? sizeof(double) : sizeof(float);
-    const size_t rsz = res_f64 ? sizeof(double) : sizeof(float);
-    const int res_kind = res ? (res_f64 ? 2 : rdiv != 0.0 ? 3 : 1) : 0;
-    const double *b = bias ? tb : NULL;
     if (inner == 1 && c <= SPAN) {
         const int64_t t = (SPAN / c) * c, total = outer * c;
         for (int64_t k = 0; k < t; k++) {
             tb[k] = bias ? bias[k % c] : 0.0;
-            tm[k] = mult[k % c];
+            tm[k] = mult ? mult[k % c] : 0.0;
             trm[k] = res_mult ? res_mult[k % c] : 0.0;
         }
         for (int64_t i = 0; i < total; i += t)
-            span(AT(acc, asz, i), acc_f64, b, tm, res ? AT(res, rsz, i) : NULL, res_kind, trm, rdiv,
-                 lo, hi, out + i, s, total - i < t ? total - i : t);
+            fn(j, i, tb, tm, trm, total - i < t ? total - i : t);
         return;
     }
     const int64_t seg = inner == 1 ? c : inner, segs = inner == 1 ? outer : outer * c;
@@ -292,21 +374,74 @@ static void requant(const void *acc, int acc_f64, const double *bias, const doub
             if (inner == 1) { /* rows longer than SPAN: the constants of channels k0.. */
                 for (int64_t k = 0; k < n; k++) {
                     tb[k] = bias ? bias[k0 + k] : 0.0;
-                    tm[k] = mult[k0 + k];
+                    tm[k] = mult ? mult[k0 + k] : 0.0;
                     trm[k] = res_mult ? res_mult[k0 + k] : 0.0;
                 }
             } else if (tiled != g % c) {
                 const int64_t ch = tiled = g % c, len = seg < SPAN ? seg : SPAN;
                 for (int64_t k = 0; k < len; k++) {
                     tb[k] = bias ? bias[ch] : 0.0;
-                    tm[k] = mult[ch];
+                    tm[k] = mult ? mult[ch] : 0.0;
                     trm[k] = res_mult ? res_mult[ch] : 0.0;
                 }
             }
-            span(AT(acc, asz, i), acc_f64, b, tm, res ? AT(res, rsz, i) : NULL, res_kind, trm, rdiv,
-                 lo, hi, out + i, s, n);
+            fn(j, i, tb, tm, trm, n);
         }
     }
+}
+
+static void requant_span(job *j, int64_t i, const double *tb, const double *tm,
+                         const double *trm, int64_t n)
+{
+    span(AT(j->acc, j->asz, i), j->acc_f64, j->bias ? tb : NULL, tm,
+         j->res ? AT(j->res, j->rsz, i) : NULL, j->res_kind, trm, j->rdiv, j->lo, j->hi,
+         j->out + i, j->s, j->mask ? j->mask + i : NULL, n);
+}
+
+static void grad_span(job *j, int64_t i, const double *tb, const double *tm, const double *trm,
+                      int64_t n)
+{
+    (void)tb;
+    grad(j->grad + i, j->mask + i, j->s, tm, trm, j->rdiv, j->gres ? j->gres + i : NULL,
+         j->g64 ? j->g64 + i : NULL, j->g32 ? j->g32 + i : NULL, n);
+}
+
+/* QAT's range update of a conv output (fake_quant.ActFQ.track): min and max of
+ * y = (float64(acc) + b) · as [+ round_half_even(float64(res) / rdiv) · rscale], as the torch
+ * code forms y; nan set when some y is NaN (torch's min/max are NaN then). */
+static void peak_span(job *j, int64_t i, const double *tb, const double *tm, const double *trm,
+                      int64_t n)
+{
+    const float *a32 = (const float *)AT(j->acc, j->asz, i);
+    const double *a64 = (const double *)AT(j->acc, j->asz, i);
+    const float *r32 = j->res ? (const float *)AT(j->res, sizeof(float), i) : NULL;
+    double lo = j->lo, hi = j->hi;
+    int nan = 0;
+    (void)trm;
+    for (int64_t k = 0; k < n; k++) {
+        double y = ((j->acc_f64 ? a64[k] : (double)a32[k]) + tb[k]) * tm[k];
+        if (r32)
+            y = y + nearbyint((double)r32[k] / j->rdiv) * j->rscale;
+        lo = y < lo ? y : lo;
+        hi = y > hi ? y : hi;
+        nan |= y != y;
+    }
+    j->lo = lo, j->hi = hi, j->nan |= nan;
+}
+
+static void requant(const void *acc, int acc_f64, const double *bias, const double *mult,
+                    const void *res, int res_f64, const double *res_mult, double rdiv, double lo,
+                    double hi, float *out, float s, uint8_t *mask, int64_t outer, int64_t c,
+                    int64_t inner)
+{
+    job j = {0};
+    j.acc = acc, j.acc_f64 = acc_f64, j.res = res, j.rdiv = rdiv, j.lo = lo, j.hi = hi;
+    j.asz = acc_f64 ? sizeof(double) : sizeof(float);
+    j.rsz = res_f64 ? sizeof(double) : sizeof(float);
+    j.res_kind = res ? (res_f64 ? 2 : rdiv != 0.0 ? 3 : 1) : 0;
+    j.out = out, j.s = s, j.mask = mask;
+    j.bias = bias != NULL;
+    over_spans(&j, requant_span, bias, mult, res_mult, outer, c, inner);
 }
 
 /* max |acc[i] + bias[c]|: whether the float64 form of the simulator is exact */
@@ -329,20 +464,85 @@ static double peak_abs(const void *acc, int acc_f64, const double *bias, int64_t
 
 static PyObject *py_requant(PyObject *self, PyObject *args)
 {
-    unsigned long long acc, bias, mult, res, res_mult, out;
+    unsigned long long acc, bias, mult, res, res_mult, out, mask;
     int acc_f64, res_f64, scaled;
     double rdiv, lo, hi, out_scale;
     long long outer, c, inner;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KiKKKiKdddKidLLL", &acc, &acc_f64, &bias, &mult, &res, &res_f64,
-                          &res_mult, &rdiv, &lo, &hi, &out, &scaled, &out_scale, &outer, &c,
-                          &inner))
+    if (!PyArg_ParseTuple(args, "KiKKKiKdddKidKLLL", &acc, &acc_f64, &bias, &mult, &res, &res_f64,
+                          &res_mult, &rdiv, &lo, &hi, &out, &scaled, &out_scale, &mask, &outer,
+                          &c, &inner))
         return NULL;
+    if (mask && (!bias || (res && (res_f64 || rdiv == 0.0)))) {
+        PyErr_SetString(PyExc_ValueError, "requant with a mask: a bias, and no residual or a "
+                                          "fake-quant one");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
     requant((const void *)(uintptr_t)acc, acc_f64, (const double *)(uintptr_t)bias,
             (const double *)(uintptr_t)mult, (const void *)(uintptr_t)res, res_f64,
             (const double *)(uintptr_t)res_mult, rdiv, lo, hi, (float *)(uintptr_t)out,
-            scaled ? (float)out_scale : 1.0f, outer, c, inner);
+            scaled ? (float)out_scale : 1.0f, (uint8_t *)(uintptr_t)mask, outer, c, inner);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_requant_grad(PyObject *self, PyObject *args)
+{
+    unsigned long long gr, mask, mult, res_mult, gres, g64, g32;
+    double s, rdiv;
+    long long outer, c, inner;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKdKKdKKKLLL", &gr, &mask, &s, &mult, &res_mult, &rdiv, &gres,
+                          &g64, &g32, &outer, &c, &inner))
+        return NULL;
+    if (gres && !res_mult) {
+        PyErr_SetString(PyExc_ValueError, "requant_grad: a residual gradient needs res_mult");
+        return NULL;
+    }
+    job j = {0};
+    j.grad = (const float *)(uintptr_t)gr, j.mask = (uint8_t *)(uintptr_t)mask, j.s = (float)s;
+    j.rdiv = rdiv, j.gres = (float *)(uintptr_t)gres, j.g64 = (double *)(uintptr_t)g64;
+    j.g32 = (float *)(uintptr_t)g32;
+    Py_BEGIN_ALLOW_THREADS
+    over_spans(&j, grad_span, NULL, (const double *)(uintptr_t)mult,
+               (const double *)(uintptr_t)res_mult, outer, c, inner);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_peak(PyObject *self, PyObject *args)
+{
+    unsigned long long acc, bias, scale, res;
+    int acc_f64;
+    double rdiv, rscale;
+    long long outer, c, inner;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKKKddLLL", &acc, &acc_f64, &bias, &scale, &res, &rdiv, &rscale,
+                          &outer, &c, &inner))
+        return NULL;
+    job j = {0};
+    j.acc = (const void *)(uintptr_t)acc, j.acc_f64 = acc_f64, j.res = (const void *)(uintptr_t)res;
+    j.asz = acc_f64 ? sizeof(double) : sizeof(float), j.rdiv = rdiv, j.rscale = rscale;
+    j.lo = INFINITY, j.hi = -INFINITY;
+    Py_BEGIN_ALLOW_THREADS
+    over_spans(&j, peak_span, (const double *)(uintptr_t)bias, (const double *)(uintptr_t)scale,
+               NULL, outer, c, inner);
+    Py_END_ALLOW_THREADS
+    if (j.nan)
+        return Py_BuildValue("(dd)", NAN, NAN);
+    return Py_BuildValue("(dd)", j.lo, j.hi);
+}
+
+static PyObject *py_mask_mul(PyObject *self, PyObject *args)
+{
+    unsigned long long g, mask, out;
+    long long n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKL", &g, &mask, &out, &n))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    mmul((const float *)(uintptr_t)g, (const uint8_t *)(uintptr_t)mask, (float *)(uintptr_t)out, n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -396,7 +596,7 @@ static PyObject *py_fake_quant(PyObject *self, PyObject *args)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     fq((const float *)(uintptr_t)x, (float)inv, (float)qmin, (float)qmax, (float)s,
-       (float *)(uintptr_t)out, (float *)(uintptr_t)mask, n);
+       (float *)(uintptr_t)out, (uint8_t *)(uintptr_t)mask, n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -462,7 +662,15 @@ static PyMethodDef methods[] = {
      "set_isa('base' | 'best') -> the loops now used: 'avx2' or 'base' (tests run both)"},
     {"requant", py_requant, METH_VARARGS,
      "requant(acc, acc_f64, bias, mult, res, res_f64, res_mult, res_div, lo, hi, out, scaled,"
-     " out_scale, outer, c, inner); pointers as integers (0 = absent), res_div 0 = none"},
+     " out_scale, mask, outer, c, inner); pointers as integers (0 = absent), res_div 0 = none;"
+     " mask (uint8, QAT): round(v) inside [lo, hi]"},
+    {"requant_grad", py_requant_grad, METH_VARARGS,
+     "requant_grad(grad, mask, s, mult, res_mult, res_div, g_res, g64, g32, outer, c, inner):"
+     " the backward of requant with a mask"},
+    {"peak", py_peak, METH_VARARGS,
+     "peak(acc, acc_f64, bias, scale, res, res_div, res_scale, outer, c, inner) -> (min, max) of"
+     " (acc + bias)*scale [+ round(res/res_div)*res_scale] (NaN, NaN when some is NaN)"},
+    {"mask_mul", py_mask_mul, METH_VARARGS, "mask_mul(g, mask, out, n): out = g * (mask ? 1 : 0)"},
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(x, s, out, n): out = round_half_even(x / s) in float32"},
     {"int_sum", py_int_sum, METH_VARARGS,

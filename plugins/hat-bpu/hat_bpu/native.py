@@ -6,7 +6,9 @@ every one against the torch expression it replaces): :func:`requant` the conv ep
 ``clamp(round_half_even((acc + bias)·mult [+ res·res_mult | + res]))`` to float32 (optionally
 ``· out_scale``), :func:`quantize` a conv's input integers, :func:`int_sum` fake-quant eval's
 adds, :func:`add_int` the simulator's exact int64 adds, :func:`fake_quant` QAT's activation
-fake quant, :func:`peak_abs` the simulator's exactness check. Each returns None whenever it
+fake quant (:func:`mask_mul` its backward), :func:`requant_train` / :func:`requant_train_grad`
+QAT's conv epilogue and its backward, :func:`peak` QAT's range update of a conv output,
+:func:`peak_abs` the simulator's exactness check. Each returns None whenever it
 cannot serve a call (the extension was not built, ``HAT_BPU_NATIVE=0``, a tensor not on the CPU
 or laid out otherwise than NCHW/NHWC-dense) and the caller runs its torch passes.
 
@@ -115,8 +117,98 @@ def requant(acc: torch.Tensor, bias: torch.Tensor | None, mult: torch.Tensor,
         int(res is not None and res.dtype == torch.float64),
         0 if res_mult is None else res_mult.data_ptr(), float(res_div or 0.0), float(lo),
         float(hi), out.data_ptr(), int(out_scale is not None),
-        1.0 if out_scale is None else float(out_scale), outer, c, inner)
+        1.0 if out_scale is None else float(out_scale), 0, outer, c, inner)
     return out
+
+
+def requant_train(acc: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor, lo: float,
+                  hi: float, out_scale: float, res: torch.Tensor | None = None,
+                  res_mult: torch.Tensor | None = None, res_div: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """QAT's conv epilogue (:class:`hat_bpu.quant.intmath._ConvEpilogue`'s forward) in one pass:
+    :func:`requant` with a bias, ``out_scale`` and, optionally, a fake-quant residual
+    (``res_div``), returning ``(out, mask)``: ``mask`` (uint8, laid out as ``acc``) 1 where
+    ``round(v)`` is inside ``[lo, hi]`` — the straight-through gradient's. None when not served."""
+    if not _on[0] or acc.dtype not in (torch.float32, torch.float64) or (
+            res is not None and (res_div is None or res_mult is None or res.dtype != torch.float32
+                                 or res.shape != acc.shape or res.stride() != acc.stride())):
+        return None
+    geo = _layout(acc)
+    if geo is None:
+        return None
+    outer, c, inner = geo
+    bias, mult, res_mult = (_per_channel(bias, c), _per_channel(mult, c),
+                            _per_channel(res_mult, c))
+    if not isinstance(bias, torch.Tensor) or not isinstance(mult, torch.Tensor) or \
+            res_mult is False:
+        return None
+    out = torch.empty_like(acc, dtype=torch.float32)
+    mask = torch.empty_like(acc, dtype=torch.uint8)
+    _native.requant(
+        acc.data_ptr(), int(acc.dtype == torch.float64), bias.data_ptr(), mult.data_ptr(),
+        0 if res is None else res.data_ptr(), 0,
+        0 if res_mult is None else res_mult.data_ptr(), float(res_div or 0.0), float(lo),
+        float(hi), out.data_ptr(), 1, float(out_scale), mask.data_ptr(), outer, c, inner)
+    return out, mask
+
+
+def requant_train_grad(grad: torch.Tensor, mask: torch.Tensor, out_scale: float,
+                       mult: torch.Tensor, acc_dtype: torch.dtype, bias_terms: bool,
+                       res_mult: torch.Tensor | None = None, res_div: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """The backward of :func:`requant_train` in one pass, autograd's operations in its order:
+    ``g = float64(grad · out_scale) · mask``, the residual's gradient ``float32((g · res_mult) /
+    res_div)`` (with ``res_mult``), ``g · mult`` as the accumulator's gradient (``acc_dtype``)
+    and, with ``bias_terms``, in float64 (the bias gradient's terms, for torch to sum).
+    Returns ``(g_acc, g64 | None, g_res | None)``; None when not served (``grad`` not float32
+    or not laid out as ``mask``)."""
+    if not _on[0] or grad.dtype != torch.float32 or grad.shape != mask.shape or \
+            grad.stride() != mask.stride() or acc_dtype not in (torch.float32, torch.float64):
+        return None
+    geo = _layout(grad)
+    if geo is None:
+        return None
+    outer, c, inner = geo
+    mult, res_mult = _per_channel(mult, c), _per_channel(res_mult, c)
+    if not isinstance(mult, torch.Tensor) or res_mult is False or (
+            res_mult is not None and not res_div):
+        return None
+    f64 = acc_dtype == torch.float64
+    g64 = torch.empty_like(grad, dtype=torch.float64) if bias_terms or f64 else None
+    g32 = None if f64 else torch.empty_like(grad)
+    g_res = None if res_mult is None else torch.empty_like(grad)
+    _native.requant_grad(
+        grad.data_ptr(), mask.data_ptr(), float(out_scale), mult.data_ptr(),
+        0 if res_mult is None else res_mult.data_ptr(), float(res_div or 0.0),
+        0 if g_res is None else g_res.data_ptr(), 0 if g64 is None else g64.data_ptr(),
+        0 if g32 is None else g32.data_ptr(), outer, c, inner)
+    g_acc = g64 if f64 else g32
+    assert g_acc is not None
+    return g_acc, g64, g_res
+
+
+def peak(acc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
+         res: torch.Tensor | None = None, res_div: float | None = None,
+         res_scale: float | None = None) -> tuple[float, float] | None:
+    """(min, max) of ``(float64(acc) + bias)·scale [+ round_half_even(float64(res) / res_div)·
+    res_scale]`` (per-channel float64 ``bias`` and ``scale``; NaN, NaN when some value is NaN):
+    the values QAT's range update of a conv output reduces, without forming them. None when not
+    served."""
+    if not _on[0] or acc.dtype not in (torch.float32, torch.float64) or acc.numel() == 0 or (
+            res is not None and (not res_div or res_scale is None or res.dtype != torch.float32
+                                 or res.shape != acc.shape or res.stride() != acc.stride())):
+        return None
+    geo = _layout(acc)
+    if geo is None:
+        return None
+    outer, c, inner = geo
+    bias, scale = _per_channel(bias, c), _per_channel(scale, c)
+    if not isinstance(bias, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        return None
+    lo, hi = _native.peak(acc.data_ptr(), int(acc.dtype == torch.float64), bias.data_ptr(),
+                          scale.data_ptr(), 0 if res is None else res.data_ptr(),
+                          float(res_div or 0.0), float(res_scale or 0.0), outer, c, inner)
+    return lo, hi
 
 
 def quantize(x: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -173,16 +265,28 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: l
 def fake_quant(x: torch.Tensor, inv: float, qmin: int, qmax: int, scale: float,
                mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """QAT's activation fake quant in one pass: ``(clamp(round(x·inv), qmin, qmax)·scale, mask)``
-    with ``mask`` 1.0 where ``round(x·inv)`` is inside the range (float32 throughout, ``inv``
-    already a float32 value), as :class:`hat_bpu.quant.fake_quant._FakeQuantSTE` computes them
-    with torch (``mask=False``: no mask, None in its place); None when not served (``x`` not a
-    dense float32 CPU tensor)."""
+    with ``mask`` (uint8) 1 where ``round(x·inv)`` is inside the range (float32 throughout,
+    ``inv`` already a float32 value), as :class:`hat_bpu.quant.fake_quant._FakeQuantSTE`
+    computes them with torch (``mask=False``: no mask, None in its place); None when not served
+    (``x`` not a dense float32 CPU tensor)."""
     if not _on[0] or not _dense(x):
         return None
-    out, inside = torch.empty_like(x), torch.empty_like(x) if mask else None
+    out = torch.empty_like(x)
+    inside = torch.empty_like(x, dtype=torch.uint8) if mask else None
     _native.fake_quant(x.data_ptr(), float(inv), float(qmin), float(qmax), float(scale),
                        out.data_ptr(), 0 if inside is None else inside.data_ptr(), x.numel())
     return out, inside
+
+
+def mask_mul(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """``grad · mask`` (a uint8 mask of 0/1 laid out as ``grad``) in one pass: the float32
+    products torch's ``grad * mask`` gives (``g · 0`` keeps ``g``'s sign); None when not served."""
+    if not _on[0] or not _dense(grad) or mask.dtype != torch.uint8 or \
+            mask.shape != grad.shape or mask.stride() != grad.stride():
+        return None
+    out = torch.empty_like(grad)
+    _native.mask_mul(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel())
+    return out
 
 
 def add_int(xs: list[torch.Tensor], ms: list[int], shift: int, lo: int, hi: int

@@ -265,10 +265,18 @@ def test_activation_fake_quant_gives_the_torch_bits_and_gradient(qmin: int, qmax
     for t in (x, layout(x, "nhwc")):
         r = (t * inv).round()
         want_q = r.clamp(qmin, qmax)
-        want_mask, want = r.eq(want_q).float(), want_q * scale
+        want_mask, want = r.eq(want_q), want_q * scale
         got = native.fake_quant(t, inv, qmin, qmax, scale)
-        assert got is not None and got[0].stride() == t.stride()
-        assert torch.equal(bits(got[0]), bits(want)) and torch.equal(bits(got[1]), bits(want_mask))
+        assert got is not None and got[0].stride() == t.stride() == got[1].stride()
+        assert torch.equal(bits(got[0]), bits(want))
+        assert got[1].dtype == torch.uint8 and torch.equal(got[1], want_mask.to(torch.uint8))
+        grad = torch.randn(t.shape, generator=g)
+        grad.view(-1)[:4] = torch.tensor([-0.0, float("nan"), -float("inf"), -2.5])
+        grad.view(-1)[12:18] = -grad.view(-1)[12:18].abs()  # negatives where the mask is 0 too
+        grad = layout(grad, "nhwc" if t.stride() != x.stride() else "nchw")
+        masked = native.mask_mul(grad, got[1])  # the backward: grad · mask, signed zeros kept
+        assert masked is not None and masked.stride() == grad.stride()
+        assert torch.equal(bits(masked), bits(grad * want_mask.float()))
         no_mask = native.fake_quant(t, inv, qmin, qmax, scale, mask=False)  # eval: values only
         assert no_mask is not None and no_mask[1] is None
         assert torch.equal(bits(no_mask[0]), bits(want))
@@ -302,3 +310,71 @@ def test_add_int_equals_the_simulators_int64_code(nin: int) -> None:
         want = simulator.round_shift(v, s, b, o).clamp(lo, hi).float()
         got = native.add_int(xs, ms, sh, lo, hi)
         assert got is not None and torch.equal(got, want), (trial, sh)
+
+
+@built
+@pytest.mark.parametrize("how", ["nchw", "nhwc"])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_qat_conv_epilogue_gives_the_torch_bits_forward_and_backward(
+        how: str, acc_dtype: torch.dtype, with_res: bool, isa: str) -> None:
+    """QAT's conv epilogue (``intmath._ConvEpilogue``): the built forward (values, one-byte
+    mask), backward (accumulator, bias and residual gradients) and range peak against the
+    torch ops, with ties, saturation, NaN/inf and signed zeros."""
+    from hat_bpu.quant.intmath import _ConvEpilogue, _epilogue_terms
+
+    g = torch.Generator().manual_seed(7 + with_res)
+    shape, c = (2, 6, 5, 7), 6
+    acc = torch.randint(-4000, 4000, shape, generator=g).to(acc_dtype)
+    acc.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e9, -1e9])
+    acc = layout(acc, how)
+    bi = torch.randint(-300, 300, (1, c, 1, 1), generator=g).double()
+    mult = torch.tensor([2**-4, 2**-3, 0.0371, 1e-3, 0.7, 2**-6], dtype=torch.float64
+                        ).reshape(1, c, 1, 1)  # 2**-k: exact ties
+    s_res, res, mult_res = 0.0625, None, None
+    if with_res:
+        res = torch.randint(-128, 128, shape, generator=g).float() * s_res
+        res.view(-1)[5:9] = torch.tensor([0.5, -1.5, 2.5, -0.0]) * s_res  # ties of res / s_res
+        res = layout(res, how)
+        mult_res = torch.tensor([0.5, 0.25, 0.9, 2**-5, 1.0, 0.125], dtype=torch.float64
+                                ).reshape(1, c, 1, 1)
+    s_out = torch.tensor(0.05, dtype=torch.float32)
+    grad = torch.randn(shape, generator=g)
+    grad.view(-1)[:3] = torch.tensor([-0.0, float("nan"), -2.0])
+    grad = layout(grad, how)
+
+    def run(built: bool) -> list[torch.Tensor]:
+        a_ = acc.clone().requires_grad_(True)
+        b_ = bi.clone().requires_grad_(True)
+        r_ = None if res is None else res.clone().requires_grad_(True)
+        with native.disabled(not built):
+            a, ri = (None, None) if built else _epilogue_terms(a_, b_, r_, s_res)
+            out = _ConvEpilogue.apply(a_, b_, a, mult, r_, ri, s_res if with_res else None,
+                                      mult_res, -128, 127, s_out)
+            out.backward(grad)
+        assert a_.grad is not None and b_.grad is not None
+        return [out.detach(), a_.grad, b_.grad] + ([] if r_ is None else [r_.grad])
+
+    want, got = run(False), run(True)
+    for w, o in zip(want, got, strict=True):
+        assert w.dtype == o.dtype and w.stride() == o.stride()
+        as_int = torch.int32 if w.dtype == torch.float32 else torch.int64
+        assert torch.equal(w.contiguous().view(as_int), o.contiguous().view(as_int))
+    served = native.requant_train(acc, bi, mult, -128, 127, float(s_out), res, mult_res,
+                                  s_res if with_res else None)
+    assert served is not None and served[1].dtype == torch.uint8  # the built pass did serve
+    a, ri = _epilogue_terms(acc, bi, res, s_res)
+    v = a * mult + (0 if ri is None else ri * mult_res)
+    assert torch.equal(served[1].bool(), v.round() == v.round().clamp(-128, 127))
+    # the range update's peak: min and max of the float pre-activation (NaN when some is)
+    scale = torch.tensor([0.01, 0.02, 0.5, 1e-4, 3.0, 0.125], dtype=torch.float64)
+    fin = acc.nan_to_num(0.0, 0.0, 0.0)
+    y = (fin.double() + bi) * scale.reshape(1, c, 1, 1)
+    if ri is not None:
+        y = y + ri * s_res
+    pk = native.peak(fin, bi, scale, res, s_res if with_res else None,
+                     s_res if with_res else None)
+    assert pk == (float(y.min()), float(y.max()))
+    nan_pk = native.peak(acc, bi, scale, res, s_res if with_res else None,
+                         s_res if with_res else None)
+    assert nan_pk is not None and all(np.isnan(v_) for v_ in nan_pk)

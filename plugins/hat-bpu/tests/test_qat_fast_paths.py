@@ -130,6 +130,44 @@ def test_qat_fast_paths_equal_plain(name: str, frozen_bn: bool, pow2: bool,
         or any(not torch.equal(v, base.state_dict()[k]) for k, v in state_p.items())  # it trained
 
 
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_qat_fast_paths_built_and_torch_passes_agree(name: str, frozen_bn: bool) -> None:
+    """The fast paths with hat-bpu's built passes (QAT's conv epilogue, its backward and range
+    peak, the activation fake quant and its backward) and without them (their torch ops) train
+    to the same bits; and the built ones did serve where the extension is built."""
+    from hat_bpu import native
+
+    base = qat_model(name, frozen_bn, False, True)
+    torch_q, built_q = copy.deepcopy(base), copy.deepcopy(base)
+    with native.disabled():
+        torch_rec = train(torch_q, False, 2, True)
+    served = {"requant_train": 0, "requant_train_grad": 0, "fake_quant": 0}
+    originals = {k: getattr(native, k) for k in served}
+
+    def counting(key: str) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            out = originals[key](*a, **k)
+            served[key] += out is not None
+            return out
+        return call
+
+    try:
+        for k in served:
+            setattr(native, k, counting(k))
+        built_rec = train(built_q, False, 2, True)
+    finally:
+        for k, fn in originals.items():
+            setattr(native, k, fn)
+    if native.available():  # (with live BN only the nets' last convs run the integer form,
+        # their gradients laid out otherwise than their outputs: the torch backward serves)
+        assert served["requant_train"] > 0 and served["fake_quant"] > 0, served
+        assert served["requant_train_grad"] > 0 or not frozen_bn, served
+    for i in range(2):
+        assert identical(torch_rec[i], built_rec[i]), f"step {i}"
+    assert identical(list(torch_q.state_dict().values()), list(built_q.state_dict().values()))
+
+
 def test_dense_view_reduces_like_the_tensor() -> None:
     x = torch.randn(2, 5, 7, 3).contiguous(memory_format=torch.channels_last)
     v = intmath.dense_view(x)

@@ -70,6 +70,11 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (inside,) = ctx.saved_tensors
+        if inside.dtype == torch.uint8:  # the built pass's mask (1/0: the same products)
+            done = native.mask_mul(grad, inside)
+            if done is not None:
+                return done, None, None, None
+            inside = inside.float()  # (torch's float × uint8 multiply is ~8× slower)
         return grad * inside, None, None, None
 
 
@@ -152,7 +157,6 @@ class ActFQ(nn.Module):
     def _qat_update(self, x: torch.Tensor, act: str) -> None:
         if float(self.qat_amax) < 0:
             self.qat_amax.fill_(float(self.scale) * self.qmax)
-        c = self.qat_averaging
         # (max and min do not depend on the order: reduce in memory order when fast)
         xd = intmath.dense_view(x.detach()) if intmath.fast_train_paths() else x.detach()
         if act != "none":
@@ -160,8 +164,26 @@ class ActFQ(nn.Module):
         else:
             lo, hi = torch.aminmax(xd)
             amax = torch.maximum(-lo, hi)
+        self._qat_move(amax)
+
+    @torch.no_grad()
+    def _qat_move(self, amax: torch.Tensor) -> None:
+        c = self.qat_averaging
         self.qat_amax.mul_(1 - c).add_(c * amax.float())
         self.scale.copy_(scale_from_amax(self.qat_amax, self.dtype, self.pow2))
+
+    @torch.no_grad()
+    def track_range(self, lo: float, hi: float, act: str = "none") -> None:
+        """:meth:`track` given the float64 min and max of the values instead of the values (the
+        same update: ``act``'s clamp of the max, or the larger of ``-min`` and ``max``)."""
+        if float(self.qat_amax) < 0:
+            self.qat_amax.fill_(float(self.scale) * self.qmax)
+        t_lo, t_hi = torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
+        if act != "none":
+            amax = t_hi.clamp(0, 6.0 if act == "relu6" else None)
+        else:
+            amax = torch.maximum(-t_lo, t_hi)
+        self._qat_move(amax)
 
     def tracks(self) -> bool:
         """True when this call should move the QAT range (training, averaging, not frozen)."""

@@ -269,32 +269,48 @@ def int_conv_train(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, b
     bi = ste_round(b.float() / acc_scale).clamp(*qspec.QRANGE["int32"]).double()
     bi = bi.reshape(1, -1, 1, 1)
     has_res = res is not None and s_res is not None
-    with torch.no_grad():  # acc + b and the residual's integers, shared with the range update
-        a = acc.detach().to(torch.float64, copy=True).add_(bi)
-        ri = None
-        if has_res:
-            assert res is not None and s_res is not None
-            ri = res.detach().to(torch.float64, copy=True).div_(s_res).round_()
+    a = ri = None  # acc + b and the residual's integers, when the range update forms them
+    with torch.no_grad():
         if out_fq.tracks():  # QAT: the output range follows the float pre-activation
-            y = a * acc_scale.double().reshape(1, -1, 1, 1)
-            out_fq.track(y if ri is None or s_res is None else y.add_(ri * s_res), act)
-            del y
+            peak = native.peak(acc.detach(), bi, acc_scale.double(),
+                               res.detach() if has_res and res is not None else None, s_res,
+                               s_res)
+            if peak is not None:  # its min and max in one pass (the same values)
+                out_fq.track_range(peak[0], peak[1], act)
+            else:
+                a, ri = _epilogue_terms(acc, bi, res if has_res else None, s_res)
+                y = a * acc_scale.double().reshape(1, -1, 1, 1)
+                out_fq.track(y if ri is None or s_res is None else y.add_(ri * s_res), act)
+                del y
     s_out = float(out_fq.scale)
     mult, mult_res = _conv_mults(s_in, w_scale, s_out, s_res if has_res else None, bi, True)
     lo, hi = _bounds(out_fq.dtype, clip_of(s_out))
     t_out = torch.tensor(s_out, dtype=torch.float32, device=acc.device)
     return _ConvEpilogue.apply(acc, bi, a, mult, res if has_res else None, ri, s_res, mult_res,
-                               lo, hi, t_out)
+                               lo, hi, t_out)  # (a None: the built pass forms the terms)
+
+
+def _epilogue_terms(acc: torch.Tensor, bi: torch.Tensor, res: torch.Tensor | None,
+                    s_res: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``float64(acc) + b`` and the residual's integers ``round(float64(res) / s_res)`` (None
+    without a residual), new tensors, no gradient."""
+    with torch.no_grad():
+        a = acc.detach().to(torch.float64, copy=True).add_(bi)
+        ri = None
+        if res is not None and s_res is not None:
+            ri = res.detach().to(torch.float64, copy=True).div_(s_res).round_()
+    return a, ri
 
 
 class _DivRoundSTE(torch.autograd.Function):
     """``round_half_even(x / s)``, gradient ``grad / s``: :func:`ste_round` of ``x / s``, one
-    tensor and one autograd node less."""
+    tensor and one autograd node less (float32: one built pass, the same values)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, s: float) -> torch.Tensor:
         ctx.s = s
-        return (x / s).round_()
+        done = native.quantize(x, s) if x.dtype == torch.float32 else None
+        return done if done is not None else (x / s).round_()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -307,13 +323,25 @@ class _ConvEpilogue(torch.autograd.Function):
     roundings, zero outside ``[lo, hi]``), op by op in the same order, in place where the
     plain path allocates (the mask as float64 ``1.0/0.0``: ``grad · mask`` is the same
     product as ``grad · bool``, without a mixed-dtype multiply). ``a`` (``float64(acc) + b``)
-    and ``ri`` (the residual's integers) come precomputed, as temporaries it may overwrite."""
+    and ``ri`` (the residual's integers) come precomputed, as temporaries it may overwrite, or
+    None: then the built pass (:func:`hat_bpu.native.requant_train`) computes the same values
+    and a one-byte mask in one pass, and :func:`hat_bpu.native.requant_train_grad` the
+    backward, where they serve (else the torch ops here)."""
 
     @staticmethod
-    def forward(ctx: Any, acc: torch.Tensor, bi: torch.Tensor, a: torch.Tensor,
+    def forward(ctx: Any, acc: torch.Tensor, bi: torch.Tensor, a: torch.Tensor | None,
                 mult: torch.Tensor, res: torch.Tensor | None, ri: torch.Tensor | None,
                 s_res: float | None, mult_res: torch.Tensor | None, lo: int, hi: int,
                 s_out: torch.Tensor) -> torch.Tensor:
+        ctx.s_res, ctx.acc_dtype, ctx.bi_shape = s_res, acc.dtype, bi.shape
+        ctx.res_dtype = None if res is None else res.dtype
+        done = None if a is not None else native.requant_train(
+            acc, bi, mult, lo, hi, float(s_out), res, mult_res, s_res if res is not None else None)
+        if done is not None:
+            ctx.save_for_backward(done[1], mult, mult_res, s_out)
+            return done[0]
+        if a is None:
+            a, ri = _epilogue_terms(acc, bi, res, s_res)
         v = a.mul_(mult)
         if ri is not None and mult_res is not None:
             v.add_(ri.mul_(mult_res))
@@ -322,13 +350,21 @@ class _ConvEpilogue(torch.autograd.Function):
         inside = r.eq_(q)  # 1.0 where round(v) is inside [lo, hi]: float64, for a fast backward
         del v, a, ri
         ctx.save_for_backward(inside, mult, mult_res, s_out)
-        ctx.s_res, ctx.acc_dtype, ctx.bi_shape = s_res, acc.dtype, bi.shape
-        ctx.res_dtype = None if res is None else res.dtype
         return q.float().mul_(s_out)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         inside, mult, mult_res, s_out = ctx.saved_tensors
+        want_bi, want_res = ctx.needs_input_grad[1], mult_res is not None and ctx.needs_input_grad[4]
+        done = None if inside.dtype != torch.uint8 else native.requant_train_grad(
+            grad, inside, float(s_out), mult, ctx.acc_dtype, want_bi,
+            mult_res if want_res else None, ctx.s_res if want_res else None)
+        if done is not None:
+            g_acc, g64, g_res_ = done
+            g_bi_ = g64.sum_to_size(ctx.bi_shape) if want_bi and g64 is not None else None
+            return g_acc, g_bi_, None, None, g_res_, None, None, None, None, None, None
+        if inside.dtype == torch.uint8:  # the built pass's mask, as 1.0/0.0 (the same products)
+            inside = inside.double()
         g = (grad * s_out).double().mul_(inside)  # to_float's mul, cast back, the STE mask
         g_res = None
         if mult_res is not None and ctx.needs_input_grad[4]:
