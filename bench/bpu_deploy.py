@@ -68,10 +68,13 @@ def main() -> None:
         net_cl = net.to(memory_format=torch.channels_last)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         net_cl(x_cl)
-        t_float_cl, t_sim, t_torch = float("inf"), float("inf"), float("inf")
-        for _ in range(args.reps):  # interleaved: float, the built epilogue, the torch passes
+        t_float_cl, t_sim, t_torch, t_one = (float("inf"),) * 4
+        for _ in range(args.reps):  # interleaved: float, the built passes (on torch's threads,
+            # on one), the torch passes
             t_float_cl = min(t_float_cl, best(lambda: net_cl(x_cl), 1))
             t_sim = min(t_sim, best(lambda: sim.run(x), 1))
+            with native.threads(1):
+                t_one = min(t_one, best(lambda: sim.run(x), 1))
             with native.disabled():
                 t_torch = min(t_torch, best(lambda: sim.run(x), 1))
         with native.disabled():
@@ -87,6 +90,8 @@ def main() -> None:
     print(f"integer simulator:        {n / t_sim:.2f} img/s  "
           f"({t_float / t_sim:.2f}x float NCHW, {t_float_cl / t_sim:.2f}x channels-last), "
           f"bit-exact vs ir_reference: {same}")
+    print(f"  built passes, 1 thread: {n / t_one:.2f} img/s  "
+          f"({t_float_cl / t_one:.2f}x channels-last)")
     print(f"  torch-pass epilogue:    {n / t_torch:.2f} img/s  "
           f"({t_float_cl / t_torch:.2f}x channels-last), same outputs: {same_torch}")
     with tempfile.TemporaryDirectory() as d:

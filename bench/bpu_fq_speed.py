@@ -14,9 +14,9 @@ The ``hat`` command's process settings (:mod:`hatcore.runtime`) are applied firs
 run`` / ``hat predict`` (``HAT_PROCESS_SETTINGS=0``: without them). ``--compile`` adds the fast
 paths with the ``torch.compile``-fused conv epilogue
 (:func:`hat_bpu.quant.intmath.compile_epilogue`; compiled before timing; the built epilogue off).
-"fast" uses the built epilogue (:mod:`hat_bpu.native`) where it is built; "torch_epilogue" is the
-fast paths with it switched off. ``--threads 0`` keeps
-torch's default thread count.
+"fast" uses the built epilogue (:mod:`hat_bpu.native`) where it is built, "fast_1thread" the
+same with its passes on one thread; "torch_epilogue" is the fast paths with it switched off.
+``--threads 0`` keeps torch's default thread count.
 """
 
 from __future__ import annotations
@@ -95,11 +95,12 @@ def main() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     fq, exact = (quantized(plugins, recipe, model, x, e) for e in (False, True))
 
-    def run(m: nn.Module, plain: bool, compiled: bool = False, built: bool = True
-            ) -> Callable[[], Any]:
+    def run(m: nn.Module, plain: bool, compiled: bool = False, built: bool = True,
+            threads: int | None = None) -> Callable[[], Any]:
         def go() -> Any:
             intmath.compile_epilogue(compiled)
-            with intmath.plain_paths(plain), torch.no_grad(), native.disabled(not built):
+            with intmath.plain_paths(plain), torch.no_grad(), native.disabled(not built), \
+                    native.threads(threads):
                 return m(x)
         return go
 
@@ -107,7 +108,9 @@ def main() -> None:
              "exact_plain": run(exact, True), "exact_fast": run(exact, False)}
     if native.available():  # the fast paths with the torch-pass epilogue, for comparison
         cases.update(fq_torch_epilogue=run(fq, False, built=False),
-                     exact_torch_epilogue=run(exact, False, built=False))
+                     exact_torch_epilogue=run(exact, False, built=False),
+                     fq_fast_1thread=run(fq, False, threads=1),  # the built passes on one thread
+                     exact_fast_1thread=run(exact, False, threads=1))
     if args.compile:  # the compiled epilogue serves only where the built one does not
         cases.update(fq_compiled=run(fq, False, True, False),
                      exact_compiled=run(exact, False, True, False))

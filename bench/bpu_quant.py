@@ -149,9 +149,11 @@ def loss_of(out: Any) -> torch.Tensor:
 
 
 def interleaved(models: dict[str, tuple[nn.Module, bool, bool]], x: torch.Tensor, iters: int,
-                warmup: int, lr: float) -> dict[str, list[float]]:
-    """One step of each model in turn (``(model, plain paths, built passes on)``), ``warmup +
-    iters`` rounds; the step times (s) of the last ``iters`` rounds, per model."""
+                warmup: int, lr: float, one_thread: set[str] | None = None
+                ) -> dict[str, list[float]]:
+    """One step of each model in turn (``(model, plain paths, built passes on)``; those named
+    in ``one_thread`` with the built passes on one thread), ``warmup + iters`` rounds; the step
+    times (s) of the last ``iters`` rounds, per model."""
     from hat_bpu import native
     from hat_bpu.quant import intmath
 
@@ -162,7 +164,8 @@ def interleaved(models: dict[str, tuple[nn.Module, bool, bool]], x: torch.Tensor
         m.train()
     for i in range(warmup + iters):
         for k, (m, plain, built) in models.items():
-            with intmath.plain_paths(plain), native.disabled(not built):
+            with intmath.plain_paths(plain), native.disabled(not built), \
+                    native.threads(1 if k in (one_thread or set()) else None):
                 t0 = time.perf_counter()
                 loss = loss_of(m(x))
                 opts[k].zero_grad()
@@ -230,8 +233,8 @@ def main() -> None:
                     help="models and input channels-last, as hat's trainer does by default")
     ap.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the steps")
     ap.add_argument("--interleave", action="store_true",
-                    help="float, QAT (fast paths), QAT (plain paths) and QAT (fast paths, built "
-                         "passes off) one step each in turn")
+                    help="float, QAT (fast paths), QAT (plain paths), QAT (fast paths, built "
+                         "passes off) and QAT (built passes on one thread) one step each in turn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -243,19 +246,22 @@ def main() -> None:
     if args.interleave:
         q = calibrated_hat(model, x, args.frozen_bn)
         models = {"float": model, "qat_fast": q, "qat_plain": copy.deepcopy(q),
-                  "qat_fast_unbuilt": copy.deepcopy(q)}  # fast paths without hat_bpu._native
+                  "qat_fast_unbuilt": copy.deepcopy(q),  # fast paths without hat_bpu._native
+                  "qat_fast_1thread": copy.deepcopy(q)}  # its passes on one thread
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             models = {k: m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
                       for k, m in models.items()}
         times = interleaved({k: (m, k == "qat_plain", k != "qat_fast_unbuilt")
-                             for k, m in models.items()}, x, args.iters, args.warmup, args.lr)
+                             for k, m in models.items()}, x, args.iters, args.warmup, args.lr,
+                            one_thread={"qat_fast_1thread"})
         med = {k: statistics.median(v) for k, v in times.items()}
         result.update(frozen_bn=args.frozen_bn, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                       fast_ratio=med["qat_fast"] / med["float"],
                       plain_ratio=med["qat_plain"] / med["float"],
                       fast_over_plain=med["qat_fast"] / med["qat_plain"],
-                      unbuilt_ratio=med["qat_fast_unbuilt"] / med["float"])
+                      unbuilt_ratio=med["qat_fast_unbuilt"] / med["float"],
+                      one_thread_ratio=med["qat_fast_1thread"] / med["float"])
         print(json.dumps(result, indent=1))
         return
     t_float = time_steps(model, x, args.iters, args.warmup)

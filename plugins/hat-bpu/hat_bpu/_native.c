@@ -28,6 +28,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define SPAN 1024 /* elements per step; the per-element constant tiles (3 x 8 KiB) stay in L1 */
 #define MAGIC 6755399441055744.0 /* 1.5 * 2**52: (x + M) - M rounds half to even */
@@ -347,12 +350,24 @@ typedef struct {
 } job;
 typedef void (*span_job)(job *, int64_t, const double *, const double *, const double *, int64_t);
 
+/* Threads: with OpenMP (built with -fopenmp, where the compiler has it), passes over at least
+ * PAR_MIN elements split into n_threads contiguous parts — in the OpenMP runtime already loaded,
+ * torch's own (its wheels ship the GNU one under the same soname), so the same pool of threads
+ * as torch's kernels: no second pool spinning against it. hat_bpu.native sets n_threads to
+ * torch's thread count; 1 = one thread. Every element's value is computed as with one thread
+ * (no reduction but min/max/or, which do not depend on the order). */
+static int n_threads = 1;
+#define PAR_MIN (1 << 16)
+
+static int threads_for(int64_t n) { return n >= PAR_MIN ? n_threads : 1; }
+
 /* The whole tensor, [outer][c][inner], in spans of at most SPAN elements sharing one tile of
  * each per-channel constant (b, m, rm; absent ones read as 0): NHWC rows (inner = 1) SPAN / c
  * whole rows at a time, NCHW planes one plane (or a piece of one) at a time. fn(j, i, tiles,
- * n) does elements i .. i+n-1. */
-static void over_spans(job *j, span_job fn, const double *bias, const double *mult,
-                       const double *res_mult, int64_t outer, int64_t c, int64_t inner)
+ * n) does elements i .. i+n-1; spans p0 .. p1-1 of the nspan here. */
+static void spans_part(job *j, span_job fn, const double *bias, const double *mult,
+                       const double *res_mult, int64_t outer, int64_t c, int64_t inner,
+                       int64_t p0, int64_t p1)
 {
     double tb[SPAN], tm[SPAN], trm[SPAN];
     if (inner == 1 && c <= SPAN) {
@@ -362,33 +377,96 @@ static void over_spans(job *j, span_job fn, const double *bias, const double *mu
             tm[k] = mult ? mult[k % c] : 0.0;
             trm[k] = res_mult ? res_mult[k % c] : 0.0;
         }
-        for (int64_t i = 0; i < total; i += t)
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t i = p * t;
             fn(j, i, tb, tm, trm, total - i < t ? total - i : t);
+        }
         return;
     }
-    const int64_t seg = inner == 1 ? c : inner, segs = inner == 1 ? outer : outer * c;
+    const int64_t seg = inner == 1 ? c : inner, per = (seg + SPAN - 1) / SPAN;
     int64_t tiled = -1; /* the channel the tiles hold (planes) */
-    for (int64_t g = 0; g < segs; g++) {
-        for (int64_t k0 = 0; k0 < seg; k0 += SPAN) {
-            const int64_t n = seg - k0 < SPAN ? seg - k0 : SPAN, i = g * seg + k0;
-            if (inner == 1) { /* rows longer than SPAN: the constants of channels k0.. */
-                for (int64_t k = 0; k < n; k++) {
-                    tb[k] = bias ? bias[k0 + k] : 0.0;
-                    tm[k] = mult ? mult[k0 + k] : 0.0;
-                    trm[k] = res_mult ? res_mult[k0 + k] : 0.0;
-                }
-            } else if (tiled != g % c) {
-                const int64_t ch = tiled = g % c, len = seg < SPAN ? seg : SPAN;
-                for (int64_t k = 0; k < len; k++) {
-                    tb[k] = bias ? bias[ch] : 0.0;
-                    tm[k] = mult ? mult[ch] : 0.0;
-                    trm[k] = res_mult ? res_mult[ch] : 0.0;
-                }
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t g = p / per, k0 = (p % per) * SPAN;
+        const int64_t n = seg - k0 < SPAN ? seg - k0 : SPAN, i = g * seg + k0;
+        if (inner == 1) { /* rows longer than SPAN: the constants of channels k0.. */
+            for (int64_t k = 0; k < n; k++) {
+                tb[k] = bias ? bias[k0 + k] : 0.0;
+                tm[k] = mult ? mult[k0 + k] : 0.0;
+                trm[k] = res_mult ? res_mult[k0 + k] : 0.0;
             }
-            fn(j, i, tb, tm, trm, n);
+        } else if (tiled != g % c) {
+            const int64_t ch = tiled = g % c, len = seg < SPAN ? seg : SPAN;
+            for (int64_t k = 0; k < len; k++) {
+                tb[k] = bias ? bias[ch] : 0.0;
+                tm[k] = mult ? mult[ch] : 0.0;
+                trm[k] = res_mult ? res_mult[ch] : 0.0;
+            }
         }
+        fn(j, i, tb, tm, trm, n);
     }
 }
+
+static void over_spans(job *j, span_job fn, const double *bias, const double *mult,
+                       const double *res_mult, int64_t outer, int64_t c, int64_t inner)
+{
+    int64_t nspan;
+    if (inner == 1 && c <= SPAN) {
+        const int64_t t = (SPAN / c) * c;
+        nspan = (outer * c + t - 1) / t;
+    } else {
+        const int64_t seg = inner == 1 ? c : inner;
+        nspan = (inner == 1 ? outer : outer * c) * ((seg + SPAN - 1) / SPAN);
+    }
+    const int nt = threads_for(outer * c * inner);
+#ifdef _OPENMP
+    if (nt > 1 && nspan > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int64_t p0 = nspan * t / T, p1 = nspan * (t + 1) / T;
+            job local = *j; /* the peak's min/max/NaN per thread, merged below */
+            spans_part(&local, fn, bias, mult, res_mult, outer, c, inner, p0, p1);
+#pragma omp critical
+            {
+                j->lo = local.lo < j->lo ? local.lo : j->lo;
+                j->hi = local.hi > j->hi ? local.hi : j->hi;
+                j->nan |= local.nan;
+            }
+        }
+        return;
+    }
+#endif
+    (void)nt;
+    spans_part(j, fn, bias, mult, res_mult, outer, c, inner, 0, nspan);
+}
+
+/* A flat pass over n elements in n_threads contiguous parts (64-element aligned): the body
+ * (the variadic part) runs for elements LO .. HI-1. */
+#ifdef _OPENMP
+#define ATOMIC_WRITE _Pragma("omp atomic write")
+#define FLAT(n, LO, HI, ...)                                                                  \
+    do {                                                                                     \
+        const int nt_ = threads_for(n);                                                      \
+        _Pragma("omp parallel num_threads(nt_) if (nt_ > 1)")                                \
+        {                                                                                    \
+            const int64_t t_ = omp_get_thread_num(), T_ = omp_get_num_threads();             \
+            const int64_t LO = ((n) * t_ / T_) & ~(int64_t)63;                               \
+            const int64_t HI = t_ + 1 == T_ ? (n) : ((n) * (t_ + 1) / T_) & ~(int64_t)63;    \
+            if (HI > LO) {                                                                   \
+                __VA_ARGS__;                                                                 \
+            }                                                                                \
+        }                                                                                    \
+    } while (0)
+#else
+#define ATOMIC_WRITE
+#define FLAT(n, LO, HI, ...)                                                                  \
+    do {                                                                                     \
+        const int64_t LO = 0, HI = (n);                                                      \
+        if (HI > LO) {                                                                       \
+            __VA_ARGS__;                                                                     \
+        }                                                                                    \
+    } while (0)
+#endif
 
 static void requant_span(job *j, int64_t i, const double *tb, const double *tm,
                          const double *trm, int64_t n)
@@ -542,7 +620,10 @@ static PyObject *py_mask_mul(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KKKL", &g, &mask, &out, &n))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    mmul((const float *)(uintptr_t)g, (const uint8_t *)(uintptr_t)mask, (float *)(uintptr_t)out, n);
+    const float *gp = (const float *)(uintptr_t)g;
+    const uint8_t *mp = (const uint8_t *)(uintptr_t)mask;
+    float *op = (float *)(uintptr_t)out;
+    FLAT(n, lo, hi, mmul(gp + lo, mp + lo, op + lo, hi - lo));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -556,7 +637,10 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KdKL", &x, &s, &out, &n))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    quant((const float *)(uintptr_t)x, (float)s, (float *)(uintptr_t)out, n);
+    const float *xp = (const float *)(uintptr_t)x;
+    float *op = (float *)(uintptr_t)out;
+    const float sf = (float)s;
+    FLAT(n, lo, hi, quant(xp + lo, sf, op + lo, hi - lo));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -580,8 +664,17 @@ static PyObject *py_int_sum(PyObject *self, PyObject *args)
     const float *x[4];
     for (int i = 0; i < 4; i++)
         x[i] = (const float *)(uintptr_t)xp[i];
+    float *op = (float *)(uintptr_t)out;
+    beyond = 0;
     Py_BEGIN_ALLOW_THREADS
-    beyond = sum(x, si, mi, multi, nin, inv2s, lo, hi, (float)s, xbound, (float *)(uintptr_t)out, n);
+    FLAT(n, k0, k1, {
+        const float *xs[4] = {x[0] + k0, x[1] ? x[1] + k0 : NULL, x[2] ? x[2] + k0 : NULL,
+                              x[3] ? x[3] + k0 : NULL};
+        if (sum(xs, si, mi, multi, nin, inv2s, lo, hi, (float)s, xbound, op + k0, k1 - k0)) {
+            ATOMIC_WRITE
+            beyond = 1;
+        }
+    });
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(!beyond);
 }
@@ -595,8 +688,11 @@ static PyObject *py_fake_quant(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KddddKKL", &x, &inv, &qmin, &qmax, &s, &out, &mask, &n))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    fq((const float *)(uintptr_t)x, (float)inv, (float)qmin, (float)qmax, (float)s,
-       (float *)(uintptr_t)out, (uint8_t *)(uintptr_t)mask, n);
+    const float *xp = (const float *)(uintptr_t)x;
+    float *op = (float *)(uintptr_t)out;
+    uint8_t *mp = (uint8_t *)(uintptr_t)mask;
+    FLAT(n, lo, hi, fq(xp + lo, (float)inv, (float)qmin, (float)qmax, (float)s, op + lo,
+                       mp ? mp + lo : NULL, hi - lo));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -621,8 +717,13 @@ static PyObject *py_add_int(PyObject *self, PyObject *args)
         x[i] = (const float *)(uintptr_t)xp[i];
         mm[i] = (int64_t)m[i];
     }
+    float *op = (float *)(uintptr_t)out;
     Py_BEGIN_ALLOW_THREADS
-    add_int(x, mm, nin, sh, lo, hi, (float *)(uintptr_t)out, n);
+    FLAT(n, k0, k1, {
+        const float *xs[4] = {x[0] + k0, x[1] ? x[1] + k0 : NULL, x[2] ? x[2] + k0 : NULL,
+                              x[3] ? x[3] + k0 : NULL};
+        add_int(xs, mm, nin, sh, lo, hi, op + k0, k1 - k0);
+    });
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -643,6 +744,20 @@ static PyObject *py_peak_abs(PyObject *self, PyObject *args)
     return PyFloat_FromDouble(peak);
 }
 
+static PyObject *py_set_threads(PyObject *self, PyObject *args)
+{
+    int n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &n))
+        return NULL;
+#ifdef _OPENMP
+    n_threads = n < 1 ? 1 : n;
+#else
+    n_threads = 1;
+#endif
+    return PyLong_FromLong(n_threads);
+}
+
 static PyObject *py_set_isa(PyObject *self, PyObject *args)
 {
     const char *name;
@@ -658,6 +773,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
+    {"set_threads", py_set_threads, METH_VARARGS,
+     "set_threads(n) -> the threads the passes now use (1 where built without OpenMP)"},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa('base' | 'best') -> the loops now used: 'avx2' or 'base' (tests run both)"},
     {"requant", py_requant, METH_VARARGS,

@@ -12,8 +12,10 @@ QAT's conv epilogue and its backward, :func:`peak` QAT's range update of a conv 
 cannot serve a call (the extension was not built, ``HAT_BPU_NATIVE=0``, a tensor not on the CPU
 or laid out otherwise than NCHW/NHWC-dense) and the caller runs its torch passes.
 
-One thread: the passes are memory-bound here (splitting them over this machine's two threads
-measured no reliable gain, bench/RESULTS.md).
+Threads: built with OpenMP (where the compiler has it), a pass over 2**16 elements or more
+splits over torch's thread count (``torch.get_num_threads()``, read at each call), in the OpenMP
+runtime torch has loaded — the threads torch's own kernels run on, not a second pool competing
+with them (:func:`threads` pins the count). The values do not depend on the split.
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ except ImportError:  # built without a C compiler: the torch passes serve
     _native = None
 
 _on = [_native is not None and os.environ.get("HAT_BPU_NATIVE", "1") not in ("", "0")]
+_threads: list[int | None] = [None, 0]  # [pinned count or None, the count last set]
+
+
+def _sync_threads() -> None:
+    """The built passes' thread count: the pinned one, else torch's."""
+    n = _threads[0] or torch.get_num_threads()
+    if n != _threads[1]:
+        _threads[1] = n
+        _native.set_threads(n)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Within the block the built passes use ``n`` threads (None: torch's count)."""
+    old = _threads[0]
+    _threads[0] = n
+    try:
+        yield
+    finally:
+        _threads[0] = old
 
 
 def available() -> bool:
@@ -111,6 +133,7 @@ def requant(acc: torch.Tensor, bias: torch.Tensor | None, mult: torch.Tensor,
         out = torch.empty_like(acc, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.shape != acc.shape or out.stride() != acc.stride():
         raise ValueError("out must be float32 and laid out as acc")
+    _sync_threads()
     _native.requant(
         acc.data_ptr(), int(acc.dtype == torch.float64), 0 if bias is None else bias.data_ptr(),
         mult.data_ptr(), 0 if res is None else res.data_ptr(),
@@ -144,6 +167,7 @@ def requant_train(acc: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor, lo:
         return None
     out = torch.empty_like(acc, dtype=torch.float32)
     mask = torch.empty_like(acc, dtype=torch.uint8)
+    _sync_threads()
     _native.requant(
         acc.data_ptr(), int(acc.dtype == torch.float64), bias.data_ptr(), mult.data_ptr(),
         0 if res is None else res.data_ptr(), 0,
@@ -177,6 +201,7 @@ def requant_train_grad(grad: torch.Tensor, mask: torch.Tensor, out_scale: float,
     g64 = torch.empty_like(grad, dtype=torch.float64) if bias_terms or f64 else None
     g32 = None if f64 else torch.empty_like(grad)
     g_res = None if res_mult is None else torch.empty_like(grad)
+    _sync_threads()
     _native.requant_grad(
         grad.data_ptr(), mask.data_ptr(), float(out_scale), mult.data_ptr(),
         0 if res_mult is None else res_mult.data_ptr(), float(res_div or 0.0),
@@ -205,6 +230,7 @@ def peak(acc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
     bias, scale = _per_channel(bias, c), _per_channel(scale, c)
     if not isinstance(bias, torch.Tensor) or not isinstance(scale, torch.Tensor):
         return None
+    _sync_threads()
     lo, hi = _native.peak(acc.data_ptr(), int(acc.dtype == torch.float64), bias.data_ptr(),
                           scale.data_ptr(), 0 if res is None else res.data_ptr(),
                           float(res_div or 0.0), float(res_scale or 0.0), outer, c, inner)
@@ -220,6 +246,7 @@ def quantize(x: torch.Tensor, s: float, out: torch.Tensor | None = None) -> torc
         out = torch.empty_like(x)
     elif out.dtype != torch.float32 or out.shape != x.shape or out.stride() != x.stride():
         raise ValueError("out must be float32 and laid out as x")
+    _sync_threads()
     _native.quantize(x.data_ptr(), float(s), out.data_ptr(), x.numel())
     return out
 
@@ -254,6 +281,7 @@ def int_sum(xs: list[torch.Tensor], scales: list[float], ms: list[int], mults: l
         return None
     pad = 4 - len(xs)
     out = torch.empty_like(x0)
+    _sync_threads()
     ok = _native.int_sum(tuple([x.data_ptr() for x in xs] + [0] * pad),
                          tuple([float(v) for v in scales] + [1.0] * pad),
                          tuple([float(int(m)) for m in ms] + [0.0] * pad),
@@ -273,6 +301,7 @@ def fake_quant(x: torch.Tensor, inv: float, qmin: int, qmax: int, scale: float,
         return None
     out = torch.empty_like(x)
     inside = torch.empty_like(x, dtype=torch.uint8) if mask else None
+    _sync_threads()
     _native.fake_quant(x.data_ptr(), float(inv), float(qmin), float(qmax), float(scale),
                        out.data_ptr(), 0 if inside is None else inside.data_ptr(), x.numel())
     return out, inside
@@ -285,6 +314,7 @@ def mask_mul(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
             mask.shape != grad.shape or mask.stride() != grad.stride():
         return None
     out = torch.empty_like(grad)
+    _sync_threads()
     _native.mask_mul(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel())
     return out
 
@@ -299,6 +329,7 @@ def add_int(xs: list[torch.Tensor], ms: list[int], shift: int, lo: int, hi: int
     x0 = xs[0]
     pad = 4 - len(xs)
     out = torch.empty_like(x0)
+    _sync_threads()
     _native.add_int(tuple([x.data_ptr() for x in xs] + [0] * pad),
                     tuple([int(m) for m in ms] + [0] * pad), len(xs), int(shift), float(lo),
                     float(hi), out.data_ptr(), x0.numel())

@@ -378,3 +378,66 @@ def test_qat_conv_epilogue_gives_the_torch_bits_forward_and_backward(
     nan_pk = native.peak(acc, bi, scale, res, s_res if with_res else None,
                          s_res if with_res else None)
     assert nan_pk is not None and all(np.isnan(v_) for v_ in nan_pk)
+
+
+@built
+@pytest.mark.parametrize("how", ["nchw", "nhwc", "wide"])
+def test_the_threaded_split_gives_the_bits_of_one_thread(how: str, isa: str) -> None:
+    """Each built pass over 2**16 elements or more splits over threads (OpenMP): with 1, 2 and 3
+    threads every output is the same bits (and the epilogue's are the torch expression's), the
+    peak the same min/max. NCHW planes, NHWC rows of 24 channels, rows of 1100 (> a span)."""
+    if native._native.set_threads(2) == 1:
+        pytest.skip("built without OpenMP")
+    g = torch.Generator().manual_seed(11)
+    shape = (3, 1100, 11, 9) if how == "wide" else (3, 24, 67, 61)  # uneven splits
+    c = shape[1]
+
+    def lay(t: torch.Tensor) -> torch.Tensor:
+        return layout(t, "nchw" if how == "nchw" else "nhwc")
+
+    acc = torch.randint(-2**20, 2**20, shape, generator=g).float()
+    acc.view(-1)[:4] = torch.tensor([4.0, 12.0, -4.0, float("nan")])  # ties, NaN
+    acc = lay(acc)
+    bias = torch.randint(-5000, 5000, (c,), generator=g).double()
+    mult = torch.rand(c, generator=g, dtype=torch.float64) * 2.0**-10
+    mult[:2] = 2.0**-3
+    res = lay(torch.randint(-128, 128, shape, generator=g).float() * 0.0625)
+    res_mult = torch.rand(c, generator=g, dtype=torch.float64)
+    x = lay(torch.randn(shape, generator=g) * 3.0)
+    grad = lay(torch.randn(shape, generator=g))
+    mask = lay((torch.rand(shape, generator=g) > 0.3).to(torch.uint8))
+    big = [lay(torch.randint(-128, 128, shape, generator=g).float() * s) for s in (0.05, 0.02)]
+    assert acc.numel() >= 2**17
+
+    def outputs() -> list[Any]:
+        b4 = bias.reshape(1, -1, 1, 1)
+        m4, rm4 = mult.reshape(1, -1, 1, 1), res_mult.reshape(1, -1, 1, 1)
+        rq = native.requant(acc, bias, mult, -128, 127, res, res_mult, out_scale=0.03,
+                            res_div=0.0625)
+        tr = native.requant_train(acc, b4, m4, -128, 127, 0.03, res, rm4, 0.0625)
+        gr = native.requant_train_grad(grad, mask, 0.03, m4, torch.float32, True, rm4, 0.0625)
+        pk = native.peak(acc.nan_to_num(0.0), b4, mult, res, 0.0625, 0.0625)
+        qz = native.quantize(x, 0.05)
+        fqo = native.fake_quant(x, 20.0, -128, 127, 0.05)
+        mm = native.mask_mul(grad, mask)
+        sm = native.int_sum(big, [0.05, 0.02], [3, 5], [0.4, 0.1], 4, 0.07, -128, 127)
+        ai = native.add_int([b.div(s).round() for b, s in zip(big, (0.05, 0.02), strict=True)],
+                            [3, -5], 2, -128, 127)
+        parts = [rq, tr, gr, qz, fqo, mm, sm, ai]
+        assert all(p is not None for p in parts)
+        return [pk] + [t for p in parts for t in (p if isinstance(p, tuple) else (p,))]
+
+    with native.threads(1):
+        one = outputs()
+    want = torch_epilogue(acc, bias, mult, -128, 127,
+                          (res / 0.0625).round(), res_mult, 0.03)
+    assert torch.equal(bits(one[1]), bits(want))
+    for n in (2, 3):
+        with native.threads(n):
+            split = outputs()
+        assert split[0] == one[0]
+        for a, b in zip(one[1:], split[1:], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and a.stride() == b.stride()
+                assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
