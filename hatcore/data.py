@@ -16,9 +16,12 @@ The task-model contract (what ``build_model`` returns)::
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import torch
+from torch.utils.data import Dataset, default_collate
 
 
 class ImageMeta(TypedDict, total=False):
@@ -55,3 +58,48 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
         else:
             out[k] = v
     return out
+
+
+LOAD_SECONDS = "_load_seconds"
+"""The key :class:`TimedDataset` adds to each collated batch (a dict): the seconds the process
+that made it (a loader worker, or the main process without workers) spent reading and
+transforming its items and collating them. The trainer pops it before the model sees the batch."""
+
+_batch_started = [0.0]  # per process (each loader worker has its own copy of this module)
+
+
+class TimedDataset(Dataset[Any]):
+    """``dataset`` with each batch's making timed, for the trainer's loader figures.
+
+    The loader's worker reads a batch through :meth:`__getitems__` (torch's batched fetch) and
+    collates it with :meth:`collate_fn`, one after the other in the same process: the first
+    notes the time, the second adds ``LOAD_SECONDS`` to the batch. Every other attribute
+    (``transforms``, ``class_names``...) is the wrapped dataset's.
+    """
+
+    def __init__(self, dataset: Dataset[Any], collate: Callable[[list[Any]], Any] | None) -> None:
+        self.dataset = dataset
+        self._collate = collate if collate is not None else default_collate
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        _batch_started[0] = time.perf_counter()
+        batched = getattr(self.dataset, "__getitems__", None)
+        return list(batched(indices)) if batched else [self.dataset[i] for i in indices]
+
+    def collate_fn(self, items: list[Any]) -> Any:
+        batch = self._collate(items)
+        if isinstance(batch, dict) and _batch_started[0]:
+            batch[LOAD_SECONDS] = time.perf_counter() - _batch_started[0]
+        _batch_started[0] = 0.0
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "_collate"):  # (unpickling: not set yet)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

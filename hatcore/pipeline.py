@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from hatcore import distributed as dist
 from hatcore import quant
 from hatcore.checkpoint import load_checkpoint, load_model_state
-from hatcore.data import Detections, to_device
+from hatcore.data import Detections, TimedDataset, to_device
 from hatcore.errors import RecipeError, UserError
 from hatcore.plugins import Plugins, get_plugins
 from hatcore.protocols import Metric, Runner, metric, task_model
@@ -190,9 +190,13 @@ class Pipeline:
         sampler = dist.train_sampler(ds, shuffle=shuffle, seed=self.recipe.task.seed) \
             if distributed else None
         gen = torch.Generator().manual_seed(self.recipe.task.seed)
+        collate = getattr(ds, "collate_fn", None)
+        if split == "train":  # each batch's making timed: the trainer's loader figures
+            ds = TimedDataset(ds, collate)
+            collate = ds.collate_fn
         return DataLoader(
             ds, batch_size=spec.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-            num_workers=spec.num_workers, collate_fn=getattr(ds, "collate_fn", None),
+            num_workers=spec.num_workers, collate_fn=collate,
             worker_init_fn=_seed_worker, generator=gen, drop_last=split == "train",
             pin_memory=self.device.type == "cuda",
         )

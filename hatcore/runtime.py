@@ -58,11 +58,11 @@ def apply_process_settings() -> dict[str, str]:
         except (OSError, AttributeError):  # not glibc (musl): nothing to tune
             mallopt = None
         if mallopt is not None:
-            for name, param, value in (("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                                       ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                                       ("M_TOP_PAD", _M_TOP_PAD, TOP_PAD)):
-                if mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1:
-                    _applied[name] = str(value)
+            for setting, param, size in (("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                                         ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                                         ("M_TOP_PAD", _M_TOP_PAD, TOP_PAD)):
+                if mallopt(ctypes.c_int(param), ctypes.c_int(size)) == 1:
+                    _applied[setting] = str(size)
     return dict(_applied)
 
 

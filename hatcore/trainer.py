@@ -34,7 +34,7 @@ from tqdm import tqdm
 from hatcore import distributed as dist
 from hatcore.callbacks import progress
 from hatcore.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from hatcore.data import to_device
+from hatcore.data import LOAD_SECONDS, to_device
 from hatcore.errors import UserError
 from hatcore.optim import LRSchedule, ModelEMA, build_optimizer, build_scheduler, scaled_lr
 from hatcore.protocols import task_model
@@ -70,7 +70,7 @@ def configure_determinism(deterministic: bool) -> None:
     # Deterministic mode also NaN-fills every new tensor by default (a debugging aid for code
     # that reads memory it never wrote; kernels write their outputs whole): a full extra write
     # of every activation, 18 % of an FCOS eval forward here (bench/RESULTS.md). Off.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
 
@@ -242,6 +242,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0  # seconds of training, over all runs of this stage
         self._mid_epoch: tuple[dict[str, Any], dict[str, Any]] | None = None  # (position, rng)
+        self._warned_feed = False  # the loader-bound warning was given
 
         model = model.to(device)
         if cfg.channels_last:
@@ -440,13 +441,16 @@ class Trainer:
         lr = 0.0
         every = cfg.checkpoint_every_iters
         batches = iter(self.loader)
+        feed = _Feed()
         for i, batch in enumerate(batches):
             if i >= self.iters_per_epoch:
                 break
             if i < skip:  # resumed mid-epoch: the batches were read to replay the loader's state
                 if i + 1 == skip and resume:
                     set_rng_state(resume[1])  # ...and the RNGs continue from the checkpoint
+                feed.mark()
                 continue
+            feed.got(batch, first=i == skip)
             lr = self.schedule.apply(self.optimizer, self.base_lr, self.step)
             self._now = (epoch, lr)  # for the divergence guard's message
             losses = self._train_step(batch)
@@ -473,6 +477,7 @@ class Trainer:
             if every and self.step % every == 0 and i + 1 < self.iters_per_epoch:
                 self._save_last({"iter": i + 1, "sums": dict(sums), "images": images,
                                  "seconds": time.perf_counter() - t0})
+            feed.mark()
         if not getattr(self.loader, "persistent_workers", False):
             _shutdown_workers(batches)  # joined now, not at the interpreter's exit
         del batches
@@ -484,6 +489,12 @@ class Trainer:
                                    for k in sums}
         metrics.update(epoch=epoch, lr=lr, img_s=images / max(seconds, 1e-9),
                        epoch_time=round(seconds, 3))
+        metrics.update(feed.figures(getattr(self.loader, "num_workers", 0)))
+        if not self._warned_feed and dist.is_main() and (warning := feed_warning(
+                self.stage, epoch, metrics, getattr(self.loader, "num_workers", 0))):
+            self._warned_feed = True  # once per stage run: the loader does not change
+            tqdm.write(warning)
+            self._log({"kind": "warning", "epoch": epoch, "message": warning})
         last = epoch + 1 == cfg.epochs
         if self.evaluate and (last or (cfg.val_interval and (epoch + 1) % cfg.val_interval == 0)):
             metrics.update(self.evaluate(self.eval_model))
@@ -540,6 +551,72 @@ class Trainer:
 
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r seeds its epochs with seed*1000 + epoch + r*stride
+
+
+class _Feed:
+    """How an epoch's batches arrived: the seconds the steps waited for them and the seconds
+    the loader spent making them (``LOAD_SECONDS``, where the dataset is timed)."""
+
+    def __init__(self) -> None:
+        self.waited = self.first_wait = self.made = 0.0
+        self.timed = self.images = 0  # images whose making was timed; images trained on
+        self.steps_from = self.last = time.perf_counter()
+
+    def mark(self) -> None:
+        """A step ended: the wait for the next batch starts."""
+        self.last = time.perf_counter()
+
+    def got(self, batch: Any, first: bool) -> None:
+        """The next batch arrived (``first``: the epoch's first, which also waits for the
+        loader's workers to start)."""
+        wait = time.perf_counter() - self.last
+        if first:
+            self.first_wait = wait
+            self.steps_from = time.perf_counter()
+        else:
+            self.waited += wait
+        made = batch.pop(LOAD_SECONDS, None) if isinstance(batch, dict) else None
+        n = int(batch["img"].shape[0]) if isinstance(batch, dict) and "img" in batch else 0
+        if made is not None and n:
+            self.made += float(made)
+            self.timed += n
+        self.images += n
+
+    def figures(self, workers: int) -> dict[str, float]:
+        """``data_wait``: the share of the epoch (after its first batch) the steps waited for
+        data; ``first_batch_s``: the wait for the first (the workers' start included);
+        ``loader_img_s``: what the loader could make (``workers`` in parallel, each at
+        its measured rate; the main process alone without workers); ``train_img_s``: what the
+        steps consumed while not waiting; ``loader_ratio``: the first ÷ the second (this
+        process's images, in a distributed run each rank's own loader)."""
+        span = max(time.perf_counter() - self.steps_from, 1e-9)
+        out = {"data_wait": round(self.waited / span, 4), "first_batch_s": round(self.first_wait, 3)}
+        busy = span - self.waited
+        if self.images and busy > 0:
+            out["train_img_s"] = round(self.images / busy, 3)
+        if self.timed and self.made > 0:
+            out["loader_img_s"] = round(max(1, workers) * self.timed / self.made, 3)
+            if "train_img_s" in out:
+                out["loader_ratio"] = round(out["loader_img_s"] / out["train_img_s"], 3)
+        return out
+
+
+FEED_WAIT = 0.1
+"""The share of an epoch spent waiting for data above which the trainer warns."""
+
+
+def feed_warning(stage: str, epoch: int, metrics: dict[str, Any], workers: int) -> str | None:
+    """A warning when the steps waited for data more than :data:`FEED_WAIT` of the epoch."""
+    wait = float(metrics.get("data_wait", 0.0))
+    if wait <= FEED_WAIT:
+        return None
+    made = (f"the loader makes {metrics['loader_img_s']:.1f} img/s with {workers} worker"
+            f"{'s' if workers != 1 else ''}" if "loader_img_s" in metrics else
+            f"the loader ({workers} workers)")
+    need = f", the steps take {metrics['train_img_s']:.1f}" if "train_img_s" in metrics else ""
+    return (f"{stage}: epoch {epoch + 1} waited for data {wait:.0%} of its time: {made}{need}. "
+            "Raise data.train.num_workers (if cores are free) or lighten data.train.transforms "
+            "(docs/trainer.md, \"Is the loader fast enough?\")")
 
 
 def _shutdown_workers(batches: Any) -> None:

@@ -89,8 +89,11 @@ def checkpoint(work: Path, name: str = "checkpoint-last.pt") -> dict:
 
 def losses(ckpt: dict) -> list[dict]:
     """The epoch records of a checkpoint's history without the timings."""
-    return [{k: v for k, v in h.items() if k not in ("img_s", "epoch_time")}
-            for h in json.loads(ckpt["history"])]
+    return [{k: v for k, v in h.items() if k not in TIMINGS} for h in json.loads(ckpt["history"])]
+
+
+TIMINGS = ("img_s", "epoch_time", "data_wait", "first_batch_s", "train_img_s", "loader_img_s",
+           "loader_ratio")
 
 
 def assert_same_model(a: dict, b: dict) -> None:

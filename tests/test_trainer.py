@@ -350,3 +350,70 @@ def test_frozen_modules_keep_their_weights_and_stay_out_of_the_optimizer(tmp_pat
 def test_a_frozen_pattern_matching_no_module_is_a_user_error(tmp_path) -> None:
     with pytest.raises(UserError, match=r"stages.float.frozen: 'backbone\*' matches no module.*body"):
         make(tmp_path, stage(epochs=1, frozen=["backbone*"]))
+
+
+class _SlowToy(ToyDataset):
+    """The toy set, each item ``delay`` seconds slower to make (a slow decoder)."""
+
+    def __init__(self, delay: float, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kw)
+        self.delay = delay
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(self.delay)
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_loader_figures_and_the_warning_when_steps_wait_for_data(tmp_path, capsys,
+                                                                     workers) -> None:
+    from hatcore.data import LOAD_SECONDS, TimedDataset
+
+    seen: list[set] = []
+
+    class Watching(ToyDetector):
+        def compute_loss(self, raw, batch):  # type: ignore[no-untyped-def]
+            seen.append(set(batch))
+            return super().compute_loss(raw, batch)
+
+    delay = 0.05  # per image: each batch of 4 takes at least 0.2 s to make
+    raw = _SlowToy(delay, size=32, length=24, num_classes=2, seed=0, transforms=[])
+    ds = TimedDataset(raw, raw.collate_fn)
+    assert ds.num_classes == raw.num_classes and len(ds) == 24  # the wrapped set's attributes
+    slow = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=ds.collate_fn, drop_last=True,
+                      num_workers=workers, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    trainer = Trainer(stage="float", model=Watching(), cfg=stage(epochs=1), train_loader=slow,
+                      out_dir=tmp_path, device=torch.device("cpu"), seed=0)
+    trainer.fit()
+    (m,) = trainer.history
+    assert seen and all(LOAD_SECONDS not in keys for keys in seen)  # popped before the model
+    # 6 batches; the first's wait (the worker's start) is apart: 5 waits of >= 0.2 s each
+    assert m["loader_img_s"] <= 4 / (4 * delay) * 1.001  # at most 1 / delay per image
+    assert m["loader_img_s"] > 0 and m["train_img_s"] > m["loader_img_s"]  # the toy steps: fast
+    assert m["loader_ratio"] == pytest.approx(m["loader_img_s"] / m["train_img_s"], rel=1e-2)
+    assert m["data_wait"] > 0.5 and m["first_batch_s"] >= 4 * delay
+    out = capsys.readouterr().out
+    assert "float: epoch 1 waited for data" in out and "data.train.num_workers" in out
+    assert f"with {workers} worker" in out
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines].count("warning") == 1
+
+
+def test_no_loader_warning_when_the_data_keeps_up(tmp_path, capsys) -> None:
+    from hatcore.data import TimedDataset
+
+    raw = ToyDataset(size=32, length=16, num_classes=2, seed=0, transforms=[])
+    ds = TimedDataset(raw, raw.collate_fn)
+    trainer = Trainer(stage="float", model=ToyDetector(), cfg=stage(epochs=1),
+                      train_loader=DataLoader(ds, batch_size=4, collate_fn=ds.collate_fn),
+                      out_dir=tmp_path, device=torch.device("cpu"), seed=0)
+    trainer.fit()
+    m = trainer.history[-1]
+    assert "loader_img_s" in m and "waited for data" not in capsys.readouterr().out
+    # an untimed loader (a dataset without the wrapper): the wait only
+    trainer = make(tmp_path / "plain", stage(epochs=1))
+    trainer.fit()
+    assert "data_wait" in trainer.history[-1] and "loader_img_s" not in trainer.history[-1]
