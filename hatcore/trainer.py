@@ -584,13 +584,15 @@ class _Feed:
 
     def figures(self, workers: int) -> dict[str, float]:
         """``data_wait``: the share of the epoch (after its first batch) the steps waited for
-        data; ``first_batch_s``: the wait for the first (the workers' start included);
+        data (``data_wait_s``: the seconds); ``first_batch_s``: the wait for the first (the
+        workers' start included);
         ``loader_img_s``: what the loader could make (``workers`` in parallel, each at
         its measured rate; the main process alone without workers); ``train_img_s``: what the
         steps consumed while not waiting; ``loader_ratio``: the first ÷ the second (this
         process's images, in a distributed run each rank's own loader)."""
         span = max(time.perf_counter() - self.steps_from, 1e-9)
-        out = {"data_wait": round(self.waited / span, 4), "first_batch_s": round(self.first_wait, 3)}
+        out = {"data_wait": round(self.waited / span, 4), "data_wait_s": round(self.waited, 3),
+               "first_batch_s": round(self.first_wait, 3)}
         busy = span - self.waited
         if self.images and busy > 0:
             out["train_img_s"] = round(self.images / busy, 3)
@@ -604,11 +606,15 @@ class _Feed:
 FEED_WAIT = 0.1
 """The share of an epoch spent waiting for data above which the trainer warns."""
 
+FEED_WAIT_S = 0.5
+"""...and the seconds: an epoch that lost less to its loader is not worth a warning."""
+
 
 def feed_warning(stage: str, epoch: int, metrics: dict[str, Any], workers: int) -> str | None:
-    """A warning when the steps waited for data more than :data:`FEED_WAIT` of the epoch."""
+    """A warning when the steps waited for data more than :data:`FEED_WAIT` of the epoch and
+    more than :data:`FEED_WAIT_S` seconds."""
     wait = float(metrics.get("data_wait", 0.0))
-    if wait <= FEED_WAIT:
+    if wait <= FEED_WAIT or float(metrics.get("data_wait_s", 0.0)) <= FEED_WAIT_S:
         return None
     made = (f"the loader makes {metrics['loader_img_s']:.1f} img/s with {workers} worker"
             f"{'s' if workers != 1 else ''}" if "loader_img_s" in metrics else

@@ -92,8 +92,8 @@ def losses(ckpt: dict) -> list[dict]:
     return [{k: v for k, v in h.items() if k not in TIMINGS} for h in json.loads(ckpt["history"])]
 
 
-TIMINGS = ("img_s", "epoch_time", "data_wait", "first_batch_s", "train_img_s", "loader_img_s",
-           "loader_ratio")
+TIMINGS = ("img_s", "epoch_time", "data_wait", "data_wait_s", "first_batch_s", "train_img_s",
+           "loader_img_s", "loader_ratio")
 
 
 def assert_same_model(a: dict, b: dict) -> None:

@@ -417,3 +417,9 @@ def test_no_loader_warning_when_the_data_keeps_up(tmp_path, capsys) -> None:
     trainer = make(tmp_path / "plain", stage(epochs=1))
     trainer.fit()
     assert "data_wait" in trainer.history[-1] and "loader_img_s" not in trainer.history[-1]
+    # the rule: over 10 % of the epoch and over half a second
+    from hatcore.trainer import feed_warning
+    assert feed_warning("float", 0, {"data_wait": 0.5, "data_wait_s": 0.2}, 0) is None
+    assert feed_warning("float", 0, {"data_wait": 0.05, "data_wait_s": 9.0}, 0) is None
+    assert "waited for data 50%" in str(feed_warning("float", 0, {"data_wait": 0.5,
+                                                                  "data_wait_s": 2.0}, 0))
