@@ -60,7 +60,8 @@ def child(out: str, argv: list[str]) -> None:
     def timed(self):  # type: ignore[no-untyped-def]
         a = _usage()
         metrics = original(self)
-        records.append(_spent(a, _usage()))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        records.append({**_spent(a, _usage()), "peak_mib": peak})
         return metrics
 
     trainer.Trainer._epoch = timed  # type: ignore[method-assign]
@@ -170,7 +171,7 @@ def main() -> None:
                   f"sys {res['sys']:6.1f} s  sys/user {res['sys'] / max(res['user'], 1e-9):.2f}  "
                   f"vcsw {res['vcsw']:.0f} ivcsw {res['ivcsw']:.0f} minflt {res['minflt']:.0f}  "
                   + "".join(f"{k} {res[k]:.2f}  " for k in ("data_wait", "loader_img_s",
-                                                           "loader_ratio") if k in res)
+                                                           "loader_ratio", "peak_mib") if k in res)
                   + f"load {os.getloadavg()[0]:.2f}", flush=True)
     print("median img/s:", "  ".join(f"{n} {statistics.median(x['img_s'] for x in rows[n]):.2f}"
                                      for n in rows))

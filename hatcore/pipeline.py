@@ -12,6 +12,7 @@ builds a recipe's parts through the plugins and scores any stage.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hatcore import distributed as dist
-from hatcore import quant
+from hatcore import quant, runtime
 from hatcore.checkpoint import load_checkpoint, load_model_state
 from hatcore.data import Detections, TimedDataset, to_device
 from hatcore.errors import RecipeError, UserError
@@ -412,7 +413,11 @@ class Pipeline:
             echo(f"{stage.name}: continuing an interrupted run")
         seed_everything(self.recipe.task.seed)  # a redone stage builds and draws the same
         self.ran.append(stage.name)
-        state.finish(**(stage.run(self, stage) or {}))
+        try:
+            state.finish(**(stage.run(self, stage) or {}))
+        finally:
+            gc.collect()
+            runtime.release_memory()  # the stage's peak heap back to the kernel
 
     def score(self, row: str, ckpt: Path | None = None) -> dict[str, Any]:
         """Predict row ``row`` on the val set: writes ``predict/<row>/``, returns the metrics."""

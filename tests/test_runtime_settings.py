@@ -14,12 +14,14 @@ from hatcore import runtime
 
 PROBE = ("import json, os, hatcore.cli, hatcore.runtime as r, torch; "
          "print(json.dumps({'env': os.environ.get('OMP_WAIT_POLICY'), "
-         "'spin': os.environ.get('GOMP_SPINCOUNT'), 'applied': r.applied()}))")
+         "'spin': os.environ.get('GOMP_SPINCOUNT'), 'thp': os.environ.get('THP_MEM_ALLOC_ENABLE'), "
+         "'applied': r.applied()}))")
 
 
 def _probe(**env: str) -> dict:  # type: ignore[type-arg]
     base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "HAT_PROCESS_SETTINGS")
+            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "HAT_PROCESS_SETTINGS",
+                         "THP_MEM_ALLOC_ENABLE")
             and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, check=True,
                          capture_output=True, text=True).stdout
@@ -55,12 +57,14 @@ def test_defaults_applied_before_torch_on_a_busy_machine() -> None:
     assert got["env"] == "PASSIVE" and got["spin"] is None
     assert got["applied"]["OMP_WAIT_POLICY"] == "PASSIVE"
     if sys.platform.startswith("linux"):
-        assert got["applied"]["M_TRIM_THRESHOLD"] == str(1 << 30)
+        assert got["applied"]["M_TRIM_THRESHOLD"] == "-1" and got["applied"]["M_MMAP_MAX"] == "0"
+        assert (got["thp"] == "1") == runtime.huge_pages_available()
 
 
 def test_user_environment_wins() -> None:
-    got = _probe(OMP_WAIT_POLICY="ACTIVE", MALLOC_TRIM_THRESHOLD_="131072")
-    assert got["env"] == "ACTIVE"
+    got = _probe(OMP_WAIT_POLICY="ACTIVE", MALLOC_TRIM_THRESHOLD_="131072",
+                 THP_MEM_ALLOC_ENABLE="0")
+    assert got["env"] == "ACTIVE" and got["thp"] == "0"
     assert got["applied"] == {}
 
 
@@ -72,4 +76,41 @@ def test_a_users_spin_count_wins() -> None:
 
 def test_switched_off() -> None:
     got = _probe(HAT_PROCESS_SETTINGS="0")
-    assert got["env"] is None and got["applied"] == {}
+    assert got["env"] is None and got["thp"] is None and got["applied"] == {}
+
+
+HEAP_PROBE = """
+import ctypes, json, hatcore.cli, hatcore.runtime as r
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+mmapped = libc.mallinfo2().hblkhd
+block = libc.malloc(ctypes.c_size_t(96 << 20))   # a 512-px batch's activation is about this
+grew = libc.mallinfo2().hblkhd - mmapped
+libc.free(ctypes.c_void_p(block))
+kept = libc.mallinfo2().fordblks
+r.release_memory()
+print(json.dumps({"mmapped": grew, "kept": kept, "after_release": libc.mallinfo2().fordblks}))
+"""
+
+
+def test_large_blocks_come_from_the_heap_and_stay_until_released() -> None:
+    """The malloc settings' effect, read from glibc's own counters: a 96 MiB block is not
+    its own mmap, its memory stays in the heap when freed (no munmap, no trim: the next
+    iteration does not fault it back in), and release_memory hands it back."""
+    if not sys.platform.startswith("linux"):
+        return
+    base = {k: v for k, v in os.environ.items() if k != "HAT_PROCESS_SETTINGS"
+            and not k.startswith("MALLOC_")}
+
+    def probe(**env: str) -> dict:  # type: ignore[type-arg]
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env={**base, **env},
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    got = probe()
+    assert got["mmapped"] == 0 and got["kept"] >= 96 << 20 and got["after_release"] < 96 << 20
+    off = probe(HAT_PROCESS_SETTINGS="0")  # glibc's defaults: the block is an mmap, unmapped
+    assert off["mmapped"] >= 96 << 20 and off["kept"] < 96 << 20
