@@ -599,7 +599,7 @@ class _Feed:
         if self.timed and self.made > 0:
             out["loader_img_s"] = round(max(1, workers) * self.timed / self.made, 3)
             if "train_img_s" in out:
-                out["loader_ratio"] = round(out["loader_img_s"] / out["train_img_s"], 3)
+                out["loader_ratio"] = float(f"{out['loader_img_s'] / out['train_img_s']:.4g}")
         return out
 
 
