@@ -13,7 +13,8 @@ img/s over the iterations after the first ``--skip`` (from log.jsonl's per-itera
 the epoch's user/sys CPU seconds, the loader workers' included (they are joined, hence reaped,
 before the epoch returns), voluntary/involuntary context switches and minor faults of the main
 process, and the trainer's own loader figures of the epoch (data_wait, loader_img_s,
-loader_ratio: docs/trainer.md, "Is the loader fast enough?"). The load average is printed with each row.
+loader_ratio: docs/trainer.md, "Is the loader fast enough?"), and the peak resident size. The
+load average is printed with each row.
 
 With ``--bare`` each round also runs the bare loop (issue 18's "`hat run` ÷ bare-loop bench"):
 the recipe's own model and optimizer settings (SGD with its lr, momentum, Nesterov and weight
@@ -38,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+FEED = ("data_wait", "loader_img_s", "loader_ratio")  # the trainer's loader figures of an epoch
 
 
 def _usage() -> tuple[float, float, int, int, int]:
@@ -125,7 +128,7 @@ def one(recipe: str, env: dict[str, str], iters: int, skip: int, sets: list[str]
         stamps = [x["time"] for x in its]
         rate = batch * (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
         epoch = next(x for x in lines if x.get("kind") == "epoch")
-        feed = {k: epoch[k] for k in ("data_wait", "loader_img_s", "loader_ratio") if k in epoch}
+        feed = {k: epoch[k] for k in FEED if k in epoch}
         return {"img_s": rate, **usage, **feed}
 
 
@@ -170,8 +173,7 @@ def main() -> None:
             print(f"round {r + 1} {name:12s} {res['img_s']:6.2f} img/s  user {res['user']:7.1f} s  "
                   f"sys {res['sys']:6.1f} s  sys/user {res['sys'] / max(res['user'], 1e-9):.2f}  "
                   f"vcsw {res['vcsw']:.0f} ivcsw {res['ivcsw']:.0f} minflt {res['minflt']:.0f}  "
-                  + "".join(f"{k} {res[k]:.2f}  " for k in ("data_wait", "loader_img_s",
-                                                           "loader_ratio", "peak_mib") if k in res)
+                  + "".join(f"{k} {res[k]:.2f}  " for k in (*FEED, "peak_mib") if k in res)
                   + f"load {os.getloadavg()[0]:.2f}", flush=True)
     print("median img/s:", "  ".join(f"{n} {statistics.median(x['img_s'] for x in rows[n]):.2f}"
                                      for n in rows))

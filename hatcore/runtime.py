@@ -18,13 +18,13 @@ kernel zeroing every new page) to get them back on the next iteration: a block o
 ``mmap`` and goes back with ``munmap`` when freed, and a heap top over the trim threshold is
 trimmed. So the process takes every block from its heap (``M_MMAP_MAX`` 0: no mmap'd blocks) and
 keeps what it frees (``M_TRIM_THRESHOLD`` -1: no trimming): an FCOS-B0 512² float stage ran
-2.45 → 3.29 img/s, sys/user CPU 0.40 → 0.27, 6.6 → 1.6 M minor faults per 12 steps
-(bench/RESULTS.md, "System time at 512²"). The memory the process peaked at stays with it until
-:func:`release_memory` (called after each stage) hands the free part back. And torch's CPU
-allocator asks for transparent huge pages for blocks of 2 MiB and more
-(``THP_MEM_ALLOC_ENABLE=1``, where the kernel offers them): one fault per 2 MiB instead of per
-4 KiB (1.6 → 0.6 M faults, 3.08 → 3.33 img/s). The cost of both: a higher peak resident size
-(3.7 → 5.0-5.3 GiB at that 512² batch of 8), the heap's free blocks being kept.
+2.14 → 3.08 img/s, 7.3 → 1.6 M minor faults per 12 steps (bench/RESULTS.md, "System time at
+512²"). The memory the process peaked at stays with it until :func:`release_memory` (called
+after each stage) hands the free part back. And torch's CPU allocator asks for transparent huge
+pages for blocks of 2 MiB and more (``THP_MEM_ALLOC_ENABLE=1``, where the kernel offers them):
+one fault per 2 MiB instead of per 4 KiB (1.6 → 0.6 M faults, 3.08 → 3.33 img/s, sys/user CPU
+0.48-0.63 → 0.28-0.29). The cost of both: a higher peak resident size (3.7 → 5.0-5.5 GiB at
+that 512² batch of 8), the heap's free blocks being kept.
 
 Every setting yields to the user's: an ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``,
 ``THP_MEM_ALLOC_ENABLE`` or ``MALLOC_*`` variable already in the environment is kept, and

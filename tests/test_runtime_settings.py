@@ -18,12 +18,14 @@ PROBE = ("import json, os, hatcore.cli, hatcore.runtime as r, torch; "
          "'applied': r.applied()}))")
 
 
-def _probe(**env: str) -> dict:  # type: ignore[type-arg]
+def _probe(script: str = PROBE, **env: str) -> dict:  # type: ignore[type-arg]
+    """Run ``script`` in a fresh interpreter without any of the settings' variables but ``env``;
+    its last output line, as JSON."""
     base = {k: v for k, v in os.environ.items()
             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "HAT_PROCESS_SETTINGS",
                          "THP_MEM_ALLOC_ENABLE")
             and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, check=True,
+    out = subprocess.run([sys.executable, "-c", script], env={**base, **env}, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -102,15 +104,7 @@ def test_large_blocks_come_from_the_heap_and_stay_until_released() -> None:
     iteration does not fault it back in), and release_memory hands it back."""
     if not sys.platform.startswith("linux"):
         return
-    base = {k: v for k, v in os.environ.items() if k != "HAT_PROCESS_SETTINGS"
-            and not k.startswith("MALLOC_")}
-
-    def probe(**env: str) -> dict:  # type: ignore[type-arg]
-        out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env={**base, **env},
-                             check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    got = probe()
+    got = _probe(HEAP_PROBE)
     assert got["mmapped"] == 0 and got["kept"] >= 96 << 20 and got["after_release"] < 96 << 20
-    off = probe(HAT_PROCESS_SETTINGS="0")  # glibc's defaults: the block is an mmap, unmapped
+    off = _probe(HEAP_PROBE, HAT_PROCESS_SETTINGS="0")  # glibc's defaults: an mmap, unmapped
     assert off["mmapped"] >= 96 << 20 and off["kept"] < 96 << 20
